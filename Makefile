@@ -1,0 +1,42 @@
+# dmad_jax: `make demo` and `make test` work on a fresh machine; each creates .venv when missing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+PYTEST_ARGS ?=
+SHELL  := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+# This machine's pip config names local indexes that lack most packages; hide that noise only.
+QUIET  := 2>&1 | { grep -v '^WARNING: Location' || true; }
+
+.PHONY: demo test lint bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Stamps re-run the install whenever pyproject.toml changes.
+$(VENV)/.installed-runtime: pyproject.toml | $(PY)
+	$(PIP) install -e . $(QUIET)
+	$(PY) -c "import dmad_jax, jax, flax, optax, orbax.checkpoint, grain"
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(PY)
+	$(PIP) install -e '.[test,tfds]' $(QUIET)
+	$(PY) -c "import dmad_jax, torch, pytest, hypothesis, chex, tensorflow_datasets"
+	touch $@ $(VENV)/.installed-runtime
+
+demo: $(VENV)/.installed-test
+	$(PY) experiments/bench_ops.py
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: $(VENV)/.installed-test
+	$(PY) experiments/bench_ops.py
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache
