@@ -1,0 +1,306 @@
+"""grain input pipelines over the random-access sources, and source construction from a config.
+
+* :func:`make_train_iterator`: infinite, shuffled (new order every epoch), per-process sharded
+  batches from a checkpointable grain ``DatasetIterator``.
+* :func:`make_eval_batches`: one exact pass over a split, padded to full batches with a
+  ``_mask`` marking real records, the same number of batches on every process.
+* :func:`dataset_median`: per-pixel median image, used to initialise DMAD's background template.
+* :func:`get_sources`: builds ``{"train", "test"}`` sources from a data config.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Iterator
+from typing import Any
+
+import grain
+import numpy as np
+
+MASK_KEY = "_mask"
+SOURCE_NAMES = ("digits", "folder", "tfds")
+
+
+def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
+  """Validates the batch / process arguments and returns the per-process batch size."""
+  global_batch_size = operator.index(global_batch_size)
+  process_count = operator.index(process_count)
+  process_index = operator.index(process_index)
+  if global_batch_size < 1 or process_count < 1:
+    raise ValueError(
+      f"global_batch_size ({global_batch_size}) and process_count ({process_count}) must be >= 1"
+    )
+  if global_batch_size % process_count:
+    raise ValueError(
+      f"global_batch_size {global_batch_size} is not divisible by process_count {process_count}"
+    )
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+  return global_batch_size // process_count
+
+
+def make_train_iterator(
+  source,
+  *,
+  global_batch_size: int,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  num_threads: int = 2,
+  prefetch_batches: int = 2,
+) -> grain.DatasetIterator:
+  """Infinite stream of shuffled training batches for this process.
+
+  Process ``p`` of ``P`` reads only records ``p, p + P, p + 2P, ...`` and shuffles that shard
+  with ``seed``; every epoch uses a new permutation (grain folds the epoch into the seed). Batches
+  run across epoch boundaries, so no record is ever dropped and every batch is full.
+
+  The iterator is checkpointable: ``state = it.get_state()`` and, on an iterator built with the
+  same arguments, ``it.set_state(state)`` resume at exactly the same batch. For orbax, save
+  ``grain.checkpoint.CheckpointSave(it)`` and restore into a fresh iterator with
+  ``grain.checkpoint.CheckpointRestore(it)`` (one JSON file per process).
+
+  Args:
+    source: random-access source (``__len__``/``__getitem__``) of record dicts.
+    global_batch_size: batch size summed over all processes.
+    seed: shuffle seed, an int in ``[0, 2**32)``.
+    process_index: this process's index (``jax.process_index()``).
+    process_count: number of processes (``jax.process_count()``).
+    num_threads: threads decoding records; 0 reads in the calling thread.
+    prefetch_batches: how many batches' worth of records the threads read ahead.
+
+  Returns:
+    A grain ``DatasetIterator`` of dicts of numpy arrays with a leading dimension of
+    ``global_batch_size // process_count``.
+
+  Raises:
+    ValueError: if the batch size is not divisible by ``process_count``, ``process_index`` is out
+      of range, ``seed`` is out of range, or this process's shard is empty.
+  """
+  local = _local_batch_size(global_batch_size, process_index, process_count)
+  seed = operator.index(seed)
+  if not 0 <= seed < 2**32:
+    raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+  if len(source) < process_count:
+    raise ValueError(
+      f"a source of {len(source)} records cannot feed {process_count} processes (empty shard)"
+    )
+  # Shard before shuffling so each process owns a fixed, disjoint subset and shuffles only it;
+  # repeat after shuffling so that each epoch is reshuffled with an epoch-dependent seed.
+  ds = grain.MapDataset.source(source)[process_index::process_count]
+  ds = ds.shuffle(seed=seed).repeat()
+  # With no threads the prefetch buffer would never be filled, so it is switched off explicitly.
+  buffer = max(0, int(prefetch_batches)) * local if num_threads > 0 else 0
+  read = grain.ReadOptions(num_threads=int(num_threads), prefetch_buffer_size=buffer)
+  # Batching the iterable stream (not the MapDataset) lets the prefetch threads read records of
+  # the next batches while the current one is being stacked.
+  return iter(ds.to_iter_dataset(read).batch(local, drop_remainder=True))
+
+
+def eval_batch_count(num_records: int, global_batch_size: int) -> int:
+  """Number of batches :func:`make_eval_batches` yields on every process.
+
+  Args:
+    num_records: records in the split.
+    global_batch_size: batch size summed over all processes.
+
+  Returns:
+    ``ceil(num_records / global_batch_size)``.
+  """
+  return math.ceil(num_records / global_batch_size)
+
+
+def eval_shard_indices(
+  num_records: int, *, global_batch_size: int, process_index: int = 0, process_count: int = 1
+) -> np.ndarray:
+  """Record positions one process evaluates, in order, with -1 for padding.
+
+  Global batch ``k`` covers records ``[k*B, (k+1)*B)`` (``B = global_batch_size``) and process
+  ``p`` takes its ``p``-th contiguous block of ``B / P`` positions, so stacking the processes'
+  batches in process order (e.g. ``jax.make_array_from_process_local_data``) restores the
+  split's order. Only the last global batch holds padding.
+
+  Args:
+    num_records: records in the split.
+    global_batch_size: batch size summed over all processes.
+    process_index: this process's index.
+    process_count: number of processes.
+
+  Returns:
+    int64 array of length ``eval_batch_count(...) * global_batch_size // process_count``.
+
+  Raises:
+    ValueError: for invalid batch / process arguments.
+  """
+  local = _local_batch_size(global_batch_size, process_index, process_count)
+  batches = eval_batch_count(num_records, global_batch_size)
+  starts = np.arange(batches, dtype=np.int64)[:, None] * global_batch_size
+  positions = (starts + process_index * local + np.arange(local, dtype=np.int64)).reshape(-1)
+  return np.where(positions < num_records, positions, -1)
+
+
+class _PaddedView:
+  """Random-access view of a source through a padded index list (see eval_shard_indices)."""
+
+  def __init__(self, source, indices: np.ndarray):
+    self._source = source
+    self._indices = indices
+    # A zero record in the source's own structure; index -1 marks it as padding for anyone who
+    # forgets the mask.
+    template = source[0]
+    self._padding = {k: np.zeros_like(v) for k, v in template.items()}
+    self._padding["index"] = np.full_like(template["index"], -1)
+    self._padding[MASK_KEY] = np.False_
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    j = int(self._indices[i])
+    if j < 0:
+      return dict(self._padding)
+    record = dict(self._source[j])
+    record[MASK_KEY] = np.True_
+    return record
+
+
+def make_eval_batches(
+  source,
+  *,
+  global_batch_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  num_threads: int = 2,
+) -> Iterator[dict[str, np.ndarray]]:
+  """One pass over a split in full-size batches, identical in count on every process.
+
+  Each batch is a dict of numpy arrays with leading dimension ``global_batch_size //
+  process_count`` plus a boolean ``"_mask"``, False on padding records (all-zero images, label 0,
+  index -1). Over all processes the unmasked records cover the split exactly once; the layout is
+  described in :func:`eval_shard_indices`.
+
+  Args:
+    source: random-access source of record dicts.
+    global_batch_size: batch size summed over all processes.
+    process_index: this process's index.
+    process_count: number of processes.
+    num_threads: threads reading batches ahead; 0 reads in the calling thread.
+
+  Returns:
+    An iterator over ``eval_batch_count(len(source), global_batch_size)`` batches.
+
+  Raises:
+    ValueError: for an empty source or invalid batch / process arguments.
+  """
+  indices = eval_shard_indices(
+    len(source),
+    global_batch_size=global_batch_size,
+    process_index=process_index,
+    process_count=process_count,
+  )
+  if len(source) == 0:
+    raise ValueError("cannot evaluate an empty source")
+  local = global_batch_size // process_count
+  ds = grain.MapDataset.source(_PaddedView(source, indices)).batch(local)
+  read = grain.ReadOptions(num_threads=int(num_threads), prefetch_buffer_size=2 * num_threads)
+  return iter(ds.to_iter_dataset(read))
+
+
+def dataset_median(source, *, max_items: int | None = None, num_threads: int = 4) -> np.ndarray:
+  """Per-pixel median image of a source.
+
+  Used to initialise DMAD's background template from the (normal) training images. All images
+  are held in memory at once (``N * H * W * C`` float32), so cap ``max_items`` for large sets.
+
+  Args:
+    source: random-access source of record dicts with an ``"image"`` entry.
+    max_items: use only the first ``max_items`` records (all when None).
+    num_threads: threads reading records.
+
+  Returns:
+    float32 ``(H, W, C)`` median image.
+
+  Raises:
+    ValueError: if no record would be used.
+  """
+  n = len(source) if max_items is None else min(len(source), int(max_items))
+  if n <= 0:
+    raise ValueError(f"dataset_median needs at least one record (len={len(source)}, {max_items=})")
+  ds = grain.MapDataset.source(source)[:n].map(lambda record: record["image"])
+  read = grain.ReadOptions(num_threads=int(num_threads), prefetch_buffer_size=4 * num_threads)
+  images = None
+  for i, image in enumerate(ds.to_iter_dataset(read)):
+    if images is None:
+      images = np.empty((n, *np.shape(image)), np.float32)
+    images[i] = image
+  return np.median(images, axis=0).astype(np.float32)
+
+
+_REQUIRED = object()
+
+
+def _get(config: Any, key: str, default: Any = _REQUIRED) -> Any:
+  """Reads ``config.key``; a missing required key raises a ValueError naming it."""
+  value = getattr(config, key, default)
+  if value is _REQUIRED:
+    raise ValueError(f"data config {getattr(config, 'name', '?')!r} needs the key {key!r}")
+  return value
+
+
+def get_sources(data_config: Any) -> dict[str, Any]:
+  """Builds the train and test sources a data config describes.
+
+  Keys read, by ``data_config.name`` (defaults in brackets):
+
+  * ``digits``: ``protocol`` (``'one_class=K'`` / ``'normal=A,B,..'``), ``image_size`` [32],
+    ``channels`` [1], ``test_fraction`` [0.3], ``seed`` [0].
+  * ``folder``: ``root``, ``image_size``, ``channels`` [3], ``validate`` [True].
+  * ``tfds``: ``tfds_name``, ``protocol``, ``image_size``, ``channels``, ``data_dir`` [None],
+    ``image_key`` ['image'], ``label_key`` ['label'], ``download`` [True].
+
+  Args:
+    data_config: an ``ml_collections.ConfigDict`` or any object with attribute access.
+
+  Returns:
+    ``{"train": source, "test": source}``.
+
+  Raises:
+    ValueError: for an unknown name (the message lists the valid ones) or a missing key.
+  """
+  name = _get(data_config, "name")
+  if name == "digits":
+    from dmad_jax.data.digits import digits_sources, parse_protocol
+
+    return digits_sources(
+      normal_digits=parse_protocol(_get(data_config, "protocol")),
+      image_size=_get(data_config, "image_size", 32),
+      channels=_get(data_config, "channels", 1),
+      test_fraction=_get(data_config, "test_fraction", 0.3),
+      seed=_get(data_config, "seed", 0),
+    )
+  if name == "folder":
+    from dmad_jax.data.folder import FolderSource
+
+    kwargs = dict(
+      image_size=_get(data_config, "image_size"),
+      channels=_get(data_config, "channels", 3),
+      validate=_get(data_config, "validate", True),
+    )
+    root = _get(data_config, "root")
+    return {split: FolderSource(root, split, **kwargs) for split in ("train", "test")}
+  if name == "tfds":
+    from dmad_jax.data.digits import parse_protocol
+    from dmad_jax.data.tfds_source import tfds_sources
+
+    return tfds_sources(
+      _get(data_config, "tfds_name"),
+      normal_classes=parse_protocol(_get(data_config, "protocol")),
+      image_size=_get(data_config, "image_size"),
+      channels=_get(data_config, "channels"),
+      data_dir=_get(data_config, "data_dir", None),
+      image_key=_get(data_config, "image_key", "image"),
+      label_key=_get(data_config, "label_key", "label"),
+      download=_get(data_config, "download", True),
+    )
+  raise ValueError(f"unknown data source {name!r}; valid names: {', '.join(SOURCE_NAMES)}")

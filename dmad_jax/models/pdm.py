@@ -1,0 +1,498 @@
+"""DMAD-PDM: reconstruction through an information bottleneck plus a pyramid of deformations.
+
+The model (DMAD, CVPR 2023, Sec. 3; implementation facts in shared/spec/seed_systems.md Sec. 1)
+has four parts:
+
+* an encoder whose deepest feature is vector-quantised (the "information compression module");
+  the two deepest encoder features also reach the decoder through narrow *stop-gradient* skips;
+* a CoordConv decoder that reconstructs a prototypical *reference* from the quantised code;
+* an OffsetNet that looks at the *input* and predicts K offset fields, coarse to fine, each a
+  tanh scaled to at most ``max_offsets[k]`` pixels;
+* a foreground mask and a learnable background template: the reference and the mask are warped
+  by the chained fields, and the background fills what the warped mask leaves out.
+
+Image mode reconstructs the input (``t_length=1``); video mode stacks ``t_length - 1`` frames
+on the channel axis and predicts the next frame. The deformation magnitude measures how far a
+sample is from its prototype; the reconstruction error after deformation measures what the
+prototype cannot explain. ``anomaly_maps`` / ``image_scores`` implement the paper's Eq. 12-14
+and ``frame_errors`` the official per-frame errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dmad_jax.nn.coordconv import CoordConv
+from dmad_jax.nn.layers import Basic, Conv, Head, ResBlock, Upsample, batch_norm, max_pool2
+from dmad_jax.nn.quantize import VectorQuantizer
+from dmad_jax.ops import filters, sampling
+
+
+class Encoder(nn.Module):
+  """Basic blocks with 2x2 max pooling; the deepest block is ``Basic_`` (linear output).
+
+  Attributes:
+    channels: width per level, shallow to deep (Ped2: 32, 64, 128, 256).
+    skip_channels: widths of the compressed skips of the deepest ``len(skip_channels)`` levels,
+      shallow to deep (Ped2: 32, 32 for levels 3 and 4).
+    mask_channels: channels of the encoder foreground mask; 0 disables it.
+  """
+
+  channels: Sequence[int]
+  skip_channels: Sequence[int]
+  mask_channels: int = 3
+
+  @nn.compact
+  def __call__(self, x, train):
+    feats = []
+    for level, c in enumerate(self.channels):
+      if level:
+        x = max_pool2(x)
+      last = level == len(self.channels) - 1
+      x = Basic(c, last_linear=last, name=f"conv{level + 1}")(x, train)
+      feats.append(x)
+    # The skips are trained by the decoder loss, but no gradient reaches the encoder through
+    # them (stop-gradient on the encoder features, not on the skip outputs).
+    first = len(self.channels) - len(self.skip_channels)
+    skips = {
+      first + i: Basic(c, name=f"skip{first + i + 1}")(
+        jax.lax.stop_gradient(feats[first + i]), train
+      )
+      for i, c in enumerate(self.skip_channels)
+    }
+    mask = None
+    if self.mask_channels:
+      up = Upsample(self.channels[0], name="mask_up")(feats[1], train)
+      mask = Head(self.channels[0], self.mask_channels, "sigmoid", name="mask")(
+        jnp.concatenate([up, feats[0]], -1), train
+      )
+    return feats[-1], skips, mask
+
+
+class Decoder(nn.Module):
+  """Mirror of the encoder with CoordConv Basic blocks; ``Gen`` head with tanh output.
+
+  Attributes:
+    channels: encoder widths, shallow to deep.
+    out_channels: channels of the reconstruction.
+    coord_blocks: ``num_blocks`` of every CoordConv.
+    gen_features: width of the generator head.
+    mask_channels: channels of a decoder-side mask (ShanghaiTech recipe); 0 disables it.
+  """
+
+  channels: Sequence[int]
+  out_channels: int
+  coord_blocks: int
+  gen_features: int
+  mask_channels: int = 0
+
+  @nn.compact
+  def __call__(self, q, skips, train):
+    depth = len(self.channels)
+    h = q
+    for level in range(depth - 1, 0, -1):  # 0-based level index, deep to shallow
+      if level in skips:
+        h = jnp.concatenate([h, skips[level]], -1)
+      h = Basic(self.channels[level], self.coord_blocks, name=f"dec{level + 1}")(h, train)
+      h = Upsample(self.channels[level - 1], name=f"up{level}")(h, train)
+    ref = Head(self.gen_features, self.out_channels, "tanh", name="gen")(h, train)
+    mask = None
+    if self.mask_channels:
+      mask = Head(self.gen_features * 2, self.mask_channels, "sigmoid", name="mask")(h, train)
+    return ref, mask
+
+
+class OffsetNet(nn.Module):
+  """Predicts K offset fields from the input frames.
+
+  Trunk: CoordConv-BN-ReLU x 2 -> f1; f2 = BN(ResBlock(f1)); x = [f2, f1]. Head k: convs with
+  ``head_strides[k]`` (all but the last followed by BN-ReLU, the last one maps to 2 channels),
+  tanh, scaled by 2 * max_offsets[k] / H so that the field moves at most that many pixels.
+
+  Attributes:
+    features: trunk and head width (64).
+    head_strides: strides of each head's convolutions, coarse head first.
+    max_offsets: maximal displacement in pixels of each head.
+    coord_blocks: ``num_blocks`` of the trunk's CoordConvs.
+  """
+
+  features: int
+  head_strides: Sequence[Sequence[int]]
+  max_offsets: Sequence[float]
+  coord_blocks: int
+
+  @nn.compact
+  def __call__(self, x, train):
+    size = x.shape[1]
+    f = self.features
+    h = CoordConv(f, num_blocks=self.coord_blocks)(x)
+    h = nn.relu(batch_norm(train)(h))
+    h = CoordConv(f, num_blocks=self.coord_blocks)(h)
+    f1 = nn.relu(batch_norm(train)(h))
+    f2 = batch_norm(train)(ResBlock()(f1, train))
+    trunk = jnp.concatenate([f2, f1], -1)
+    offsets = []
+    for strides, max_px in zip(self.head_strides, self.max_offsets, strict=True):
+      h = trunk
+      for s in strides[:-1]:
+        h = Conv(f, 3, strides=s)(h)
+        h = nn.relu(batch_norm(train)(h))
+      h = Conv(2, 3, strides=strides[-1])(h)
+      offsets.append(jnp.tanh(h) * (2.0 * max_px / size))
+    return offsets
+
+
+class PDM(nn.Module):
+  """DMAD-PDM. See the module docstring; attribute names follow the config keys.
+
+  Attributes:
+    image_size: H = W of the input; must be divisible by 2 ** (len(channels) - 1).
+    in_channels: channels of the input stack (video: 3 * (t_length - 1); image mode: 3 or 1).
+    out_channels: channels of the reconstruction.
+    channels: encoder widths per level, shallow to deep.
+    skip_channels: compressed stop-gradient skips of the deepest levels.
+    num_codes: codebook size K of the vector quantiser (its dimension is ``channels[-1]``).
+    vq_beta: commitment weight.
+    gen_features: width of the generator head (None: ``channels[0]``).
+    offset_features: OffsetNet width.
+    head_strides: strides of each deformation head, coarse first (K = len(head_strides)).
+    max_offsets: maximal displacement per head, in pixels.
+    coord_blocks: CoordConv ``num_blocks`` (None: image_size // 8, i.e. 32 at 256 as in DMAD).
+    mask_source: "encoder" (Ped2/Avenue: 3-channel mask from conv1/conv2) or "decoder"
+      (ShanghaiTech: 1-channel mask from the last decoder feature) or "none".
+    aggregation: "masked" (x_k = t_k m_k + (1 - m_k) sg(bkg)) or "additive" (ShanghaiTech:
+      the reference is multiplied by the mask before warping and x_k = t_k + (1 - m_k) sg(bkg)).
+    num_templates: number of background templates (1, or one per video for ShanghaiTech).
+  """
+
+  image_size: int = 256
+  in_channels: int = 12
+  out_channels: int = 3
+  channels: Sequence[int] = (32, 64, 128, 256)
+  skip_channels: Sequence[int] = (32, 32)
+  num_codes: int = 200
+  vq_beta: float = 0.25
+  gen_features: int | None = None
+  offset_features: int = 64
+  head_strides: Sequence[Sequence[int]] = ((1, 2, 2), (1, 1))
+  max_offsets: Sequence[float] = (2.0, 3.0)
+  coord_blocks: int | None = None
+  mask_source: str = "encoder"
+  aggregation: str = "masked"
+  num_templates: int = 1
+
+  def setup(self):
+    depth = len(self.channels)
+    if self.image_size % (2 ** (depth - 1)):
+      raise ValueError(
+        f"PDM: image_size {self.image_size} must be divisible by 2**{depth - 1} "
+        f"(one 2x pooling per level of channels={tuple(self.channels)})"
+      )
+    if len(self.head_strides) != len(self.max_offsets):
+      raise ValueError(
+        f"PDM: head_strides has {len(self.head_strides)} heads but max_offsets has "
+        f"{len(self.max_offsets)} values"
+      )
+    if self.mask_source not in ("encoder", "decoder", "none"):
+      raise ValueError(f"PDM: mask_source must be encoder|decoder|none, got {self.mask_source!r}")
+    if self.aggregation not in ("masked", "additive"):
+      raise ValueError(f"PDM: aggregation must be masked|additive, got {self.aggregation!r}")
+    coord = self.coord_blocks or max(1, self.image_size // 8)
+    mask_ch = self.out_channels if self.mask_source == "encoder" else 0
+    self.encoder = Encoder(self.channels, self.skip_channels, mask_ch)
+    self.vq = VectorQuantizer(self.num_codes, self.channels[-1], beta=self.vq_beta)
+    self.decoder = Decoder(
+      self.channels,
+      self.out_channels,
+      coord,
+      self.gen_features or self.channels[0],
+      1 if self.mask_source == "decoder" else 0,
+    )
+    self.offset_net = OffsetNet(self.offset_features, self.head_strides, self.max_offsets, coord)
+    shape = (self.num_templates, self.image_size, self.image_size, self.out_channels)
+    self.template = self.param("template", nn.initializers.zeros, shape)
+
+  def __call__(self, x, *, train: bool, template_index=None) -> dict[str, Any]:
+    """Runs the model.
+
+    Args:
+      x: (B, H, W, in_channels) input (image, or stacked past frames), in [-1, 1].
+      train: BatchNorm mode.
+      template_index: (B,) int index into the template bank (None: template 0).
+
+    Returns:
+      A dict: ``reference`` (B,H,W,C) decoded prototype; ``mask`` (B,H,W,Cm) or None;
+      ``offsets`` list of K full-resolution (B,H,W,2) fields; ``stages`` list of K
+      reconstructions x_1..x_K (``prediction`` = x_K); ``warped`` the warped references t_k;
+      ``masks`` the warped masks m_k; ``template`` (B,H,W,C); ``vq`` the quantiser's aux record.
+    """
+    size = self.image_size
+    if x.shape[1:3] != (size, size):
+      raise ValueError(f"PDM: expected inputs of {size}x{size}, got {x.shape}")
+    z, skips, mask = self.encoder(x, train)
+    q, vq_aux = self.vq(z)
+    ref, dec_mask = self.decoder(q, skips, train)
+    if mask is None:
+      mask = dec_mask
+    offsets = [
+      sampling.resize_bilinear(o, size, align_corners=True) for o in self.offset_net(x, train)
+    ]
+    idx = jnp.zeros((x.shape[0],), jnp.int32) if template_index is None else template_index
+    template = self.template[idx]
+    bkg = jax.lax.stop_gradient(template)
+
+    if mask is not None and self.aggregation == "additive":
+      ref = ref * mask
+    warped, masks, stages = [], [], []
+    t, m = ref, mask
+    for o in offsets:
+      grid = sampling.offsets_to_grid(o)
+      t = sampling.grid_sample(t, grid)
+      if m is None:
+        stages.append(t)
+      else:
+        m = sampling.grid_sample(m, grid)
+        masks.append(m)
+        if self.aggregation == "masked":
+          stages.append(t * m + (1 - m) * bkg)
+        else:
+          stages.append(t + (1 - m) * bkg)
+      warped.append(t)
+    return dict(
+      reference=ref,
+      mask=mask,
+      offsets=offsets,
+      warped=warped,
+      masks=masks,
+      stages=stages,
+      prediction=stages[-1],
+      template=template,
+      vq=vq_aux,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses.
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class LossWeights:
+  """Every term of the training loss; defaults are the official Ped2 code's.
+
+  L = sum_k recon[k] MSE(x_k, x) + sum_k grad[k] G(x, x_k) + vq (codebook + beta commitment)
+      + offset * (sum_k norm[k] mean||O_k|| + sum_k S_{smooth_sizes[k]}(O_k))
+      + template MSE(bkg, x).
+
+  Attributes:
+    recon: per-stage weight of the pixel MSE.
+    grad: per-stage weight of the gradient-difference loss (Ped2 (0.25, 1); Avenue (1, 1)).
+    vq: weight of the quantiser's losses.
+    offset: overall deformation-regulariser weight (gamma_2).
+    norm: per-head weight of the mean offset norm inside it (Ped2 0.4; Avenue 1).
+    smooth_sizes: per-head kernel size of the zero-sum smoothness filter.
+    smooth_kind: "1d" (Ped2) or "2d" (Avenue / ShanghaiTech).
+    template: weight of MSE(bkg, x) that trains the background template.
+  """
+
+  recon: Sequence[float] = (1.0, 1.0)
+  grad: Sequence[float] = (0.25, 1.0)
+  vq: float = 1.0
+  offset: float = 0.25
+  norm: Sequence[float] = (0.4, 0.4)
+  smooth_sizes: Sequence[int] = (7, 3)
+  smooth_kind: str = "1d"
+  template: float = 1.0
+
+
+def _safe_norm(o):
+  """Per-pixel L2 norm of (..., 2) with a zero (not NaN) gradient at 0, like torch.norm."""
+  sq = jnp.sum(o * o, -1)
+  pos = sq > 0
+  return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
+
+
+def pdm_loss(
+  outputs: dict[str, Any], target: jax.Array, weights: LossWeights
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The training loss as the official code computes it.
+
+  Args:
+    outputs: ``PDM.__call__`` outputs.
+    target: (B, H, W, C) frame to reconstruct / predict, in [-1, 1].
+    weights: the term weights.
+
+  Returns:
+    (total loss, dict of every weighted term and a few diagnostics).
+  """
+  stages, offsets = outputs["stages"], outputs["offsets"]
+  k = len(stages)
+  for name in ("recon", "grad", "norm", "smooth_sizes"):
+    if len(getattr(weights, name)) != k:
+      raise ValueError(f"pdm_loss: weights.{name} needs {k} values (one per head)")
+  smooth = filters.smoothness_1d if weights.smooth_kind == "1d" else filters.smoothness_2d
+  terms = {}
+  terms["recon"] = sum(w * jnp.mean((s - target) ** 2) for w, s in zip(weights.recon, stages))
+  terms["grad"] = sum(
+    w * jnp.mean(filters.gradient_difference(target, s)) for w, s in zip(weights.grad, stages)
+  )
+  vq = outputs["vq"]
+  terms["vq"] = weights.vq * (vq.codebook_loss + vq.commitment_loss)
+  norm = sum(w * jnp.mean(_safe_norm(o)) for w, o in zip(weights.norm, offsets))
+  sm = sum(smooth(o, ks) for ks, o in zip(weights.smooth_sizes, offsets))
+  terms["offset"] = weights.offset * (norm + sm)
+  terms["template"] = weights.template * jnp.mean((outputs["template"] - target) ** 2)
+  total = sum(terms.values())
+  terms["perplexity"] = vq.perplexity
+  terms["mse_final"] = jnp.mean((stages[-1] - target) ** 2)
+  return total, terms
+
+
+# ---------------------------------------------------------------------------------------------
+# Test-time maps and scores.
+# ---------------------------------------------------------------------------------------------
+def anomaly_maps(outputs: dict[str, Any], target: jax.Array) -> dict[str, jax.Array]:
+  """Per-pixel maps of the paper: Eq. 12 A_rec = Dis(x, x_K) and Eq. 13 A_df = sum_k ||O_k||.
+
+  Dis is the training distance: the channel-mean squared error plus the gradient difference.
+
+  Returns:
+    dict with ``rec`` and ``df``, each (B, H, W).
+  """
+  pred = outputs["prediction"]
+  rec = jnp.mean((pred - target) ** 2, -1) + filters.gradient_difference(target, pred)[..., 0]
+  df = sum(_safe_norm(o) for o in outputs["offsets"])
+  return {"rec": rec, "df": df}
+
+
+def image_scores(
+  maps: dict[str, jax.Array], *, kernel_size: Sequence[int] = (3, 3), alpha: float = 1.0
+) -> dict[str, jax.Array]:
+  """Eq. 14: Score = max(A_rec * k) + alpha max(A_df * k), k a box kernel.
+
+  Returns:
+    dict of (B,) scores: ``rec``, ``df`` and their fusion ``score``.
+  """
+  ks = tuple(kernel_size)
+  rec = filters.box_filter_max(maps["rec"][..., None], ks)
+  df = filters.box_filter_max(maps["df"][..., None], ks)
+  return {"rec": rec, "df": df, "score": rec + alpha * df}
+
+
+def frame_errors(
+  outputs: dict[str, Any], target: jax.Array, recipe: str = "dmad_ped2"
+) -> dict[str, jax.Array]:
+  """The official per-frame errors (higher = more anomalous), one value per sample.
+
+  Recipes:
+    dmad_ped2: ``deformation`` = box-max (7x18) of |vertical coarse offset|; ``reconstruction``
+      = mean |x_K - x|; ``gradient`` = box-max (16x14) of the gradient-difference map.
+    paper: the Eq. 12-14 maps reduced with a 3x3 box max (``rec``, ``df``).
+
+  Args:
+    outputs: ``PDM.__call__`` outputs.
+    target: (B, H, W, C).
+    recipe: one of the above.
+
+  Returns:
+    dict name -> (B,) errors.
+  """
+  pred = outputs["prediction"]
+  if recipe == "dmad_ped2":
+    o1y = jnp.abs(outputs["offsets"][0][..., 1:2])
+    return {
+      "deformation": filters.box_filter_max(o1y, (7, 18)),
+      "reconstruction": jnp.mean(jnp.abs(pred - target), axis=(1, 2, 3)),
+      "gradient": filters.box_filter_max(filters.gradient_difference(target, pred), (16, 14)),
+    }
+  if recipe == "paper":
+    s = image_scores(anomaly_maps(outputs, target))
+    return {"rec": s["rec"], "df": s["df"]}
+  raise ValueError(f"frame_errors: unknown recipe {recipe!r} (dmad_ped2, paper)")
+
+
+def set_template(params: dict, image: jax.Array) -> dict:
+  """Returns params with every background template set to ``image`` ((H, W, C) in [-1, 1])."""
+  t = params["template"]
+  image = jnp.asarray(image, t.dtype)
+  if image.shape != t.shape[1:]:
+    raise ValueError(f"set_template: template is {t.shape[1:]}, image is {image.shape}")
+  return {**params, "template": jnp.broadcast_to(image, t.shape)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Detector: what the trainer and the eval job call.
+# ---------------------------------------------------------------------------------------------
+class PDMDetector:
+  """Binds PDM, its loss and its scores to the batch format of ``dmad_jax.data``.
+
+  Image mode (``t_length == 1``): the input and the target are ``batch["image"]``. Video mode:
+  ``batch["frames"]`` stacks t_length frames on the channel axis, oldest first; the model sees
+  the first t_length - 1 and predicts the last.
+
+  Config keys read: ``model`` (PDM attributes), ``loss`` (LossWeights fields), ``score``
+  (``kernel_size``, ``alpha``, ``name``: which score the image AUROC uses), ``t_length``.
+  """
+
+  def __init__(self, config):
+    self.module = PDM(**_plain(config.model))
+    self.weights = LossWeights(**_plain(config.get("loss", {})))
+    score = _plain(config.get("score", {}))
+    self.kernel_size = tuple(score.get("kernel_size", (3, 3)))
+    self.alpha = float(score.get("alpha", 1.0))
+    self.t_length = int(config.get("t_length", 1))
+
+  def split(self, batch):
+    """(model input, target) of a batch."""
+    if self.t_length == 1:
+      return batch["image"], batch["image"]
+    frames = batch["frames"]
+    c = self.module.out_channels
+    return frames[..., :-c], frames[..., -c:]
+
+  def init(self, rng, batch):
+    """Variables ({"params", "batch_stats"}) for a batch of the training format."""
+    x, _ = self.split(batch)
+    return self.module.init(rng, x, train=False)
+
+  def loss(self, params, batch_stats, batch, rng):
+    """Training loss; returns (loss, (terms, new_batch_stats)). ``rng`` is unused by PDM."""
+    del rng
+    x, target = self.split(batch)
+    out, updates = self.module.apply(
+      {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+    )
+    total, terms = pdm_loss(out, target, self.weights)
+    return total, (terms, updates["batch_stats"])
+
+  def predict(self, variables, batch):
+    """Scores (higher = more anomalous) and the pictures of the eval figure.
+
+    Returns:
+      dict with ``scores`` {``score`` (Eq. 14 fusion), ``rec``, ``df``, and the official
+      ``dmad_ped2`` frame errors}, ``maps`` {``rec``, ``df``: (B, H, W)} and ``images``
+      {``input``, ``reference``, ``coarse``, ``fine``: (B, H, W, C)}.
+    """
+    x, target = self.split(batch)
+    out = self.module.apply(variables, x, train=False)
+    maps = anomaly_maps(out, target)
+    scores = image_scores(maps, kernel_size=self.kernel_size, alpha=self.alpha)
+    scores.update({f"ped2_{k}": v for k, v in frame_errors(out, target).items()})
+    images = {
+      "input": target,
+      "reference": out["reference"],
+      "coarse": out["stages"][0],
+      "fine": out["stages"][-1],
+    }
+    return {"scores": scores, "maps": maps, "images": images}
+
+
+def _plain(cfg) -> dict:
+  """A ConfigDict / dict as a plain dict of plain values (tuples for lists)."""
+  if hasattr(cfg, "to_dict"):
+    cfg = cfg.to_dict()
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in dict(cfg).items()}

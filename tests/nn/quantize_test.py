@@ -1,0 +1,36 @@
+"""Tests for the linen VectorQuantizer wrapper."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dmad_jax.nn.quantize import VectorQuantizer
+from dmad_jax.ops import quantize as vq
+
+
+def test_init_creates_a_uniform_codebook():
+  module = VectorQuantizer(num_codes=20, dim=6)
+  z = jnp.zeros((2, 4, 4, 6))
+  params = module.init(jax.random.key(0), z)
+  assert jax.tree.map(jnp.shape, params) == {"params": {"codebook": (20, 6)}}
+  # U(-1/K, 1/K): bounded by 1/K and, with 120 draws, reaching close to the bound.
+  max_abs = float(jnp.max(jnp.abs(params["params"]["codebook"])))
+  assert 0.8 / 20 < max_abs <= 1 / 20
+
+
+def test_apply_equals_the_op_with_the_same_params():
+  module = VectorQuantizer(num_codes=8, dim=3, beta=0.5, chunk_size=5)
+  z = jax.random.normal(jax.random.key(1), (2, 3, 4, 3))
+  params = module.init(jax.random.key(0), z)
+  z_q_st, aux = jax.jit(module.apply)(params, z)
+  z_q_ref, aux_ref = vq.vector_quantize(z, params["params"]["codebook"], beta=0.5)
+  assert z_q_st.shape == z.shape and aux.indices.shape == (2, 3, 4)
+  np.testing.assert_allclose(z_q_st, z_q_ref, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), aux, aux_ref)
+
+
+def test_wrong_width_raises():
+  module = VectorQuantizer(num_codes=8, dim=3)
+  with pytest.raises(ValueError, match="D=3"):
+    module.init(jax.random.key(0), jnp.zeros((2, 5)))
