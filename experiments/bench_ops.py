@@ -112,8 +112,8 @@ def bench_vq(shape, num_codes, repeats):
 
   def torch_fwd_bwd():
     zt.grad = ct.grad = None
-    q, l = _torch_vq(zt, ct)
-    ((q**2).sum() + l).backward()
+    q, vq_loss = _torch_vq(zt, ct)
+    ((q**2).sum() + vq_loss).backward()
 
   return {
     "op": "vector_quantize",

@@ -134,7 +134,9 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict:
     writer.close()
     fig_labels = np.concatenate(fig_labels)
     rows = _pick_figure_rows(fig_labels, n_fig)
-    imgs = {k: np.concatenate(v)[rows] for k, v in fig_images.items()}
+    # jit returns dicts with sorted keys; show the pictures in the model's own order.
+    order = list(getattr(detector, "figure_rows", sorted(fig_images)))
+    imgs = {k: np.concatenate(fig_images[k])[rows] for k in order}
     maps_ = {f"anomaly map ({k})": np.concatenate(v)[rows] for k, v in fig_maps.items()}
     result["panel"] = figures.deformation_panel(
       os.path.join(outdir, f"panel_{step}.png"),

@@ -336,14 +336,17 @@ def pdm_loss(
       raise ValueError(f"pdm_loss: weights.{name} needs {k} values (one per head)")
   smooth = filters.smoothness_1d if weights.smooth_kind == "1d" else filters.smoothness_2d
   terms = {}
-  terms["recon"] = sum(w * jnp.mean((s - target) ** 2) for w, s in zip(weights.recon, stages))
+  terms["recon"] = sum(
+    w * jnp.mean((s - target) ** 2) for w, s in zip(weights.recon, stages, strict=True)
+  )
   terms["grad"] = sum(
-    w * jnp.mean(filters.gradient_difference(target, s)) for w, s in zip(weights.grad, stages)
+    w * jnp.mean(filters.gradient_difference(target, s))
+    for w, s in zip(weights.grad, stages, strict=True)
   )
   vq = outputs["vq"]
   terms["vq"] = weights.vq * (vq.codebook_loss + vq.commitment_loss)
-  norm = sum(w * jnp.mean(_safe_norm(o)) for w, o in zip(weights.norm, offsets))
-  sm = sum(smooth(o, ks) for ks, o in zip(weights.smooth_sizes, offsets))
+  norm = sum(w * jnp.mean(_safe_norm(o)) for w, o in zip(weights.norm, offsets, strict=True))
+  sm = sum(smooth(o, ks) for ks, o in zip(weights.smooth_sizes, offsets, strict=True))
   terms["offset"] = weights.offset * (norm + sm)
   terms["template"] = weights.template * jnp.mean((outputs["template"] - target) ** 2)
   total = sum(terms.values())
@@ -437,6 +440,8 @@ class PDMDetector:
   Config keys read: ``model`` (PDM attributes), ``loss`` (LossWeights fields), ``score``
   (``kernel_size``, ``alpha``, ``name``: which score the image AUROC uses), ``t_length``.
   """
+
+  figure_rows = ("input", "reference", "coarse", "fine")
 
   def __init__(self, config):
     self.module = PDM(**_plain(config.model))

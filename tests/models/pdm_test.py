@@ -1,0 +1,136 @@
+"""DMAD-PDM: parameter count of the official Ped2 model, shapes, sizes and losses."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dmad_jax.models import pdm
+from dmad_jax.nn.layers import count_params
+
+
+def test_ped2_parameter_count_equals_official_model():
+  """256x256, 12 input channels, 200 codes of dimension 256: 3,976,842 trainable values
+  (the official count minus the unused CoordConv weights), including the 196,608-value
+  template and the 51,200-value codebook."""
+  model = pdm.PDM()  # defaults are the Ped2 settings
+  shapes = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), jnp.zeros((1, 256, 256, 12)), train=False)
+  )
+  params = shapes["params"]
+  assert count_params(params) == 3_976_842
+  assert params["template"].shape == (1, 256, 256, 3)
+  assert params["vq"]["codebook"].shape == (200, 256)
+
+
+def _small(**kw):
+  args = dict(
+    image_size=32,
+    in_channels=1,
+    out_channels=1,
+    channels=(8, 8, 16, 16),
+    skip_channels=(4, 4),
+    num_codes=8,
+    gen_features=8,
+    offset_features=8,
+    coord_blocks=4,
+  )
+  args.update(kw)
+  return pdm.PDM(**args)
+
+
+@pytest.mark.parametrize("size,in_ch,out_ch", [(32, 1, 1), (64, 12, 3)])
+def test_forward_shapes_image_and_video_mode(size, in_ch, out_ch):
+  model = _small(image_size=size, in_channels=in_ch, out_channels=out_ch, coord_blocks=size // 8)
+  x = jax.random.uniform(jax.random.key(0), (2, size, size, in_ch), minval=-1, maxval=1)
+  variables = model.init(jax.random.key(1), x, train=False)
+  out = model.apply(variables, x, train=False)
+  assert out["prediction"].shape == (2, size, size, out_ch)
+  assert out["reference"].shape == (2, size, size, out_ch)
+  assert len(out["offsets"]) == 2 and out["offsets"][0].shape == (2, size, size, 2)
+  # Offsets are bounded by max_offsets pixels (normalised by 2 / H).
+  for o, px in zip(out["offsets"], (2.0, 3.0), strict=True):
+    assert float(jnp.abs(o).max()) <= 2 * px / size + 1e-6
+  assert out["mask"].shape == (2, size, size, out_ch)
+  assert float(out["mask"].min()) >= 0 and float(out["mask"].max()) <= 1
+
+
+def test_generic_sizes_and_bad_sizes():
+  with pytest.raises(ValueError, match="divisible by 2\\*\\*3"):
+    _small(image_size=36).init(jax.random.key(0), jnp.zeros((1, 36, 36, 1)), train=False)
+  with pytest.raises(ValueError, match="max_offsets"):
+    _small(max_offsets=(2.0,)).init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)), train=False)
+  # Three heads, other strides: K is a config value.
+  model = _small(head_strides=((2, 2, 2), (1, 2), (1, 1)), max_offsets=(4.0, 2.0, 1.0))
+  x = jnp.zeros((1, 32, 32, 1))
+  out = model.apply(model.init(jax.random.key(0), x, train=False), x, train=False)
+  assert len(out["stages"]) == 3
+
+
+def test_loss_terms_and_gradients():
+  model = _small()
+  x = jax.random.uniform(jax.random.key(0), (4, 32, 32, 1), minval=-1, maxval=1)
+  variables = model.init(jax.random.key(1), x, train=False)
+
+  def loss(params, x):
+    out, _ = model.apply(
+      {"params": params, "batch_stats": variables["batch_stats"]},
+      x,
+      train=True,
+      mutable=["batch_stats"],
+    )
+    return pdm.pdm_loss(out, x, pdm.LossWeights())
+
+  (total, terms), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"], x)
+  for k in ("recon", "grad", "vq", "offset", "template"):
+    assert np.isfinite(float(terms[k])) and float(terms[k]) >= 0
+  expected = sum(float(terms[k]) for k in ("recon", "grad", "vq", "offset", "template"))
+  np.testing.assert_allclose(float(total), expected, rtol=1e-6)
+  # Every parameter group receives gradient (template via MSE(bkg, x), codebook via VQ).
+  for group in ("encoder", "decoder", "offset_net", "vq", "template"):
+    g = jax.tree.leaves(grads[group])
+    assert sum(float(jnp.abs(a).sum()) for a in g) > 0, group
+
+
+def test_compressed_skips_do_not_backpropagate_into_the_encoder():
+  """A loss on the skip features alone must give the encoder zero gradient."""
+  enc = pdm.Encoder(channels=(8, 8, 16, 16), skip_channels=(4, 4), mask_channels=0)
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  v = enc.init(jax.random.key(1), x, False)
+
+  def skip_loss(params):
+    _, skips, _ = enc.apply({"params": params, "batch_stats": v["batch_stats"]}, x, False)
+    return sum(jnp.sum(s**2) for s in skips.values())
+
+  g = jax.grad(skip_loss)(v["params"])
+  for name in ("conv1", "conv2", "conv3", "conv4"):
+    assert all(float(jnp.abs(a).max()) == 0 for a in jax.tree.leaves(g[name])), name
+  assert float(jnp.abs(jax.tree.leaves(g["skip4"])[0]).max()) > 0
+
+
+def test_scores_and_frame_errors_have_one_value_per_sample():
+  model = _small()
+  x = jax.random.uniform(jax.random.key(0), (3, 32, 32, 1), minval=-1, maxval=1)
+  variables = model.init(jax.random.key(1), x, train=False)
+  out = model.apply(variables, x, train=False)
+  maps = pdm.anomaly_maps(out, x)
+  assert maps["rec"].shape == (3, 32, 32) and maps["df"].shape == (3, 32, 32)
+  s = pdm.image_scores(maps, kernel_size=(3, 3), alpha=0.5)
+  np.testing.assert_allclose(s["score"], s["rec"] + 0.5 * s["df"], rtol=1e-6)
+  errs = pdm.frame_errors(out, x, "dmad_ped2")
+  assert set(errs) == {"deformation", "reconstruction", "gradient"}
+  np.testing.assert_allclose(
+    errs["reconstruction"], jnp.mean(jnp.abs(out["prediction"] - x), axis=(1, 2, 3)), rtol=1e-6
+  )
+  with pytest.raises(ValueError, match="unknown recipe"):
+    pdm.frame_errors(out, x, "nope")
+
+
+def test_set_template():
+  model = _small()
+  v = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)), train=False)
+  img = jnp.full((32, 32, 1), 0.25)
+  p = pdm.set_template(v["params"], img)
+  np.testing.assert_allclose(p["template"][0], img)
+  with pytest.raises(ValueError, match="template is"):
+    pdm.set_template(v["params"], jnp.zeros((16, 16, 1)))

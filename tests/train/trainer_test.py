@@ -1,0 +1,120 @@
+"""train_and_evaluate and the eval job end to end on the runlocal digits config."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from configs import digits_pdm
+from dmad_jax.evaluation import job
+from dmad_jax.train import checkpoint, trainer
+
+
+def _config(**overrides):
+  c = digits_pdm.get_config("runlocal")
+  with c.unlocked():
+    for k, v in overrides.items():
+      setattr(c, k, v)
+  return c
+
+
+def _read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def _params(workdir, config, step):
+  mngr = checkpoint.manager(workdir, read_only=True)
+  detector = trainer.get_detector(config)
+  sources = trainer.data_lib.get_sources(config.data)
+  abstract = job._abstract_state(config, detector, trainer._sample_batch(sources["train"]))
+  return checkpoint.restore(mngr, step, abstract).params
+
+
+def test_one_step_train_then_eval(tmp_path):
+  workdir = str(tmp_path / "run")
+  config = _config(total_steps=1)
+  state = trainer.train_and_evaluate(config, workdir)
+  assert int(state.step) == 1
+  assert checkpoint.manager(workdir, read_only=True).all_steps() == [1]
+  rows = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  assert rows[-1]["step"] == 1 and np.isfinite(rows[-1]["loss"])
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+
+  result = job.evaluate(config, workdir)
+  with open(os.path.join(workdir, "eval", "metrics.json")) as f:
+    written = json.load(f)
+  assert written["step"] == 1 and written["num_test"] == result["num_test"]
+  # Every test image scored exactly once although 540 is not a multiple of the batch (64).
+  scores = np.load(os.path.join(workdir, "eval", "scores_1.npz"))
+  n_test = len(trainer.data_lib.get_sources(config.data)["test"])
+  assert n_test % config.eval.batch_size != 0
+  assert sorted(scores["index"].tolist()) == list(range(n_test))
+  # The reported AUROC is scikit-learn's on the same scores.
+  assert written["image_AUROC"] == pytest.approx(roc_auc_score(scores["labels"], scores["score"]))
+  assert written["image_AUROC_rec"] == pytest.approx(roc_auc_score(scores["labels"], scores["rec"]))
+  for name in ("panel_1.png", "histogram_1.png", "metrics_1.json"):
+    assert os.path.getsize(os.path.join(workdir, "eval", name)) > 0
+
+
+def test_resume_continues_from_the_saved_step(tmp_path):
+  config = _config(total_steps=4, checkpoint_every_steps=2)
+  full = str(tmp_path / "full")
+  trainer.train_and_evaluate(config, full)
+  final = _params(full, config, 4)
+
+  # A run that stopped after its step-2 checkpoint: same workdir contents minus step 4.
+  part = str(tmp_path / "part")
+  trainer.train_and_evaluate(_config(total_steps=4, checkpoint_every_steps=2), part)
+  import shutil
+
+  shutil.rmtree(os.path.join(part, "checkpoints", "4"))
+  assert checkpoint.manager(part, read_only=True).latest_step() == 2
+  state = trainer.train_and_evaluate(config, part)
+  assert int(state.step) == 4
+  resumed_steps = [r["step"] for r in _read_jsonl(os.path.join(part, "metrics.jsonl"))]
+  assert resumed_steps == [1, 2, 3, 4, 3, 4]  # the rerun logged steps 3 and 4 only
+  for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(_params(part, config, 4)), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+  workdir = str(tmp_path / "run")
+  config = _config(total_steps=2)
+  trainer.train_and_evaluate(config, workdir)
+  good = _params(workdir, config, 2)
+
+  real = trainer.get_detector
+
+  def poisoned(cfg):
+    det = real(cfg)
+    loss = det.loss
+
+    def nan_loss(params, batch_stats, batch, rng):
+      total, aux = loss(params, batch_stats, batch, rng)
+      return total * np.nan, aux
+
+    det.loss = nan_loss
+    return det
+
+  monkeypatch.setattr(trainer, "get_detector", poisoned)
+  with pytest.raises(trainer.NonFiniteLossError, match="step 3.*last checkpoint is step 2"):
+    trainer.train_and_evaluate(_config(total_steps=4), workdir)
+  assert checkpoint.manager(workdir, read_only=True).latest_step() == 2
+  kept = _params(workdir, config, 2)
+  for a, b in zip(jax.tree.leaves(good), jax.tree.leaves(kept), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_batch_size_must_divide_device_count(tmp_path, monkeypatch):
+  monkeypatch.setattr(jax, "device_count", lambda: 3)
+  with pytest.raises(ValueError, match="batch_size 8 is not divisible by the number of devices 3"):
+    trainer.train_and_evaluate(_config(), str(tmp_path / "run"))
+
+
+def test_eval_without_checkpoint_names_the_directory(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no checkpoint in .*checkpoints"):
+    job.evaluate(_config(), str(tmp_path / "empty"))
