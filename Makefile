@@ -21,12 +21,16 @@ $(VENV)/.installed-runtime: pyproject.toml | $(PY)
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(PY)
-	$(PIP) install -e '.[test,tfds]' $(QUIET)
+	$(PIP) install -e '.[test,tfds,tensorboard]' $(QUIET)
 	$(PY) -c "import dmad_jax, torch, pytest, hypothesis, chex, tensorflow_datasets"
 	touch $@ $(VENV)/.installed-runtime
 
-demo: $(VENV)/.installed-test
-	$(PY) experiments/bench_ops.py
+# The main job on real data that ships with scikit-learn: train DMAD-PDM on odd digits, run the
+# separate eval job, print image AUROC and where the figures are.
+demo: $(VENV)/.installed-runtime
+	rm -rf runs/demo
+	$(PY) -m dmad_jax train --config configs/digits_pdm.py --workdir runs/demo
+	$(PY) -m dmad_jax eval --config configs/digits_pdm.py --workdir runs/demo
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -37,6 +41,7 @@ lint: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(PY) experiments/bench_ops.py
+	$(PY) experiments/bench_train.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

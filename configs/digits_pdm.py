@@ -43,8 +43,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       in_channels=1,
       out_channels=1,
       channels=(16, 32, 64, 64),
-      skip_channels=(8, 8),
-      num_codes=32,
+      # No compressed skips and 16 codes: on 32x32 digits any skip lets the decoder copy the
+      # input (measured: odd-vs-even image AUROC 0.81 with 8-channel skips vs 0.95 without).
+      skip_channels=(),
+      num_codes=16,
       vq_beta=0.25,
       gen_features=16,
       offset_features=32,
@@ -68,7 +70,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       template=1.0,
     )
   )
-  c.score = ml_collections.ConfigDict(dict(kernel_size=(3, 3), alpha=1.0))
+  c.score = ml_collections.ConfigDict(
+    # Whole-digit anomalies: the mean of the L1 map (the official reconstruction error) plus a
+    # small deformation term (the official Ped2 recipe also weights deformation least).
+    dict(distance="l1", kernel_size=(3, 3), alpha=0.1, reduce="mean")
+  )
   c.template_init = "median"
   c.template_median_items = 2000
 
@@ -86,7 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       grad_clip_norm=0.0,
     )
   )
-  c.batch_size = 64
+  c.batch_size = 32
   c.total_steps = 600
   c.log_every_steps = 50
   c.checkpoint_every_steps = 200
@@ -97,7 +103,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if a["runlocal"]:
     c.model.channels = (8, 8, 16, 16)
-    c.model.skip_channels = (4, 4)
+    c.model.skip_channels = (4, 4)  # exercise the skip path in tests
     c.model.num_codes = 8
     c.model.gen_features = 8
     c.model.offset_features = 8

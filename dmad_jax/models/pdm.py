@@ -358,31 +358,60 @@ def pdm_loss(
 # ---------------------------------------------------------------------------------------------
 # Test-time maps and scores.
 # ---------------------------------------------------------------------------------------------
-def anomaly_maps(outputs: dict[str, Any], target: jax.Array) -> dict[str, jax.Array]:
+def anomaly_maps(
+  outputs: dict[str, Any], target: jax.Array, distance: str = "dis"
+) -> dict[str, jax.Array]:
   """Per-pixel maps of the paper: Eq. 12 A_rec = Dis(x, x_K) and Eq. 13 A_df = sum_k ||O_k||.
 
-  Dis is the training distance: the channel-mean squared error plus the gradient difference.
+  Args:
+    outputs: ``PDM.__call__`` outputs.
+    target: (B, H, W, C).
+    distance: "dis" (the training distance: channel-mean squared error plus the gradient
+      difference, Eq. 10) or "l1" (channel-mean absolute error, the official per-frame
+      reconstruction error).
 
   Returns:
     dict with ``rec`` and ``df``, each (B, H, W).
   """
   pred = outputs["prediction"]
-  rec = jnp.mean((pred - target) ** 2, -1) + filters.gradient_difference(target, pred)[..., 0]
+  if distance == "dis":
+    rec = jnp.mean((pred - target) ** 2, -1) + filters.gradient_difference(target, pred)[..., 0]
+  elif distance == "l1":
+    rec = jnp.mean(jnp.abs(pred - target), -1)
+  else:
+    raise ValueError(f"anomaly_maps: distance must be 'dis' or 'l1', got {distance!r}")
   df = sum(_safe_norm(o) for o in outputs["offsets"])
   return {"rec": rec, "df": df}
 
 
 def image_scores(
-  maps: dict[str, jax.Array], *, kernel_size: Sequence[int] = (3, 3), alpha: float = 1.0
+  maps: dict[str, jax.Array],
+  *,
+  kernel_size: Sequence[int] = (3, 3),
+  alpha: float = 1.0,
+  reduce: str = "max",
 ) -> dict[str, jax.Array]:
   """Eq. 14: Score = max(A_rec * k) + alpha max(A_df * k), k a box kernel.
+
+  Args:
+    maps: ``anomaly_maps`` output.
+    kernel_size: box kernel k (``reduce="max"`` only).
+    alpha: weight of the deformation term.
+    reduce: "max" (the paper: the local maximum, for small defects) or "mean" (the map mean,
+      for whole-image, semantic anomalies such as another digit class).
 
   Returns:
     dict of (B,) scores: ``rec``, ``df`` and their fusion ``score``.
   """
-  ks = tuple(kernel_size)
-  rec = filters.box_filter_max(maps["rec"][..., None], ks)
-  df = filters.box_filter_max(maps["df"][..., None], ks)
+  if reduce == "max":
+    ks = tuple(kernel_size)
+    rec = filters.box_filter_max(maps["rec"][..., None], ks)
+    df = filters.box_filter_max(maps["df"][..., None], ks)
+  elif reduce == "mean":
+    rec = jnp.mean(maps["rec"], axis=(1, 2))
+    df = jnp.mean(maps["df"], axis=(1, 2))
+  else:
+    raise ValueError(f"image_scores: reduce must be 'max' or 'mean', got {reduce!r}")
   return {"rec": rec, "df": df, "score": rec + alpha * df}
 
 
@@ -438,7 +467,8 @@ class PDMDetector:
   the first t_length - 1 and predicts the last.
 
   Config keys read: ``model`` (PDM attributes), ``loss`` (LossWeights fields), ``score``
-  (``kernel_size``, ``alpha``, ``name``: which score the image AUROC uses), ``t_length``.
+  (``distance``: see ``anomaly_maps``; ``kernel_size``, ``alpha``, ``reduce``: see
+  ``image_scores``), ``t_length``.
   """
 
   figure_rows = ("input", "reference", "coarse", "fine")
@@ -449,6 +479,8 @@ class PDMDetector:
     score = _plain(config.get("score", {}))
     self.kernel_size = tuple(score.get("kernel_size", (3, 3)))
     self.alpha = float(score.get("alpha", 1.0))
+    self.reduce = score.get("reduce", "max")
+    self.distance = score.get("distance", "dis")
     self.t_length = int(config.get("t_length", 1))
 
   def split(self, batch):
@@ -484,8 +516,8 @@ class PDMDetector:
     """
     x, target = self.split(batch)
     out = self.module.apply(variables, x, train=False)
-    maps = anomaly_maps(out, target)
-    scores = image_scores(maps, kernel_size=self.kernel_size, alpha=self.alpha)
+    maps = anomaly_maps(out, target, self.distance)
+    scores = image_scores(maps, kernel_size=self.kernel_size, alpha=self.alpha, reduce=self.reduce)
     scores.update({f"ped2_{k}": v for k, v in frame_errors(out, target).items()})
     images = {
       "input": target,

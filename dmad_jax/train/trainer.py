@@ -94,7 +94,7 @@ def train_step(state: TrainState, batch: dict, *, detector, lr_schedule):
     return detector.loss(params, state.batch_stats, batch, rng)
 
   (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updated = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   new_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), updated, state)
@@ -103,7 +103,7 @@ def train_step(state: TrainState, batch: dict, *, detector, lr_schedule):
   metrics.update(
     loss=loss,
     grad_norm=grad_norm,
-    param_norm=optax.global_norm(state.params),
+    param_norm=optax.tree.norm(state.params),
     lr=lr_schedule(state.step),
     finite=finite,
   )
