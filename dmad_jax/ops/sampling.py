@@ -9,9 +9,9 @@ pyramids were trained with ``torch.nn.functional.grid_sample`` / ``F.interpolate
 * ``resize_bilinear`` equals ``F.interpolate(mode="bilinear", align_corners=...)``.
   ``jax.image.resize`` uses half-pixel centres and is *not* the same as ``align_corners=True``.
 
-The backward pass of ``grid_sample`` is a custom VJP: the four bilinear corner values gathered in
-the forward pass are kept as residuals (so the grid gradient needs no second gather), and the
-image gradient is one flat scatter-add of ``N*Ho*Wo`` rows of ``C`` values per corner. Corners that
+The backward pass of ``grid_sample`` is a custom VJP that keeps only (x, grid): the grid
+gradient re-gathers the four bilinear corners inside its reduction, and the image gradient is
+one flat scatter-add of ``N*Ho*Wo`` rows of ``C`` values per corner. Corners that
 fall outside the image get an out-of-range row index, so they read as zero in the gather
 (``mode="fill"``) and are dropped by the scatter (``mode="drop"``): no padded copy of the image is
 made and no masks are multiplied in.
@@ -163,41 +163,49 @@ def _corners(x_shape, grid, mode, padding_mode, align_corners):
 
 def _sample_fwd(x, grid, mode, padding_mode, align_corners):
   n, h, w, c = x.shape
-  rows, weights, terms = _corners(x.shape, grid, mode, padding_mode, align_corners)
+  rows, weights, _ = _corners(x.shape, grid, mode, padding_mode, align_corners)
   flat = x.reshape(n * h * w, c)
-  # One gather per corner (N, M, C); rows outside the image read as zeros.
-  vals = tuple(flat.at[r].get(mode="fill", fill_value=0) for r in rows)
-  out = sum(wk[..., None].astype(x.dtype) * v for wk, v in zip(weights, vals, strict=True))
-  out = out.reshape(n, grid.shape[1], grid.shape[2], c)
-  return out, (rows, weights, vals if mode == "bilinear" else None, terms, x.shape)
+  # One gather per corner (N, M, C), each fused into the weighted sum; rows outside the image
+  # read as zeros.
+  out = sum(
+    wk[..., None].astype(x.dtype) * flat.at[r].get(mode="fill", fill_value=0)
+    for r, wk in zip(rows, weights, strict=True)
+  )
+  return out.reshape(n, grid.shape[1], grid.shape[2], c)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _grid_sample(x, grid, mode, padding_mode, align_corners):
-  return _sample_fwd(x, grid, mode, padding_mode, align_corners)[0]
+  return _sample_fwd(x, grid, mode, padding_mode, align_corners)
 
 
 def _grid_sample_fwd(x, grid, mode, padding_mode, align_corners):
-  out, res = _sample_fwd(x, grid, mode, padding_mode, align_corners)
-  return out, (res, grid)
+  # Only the inputs are kept: recomputing the corner indices and weights (elementwise) and the
+  # gathers (fused into their reductions) in the backward pass is much cheaper on XLA:CPU than
+  # materialising 4 gathered (N, M, C) residuals (measured 21 ms vs 0.3 ms at (8,64,64,64)).
+  return _sample_fwd(x, grid, mode, padding_mode, align_corners), (x, grid)
 
 
 def _grid_sample_bwd(mode, padding_mode, align_corners, residuals, g):
-  (rows, weights, vals, terms, x_shape), grid = residuals
-  n, h, w, c = x_shape
+  x, grid = residuals
+  n, h, w, c = x.shape
+  rows, weights, terms = _corners(x.shape, grid, mode, padding_mode, align_corners)
   g = g.reshape(n, -1, c)
   # d out / d x: each output row is spread onto its source rows with the forward weights; one
   # scatter-add per corner into the same buffer (out-of-image rows are dropped).
   gx = jnp.zeros((n * h * w, c), g.dtype)
   for r, wk in zip(rows, weights, strict=True):
     gx = gx.at[r].add(wk[..., None].astype(g.dtype) * g, mode="drop")
-  gx = gx.reshape(x_shape)
+  gx = gx.reshape(x.shape)
   if mode == "nearest":
     return gx, jnp.zeros_like(grid)
   tx, ty, mx, my = terms
-  # d out / d(ix, iy) from the corners kept by the forward pass, then the chain rule through
+  # d out / d(ix, iy) from the corner values (nw, ne, sw, se), then the chain rule through
   # unnormalisation, clipping and reflection (mx, my).
-  v00, v01, v10, v11 = (jnp.sum(v * g, axis=-1) for v in vals)
+  flat = x.reshape(n * h * w, c)
+  v00, v01, v10, v11 = (
+    jnp.sum(flat.at[r].get(mode="fill", fill_value=0) * g, axis=-1) for r in rows
+  )
   d_ix = (v01 - v00) * (1 - ty) + (v11 - v10) * ty
   d_iy = (v10 - v00) * (1 - tx) + (v11 - v01) * tx
   ggrid = jnp.stack([d_ix * mx, d_iy * my], -1).reshape(grid.shape).astype(grid.dtype)
