@@ -42,9 +42,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       image_size=32,
       in_channels=1,
       out_channels=1,
-      channels=(16, 32, 64, 64),
-      # No compressed skips and 16 codes: on 32x32 digits any skip lets the decoder copy the
-      # input (measured: odd-vs-even image AUROC 0.81 with 8-channel skips vs 0.95 without).
+      # A 32-dimensional code at 4x4, 16 codes and no compressed skips: on 32x32 digits any
+      # skip lets the decoder copy the input. Measured odd-vs-even image AUROC at 600 steps:
+      # 8-channel skips 0.81 (300 steps); no skips 0.947 with 64-d codes, 0.964 with 32-d.
+      channels=(16, 32, 64, 32),
       skip_channels=(),
       num_codes=16,
       vq_beta=0.25,
