@@ -75,6 +75,26 @@ def count_summary(names: Sequence[str]) -> str:
   return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
 
 
+def describe_source(name: str, image_shape, labels: np.ndarray, groups: Sequence[str]) -> str:
+  """The one-line log summary every source's ``describe()`` returns.
+
+  Args:
+    name: what the source is, e.g. ``"folder /data/bottle test"``.
+    image_shape: ``(H, W, C)``.
+    labels: ``(N,)`` 0/1 labels.
+    groups: one group name (class, folder) per record.
+
+  Returns:
+    ``"<name>: N images HxWxC (normal: a, anomalous: b; group: count, ...)"``.
+  """
+  n_anom = int(np.sum(labels))
+  h, w, c = image_shape
+  return (
+    f"{name}: {len(labels)} images {h}x{w}x{c} (normal: {len(labels) - n_anom}, "
+    f"anomalous: {n_anom}; {count_summary(groups)})"
+  )
+
+
 class ArraySource:
   """Random-access source over images already held in memory as uint8.
 
@@ -140,9 +160,4 @@ class ArraySource:
     Returns:
       The summary string.
     """
-    n_anom = int(self.labels.sum())
-    h, w, c = self.image_shape
-    return (
-      f"{self.name}: {len(self)} images {h}x{w}x{c} (normal: {len(self) - n_anom}, "
-      f"anomalous: {n_anom}; {count_summary(self.groups)})"
-    )
+    return describe_source(self.name, self.image_shape, self.labels, self.groups)

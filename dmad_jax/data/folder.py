@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from dmad_jax.data.base import ANOMALOUS, NORMAL, check_index, count_summary, make_record
+from dmad_jax.data.base import ANOMALOUS, NORMAL, check_index, describe_source, make_record
 from dmad_jax.data.images import (
   IMAGE_EXTENSIONS,
   ImageReadError,
@@ -252,9 +252,6 @@ class FolderSource:
     Returns:
       The summary string.
     """
-    n_anom = int(self.labels.sum())
-    h, w, c = self.image_shape
-    return (
-      f"folder {self.root} {self.split}: {len(self)} images {h}x{w}x{c} "
-      f"(normal: {len(self) - n_anom}, anomalous: {n_anom}; {count_summary(self.defects)})"
+    return describe_source(
+      f"folder {self.root} {self.split}", self.image_shape, self.labels, self.defects
     )

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dmad_jax.data.base import check_index, count_summary, make_record
+from dmad_jax.data.base import check_index, describe_source, make_record
 from dmad_jax.data.images import check_image_options, prepare_array
 
 # Records fetched per batched read when scanning labels; bounds the memory of one read.
@@ -179,13 +179,8 @@ class TfdsSource:
     Returns:
       The summary string.
     """
-    n_anom = int(self.labels.sum())
-    h, w, c = self.image_shape
-    return (
-      f"tfds {self.name} {self.split}: {len(self)} images {h}x{w}x{c} (normal: "
-      f"{len(self) - n_anom}, anomalous: {n_anom}; "
-      f"{count_summary([f'class {k}' for k in self.classes])})"
-    )
+    groups = [f"class {k}" for k in self.classes]
+    return describe_source(f"tfds {self.name} {self.split}", self.image_shape, self.labels, groups)
 
 
 def tfds_sources(
