@@ -43,8 +43,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       in_channels=1,
       out_channels=1,
       # A 32-dimensional code at 4x4, 16 codes and no compressed skips: on 32x32 digits any
-      # skip lets the decoder copy the input. Measured odd-vs-even image AUROC at 600 steps:
-      # 8-channel skips 0.81 (300 steps); no skips 0.947 with 64-d codes, 0.964 with 32-d.
+      # skip lets the decoder copy the input. Odd-vs-even image AUROC measured with this config
+      # and the overrides in brackets: 0.964 (none); 0.947 [--config.model.channels=
+      # "(16,32,64,64)"]; with that same override plus --config.model.num_codes=8: 0.958, plus
+      # --config.optimizer.lr=1e-3: 0.953.
       channels=(16, 32, 64, 32),
       skip_channels=(),
       num_codes=16,
