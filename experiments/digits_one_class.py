@@ -53,7 +53,11 @@ def main():
   parser.add_argument("--workroot", default=os.path.join(ROOT, "runs", "digits_one_class"))
   parser.add_argument("--out", default=os.path.join(HERE, "results", "digits_one_class.json"))
   args = parser.parse_args()
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+  # force: TensorFlow/absl may already have configured the root logger at import time.
+  logging.basicConfig(
+    level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True
+  )
+  logging.getLogger("dmad_jax").setLevel(logging.INFO)
   logging.getLogger("absl").setLevel(logging.WARNING)
 
   protocols = [f"one_class={d}" for d in args.digits.split(",")]

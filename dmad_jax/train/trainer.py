@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from clu import parameter_overview
 
 from dmad_jax import data as data_lib
 from dmad_jax.data import images as images_lib
@@ -178,6 +179,11 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
       state = state.replace(params=set_template(state.params, template))
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
   log.info("model %s: %s trainable parameters", config.model_name, f"{n_params:,}")
+  if is_main and latest is None:
+    log.info(
+      "parameters:\n%s",
+      parameter_overview.get_parameter_overview(state.params, include_stats=False),
+    )
 
   writer = MetricWriter(workdir, enabled=is_main)
   if latest is None:

@@ -118,3 +118,26 @@ def test_batch_size_must_divide_device_count(tmp_path, monkeypatch):
 def test_eval_without_checkpoint_names_the_directory(tmp_path):
   with pytest.raises(FileNotFoundError, match="no checkpoint in .*checkpoints"):
     job.evaluate(_config(), str(tmp_path / "empty"))
+
+
+def test_watch_evaluates_every_checkpoint_until_the_last(tmp_path):
+  workdir = str(tmp_path / "run")
+  config = _config(total_steps=2, checkpoint_every_steps=1)
+  trainer.train_and_evaluate(config, workdir)
+  results = job.watch(config, workdir, poll_seconds=0.0, timeout_seconds=60)
+  assert sorted(results) == [1, 2]
+  for step in (1, 2):
+    assert os.path.exists(os.path.join(workdir, "eval", f"metrics_{step}.json"))
+
+
+def test_template_initialised_from_an_image_file(tmp_path):
+  from PIL import Image
+
+  img = (np.arange(32 * 32) % 256).astype(np.uint8).reshape(32, 32)
+  Image.fromarray(img).save(tmp_path / "bkg.png")
+  config = _config(template_init=str(tmp_path / "bkg.png"))
+  source = trainer.data_lib.get_sources(config.data)["train"]
+  template = trainer._initial_template(config, source)
+  np.testing.assert_allclose(template[..., 0], img / 127.5 - 1, atol=1e-6)
+  median = trainer._initial_template(_config(template_init="median"), source)
+  assert median.shape == (32, 32, 1) and -1 <= median.min() and median.max() <= 1
