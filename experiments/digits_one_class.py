@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import sys
 import time
 
@@ -36,6 +37,7 @@ def run(protocol: str, steps: int | None, workroot: str) -> dict:
     config.total_steps = steps
     config.checkpoint_every_steps = steps
   workdir = os.path.join(workroot, protocol.replace("=", "_").replace(",", ""))
+  shutil.rmtree(workdir, ignore_errors=True)  # every run of this script trains from scratch
   t0 = time.time()
   train_and_evaluate(config, workdir)
   result = job.evaluate(config, workdir)

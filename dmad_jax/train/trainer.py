@@ -168,6 +168,11 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   state = make_state(config, detector, sample, total_steps)
   mngr = checkpoint.manager(workdir, max_to_keep=config.get("keep_checkpoints", 3))
   latest = mngr.latest_step()
+  if latest is not None and latest > total_steps:
+    raise ValueError(
+      f"{checkpoint.checkpoint_dir(workdir)} holds step {latest}, beyond total_steps "
+      f"{total_steps} of this config: use a new workdir or a larger total_steps"
+    )
   if latest is not None:
     state = checkpoint.restore(mngr, latest, checkpoint.abstract(state), it)
     log.info("resumed from %s at step %d", checkpoint.checkpoint_dir(workdir), latest)

@@ -141,3 +141,10 @@ def test_template_initialised_from_an_image_file(tmp_path):
   np.testing.assert_allclose(template[..., 0], img / 127.5 - 1, atol=1e-6)
   median = trainer._initial_template(_config(template_init="median"), source)
   assert median.shape == (32, 32, 1) and -1 <= median.min() and median.max() <= 1
+
+
+def test_checkpoint_beyond_total_steps_is_an_error(tmp_path):
+  workdir = str(tmp_path / "run")
+  trainer.train_and_evaluate(_config(total_steps=2), workdir)
+  with pytest.raises(ValueError, match="holds step 2, beyond total_steps 1"):
+    trainer.train_and_evaluate(_config(total_steps=1), workdir)
