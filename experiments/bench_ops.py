@@ -20,25 +20,19 @@ import argparse
 import json
 import os
 import platform
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from timing import median_seconds
 
 from dmad_jax.ops.quantize import vector_quantize
 from dmad_jax.ops.sampling import grid_sample, identity_grid
 
 
 def _median_ms(fn, repeats):
-  fn()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times) * 1e3)
+  return median_seconds(fn, repeats) * 1e3
 
 
 def _make_grid(kind, n, h, w, rng):

@@ -13,33 +13,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import torch
 from jax import lax
+from timing import median_seconds
 
 
 def _median_s(fn, *args, repeats=5):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+  return median_seconds(lambda: jax.block_until_ready(fn(*args)), repeats)
 
 
 def _torch_median_s(fn, repeats=5):
-  fn()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+  return median_seconds(fn, repeats)
 
 
 def main():
