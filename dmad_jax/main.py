@@ -1,4 +1,5 @@
-"""Command line: ``dmad train|eval --config configs/<x>.py[:args] --workdir DIR [--config.k=v]``.
+"""Command line: ``dmad train|eval --config configs/<x>.py[:args] --workdir DIR [--config.k=v]``
+and ``dmad video-auc --scores F.npz --labels L.npy --recipe R``.
 
 ``python -m dmad_jax`` is the same. ``train`` calls ``dmad_jax.train.train_and_evaluate``;
 ``eval`` runs the separate eval job on the latest (or ``--step``) checkpoint, or with
@@ -15,7 +16,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-COMMANDS = ("train", "eval")
+COMMANDS = ("train", "eval", "video-auc")
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file (configs/*.py[:args]).", lock_config=True
@@ -24,6 +25,13 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, met
 _STEP = flags.DEFINE_integer("step", None, "eval: checkpoint step (default: latest).")
 _WATCH = flags.DEFINE_bool("watch", False, "eval: evaluate every new checkpoint until the last.")
 _POLL = flags.DEFINE_float("poll_seconds", 30.0, "eval --watch: seconds between polls.")
+_SCORES = flags.DEFINE_string(
+  "scores", None, "video-auc: .npz of per-frame errors (one array per name) and video_lengths."
+)
+_LABELS = flags.DEFINE_string("labels", None, "video-auc: frame labels .npy (1 = anomalous).")
+_RECIPE = flags.DEFINE_string("recipe", "none", "video-auc: score recipe (see evaluation.video).")
+_SKIP = flags.DEFINE_integer("skip_first", 4, "video-auc: unscored frames at each video start.")
+_PLOT = flags.DEFINE_string("plot", None, "video-auc: write per-video score plots to this PNG.")
 
 
 def _setup_logging():
@@ -35,9 +43,35 @@ def _setup_logging():
   logging.getLogger("absl").setLevel(logging.WARNING)
 
 
+def video_auc() -> None:
+  """``dmad video-auc``: frame AUROC of saved per-frame errors under a score recipe."""
+  import numpy as np
+
+  from dmad_jax.evaluation import video
+
+  if not _SCORES.value or not _LABELS.value:
+    raise app.UsageError("video-auc needs --scores F.npz and --labels L.npy")
+  with np.load(_SCORES.value) as f:
+    if "video_lengths" not in f:
+      raise app.UsageError(f"{_SCORES.value}: no 'video_lengths' array")
+    lengths = f["video_lengths"].astype(int).tolist()
+    errors = {k: f[k] for k in f.files if k != "video_lengths"}
+  labels = video.load_frame_labels(_LABELS.value, lengths, skip_first=_SKIP.value)
+  scores = video.score_frames(errors, video_lengths=lengths, recipe=_RECIPE.value)
+  result = {"recipe": _RECIPE.value, **video.frame_auroc(scores, labels, lengths)}
+  if _PLOT.value:
+    result["plot"] = video.plot_video_scores(
+      _PLOT.value, scores, labels, lengths, title=f"recipe {_RECIPE.value}"
+    )
+  print(json.dumps(result, indent=2))
+
+
 def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"usage: dmad {{{'|'.join(COMMANDS)}}} --config FILE --workdir DIR")
+  if argv[1] == "video-auc":
+    video_auc()
+    return
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError("--config and --workdir are required")
   # TensorFlow (optional: TensorBoard events, TFDS) must not grab GPU memory from JAX.

@@ -66,7 +66,7 @@ def test_train_and_eval_commands_on_a_folder_dataset(tmp_path):
 
 def test_cli_usage_errors(tmp_path):
   bad = _run("fly", f"--config={ROOT}/configs/digits_pdm.py:runlocal", "--workdir=x", cwd=ROOT)
-  assert bad.returncode != 0 and "usage: dmad {train|eval}" in bad.stderr
+  assert bad.returncode != 0 and "usage: dmad {train|eval|video-auc}" in bad.stderr
   unknown = _run(
     "train",
     f"--config={ROOT}/configs/digits_pdm.py:runlocal",
