@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from dmad_jax import data as data_lib
-from dmad_jax.evaluation import figures, metrics
+from dmad_jax.evaluation import figures, metrics, video
 from dmad_jax.models import get_detector
 from dmad_jax.train import checkpoint
 from dmad_jax.train.state import variables_of
@@ -39,6 +39,25 @@ def _pick_figure_rows(labels, n_per_class):
   normal = np.flatnonzero(labels == 0)[:n_per_class]
   anomalous = np.flatnonzero(labels == 1)[:n_per_class]
   return np.concatenate([normal, anomalous])
+
+
+def _video_errors(eval_cfg, scores):
+  """Per-frame errors for the video recipe: the model's official errors ("ped2_*" scores) for
+  the dmad_* recipes, the fused image score for "none"."""
+  if eval_cfg.get("recipe", "none") == "none":
+    return {"score": scores["score"]}
+  return {k[len("ped2_") :]: v for k, v in scores.items() if k.startswith("ped2_")}
+
+
+def _video_metrics(eval_cfg, scores, labels, indices, video_lengths):
+  """Frame AUROC (micro and macro) of the test videos under ``eval.recipe``."""
+  order = np.argsort(indices)
+  errors = _video_errors(eval_cfg, {k: v[order] for k, v in scores.items()})
+  recipe = eval_cfg.get("recipe", "none")
+  frame_scores = video.score_frames(errors, video_lengths=video_lengths, recipe=recipe)
+  out = video.frame_auroc(frame_scores, labels[order], video_lengths)
+  out["recipe"] = recipe
+  return out
 
 
 def evaluate(config, workdir: str, step: int | None = None) -> dict:
@@ -114,6 +133,9 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict:
   result = metrics.auroc_report(
     {k: v for k, v in scores.items() if k in ("score", "rec", "df")}, labels
   )
+  video_lengths = getattr(test, "video_lengths", None)
+  if video_lengths is not None:
+    result.update(_video_metrics(eval_cfg, scores, labels, indices, video_lengths))
   result.update(
     step=int(step),
     num_test=int(len(labels)),
@@ -129,8 +151,25 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict:
       with open(os.path.join(outdir, name), "w") as f:
         json.dump(result, f, indent=2)
     np.savez(os.path.join(outdir, f"scores_{step}.npz"), labels=labels, index=indices, **scores)
+    if video_lengths is not None:
+      order = np.argsort(indices)
+      errors = _video_errors(eval_cfg, {k: v[order] for k, v in scores.items()})
+      # The format `dmad video-auc --scores` reads, to try other recipes without the model.
+      np.savez(
+        os.path.join(outdir, f"video_errors_{step}.npz"), video_lengths=video_lengths, **errors
+      )
+      result["video_plot"] = video.plot_video_scores(
+        os.path.join(outdir, f"videos_{step}.png"),
+        video.score_frames(errors, video_lengths=video_lengths, recipe=eval_cfg["recipe"]),
+        labels[order],
+        video_lengths,
+        title=f"step {step}, recipe {eval_cfg['recipe']}: frame AUROC "
+        f"{result['frame_AUROC_micro']:.4f}",
+      )
     writer = MetricWriter(outdir)
-    writer.write_scalars(step, {k: v for k, v in result.items() if k != "step"})
+    writer.write_scalars(
+      step, {k: v for k, v in result.items() if k != "step" and not isinstance(v, str)}
+    )
     writer.close()
     fig_labels = np.concatenate(fig_labels)
     rows = _pick_figure_rows(fig_labels, n_fig)
