@@ -19,7 +19,7 @@ import grain
 import numpy as np
 
 MASK_KEY = "_mask"
-SOURCE_NAMES = ("digits", "folder", "tfds")
+SOURCE_NAMES = ("digits", "folder", "tfds", "video")
 
 
 def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
@@ -258,6 +258,10 @@ def get_sources(data_config: Any) -> dict[str, Any]:
   * ``folder``: ``root``, ``image_size``, ``channels`` [3], ``validate`` [True].
   * ``tfds``: ``tfds_name``, ``protocol``, ``image_size``, ``channels``, ``data_dir`` [None],
     ``image_key`` ['image'], ``label_key`` ['label'], ``download`` [True].
+  * ``video``: ``root`` (holding ``{training,testing}/frames/<video>/``), ``image_size`` [256],
+    ``gray`` [False], ``t_length`` [5], ``labels`` [None] (label file or folder of the test
+    split, see :func:`dmad_jax.data.video.load_frame_labels`). Records are clips, see
+    :class:`dmad_jax.data.video.VideoFrameSource`.
 
   Args:
     data_config: an ``ml_collections.ConfigDict`` or any object with attribute access.
@@ -303,4 +307,17 @@ def get_sources(data_config: Any) -> dict[str, Any]:
       label_key=_get(data_config, "label_key", "label"),
       download=_get(data_config, "download", True),
     )
+  if name == "video":
+    from dmad_jax.data.video import VideoFrameSource
+
+    root = _get(data_config, "root")
+    kwargs = dict(
+      image_size=_get(data_config, "image_size", 256),
+      gray=_get(data_config, "gray", False),
+      t_length=_get(data_config, "t_length", 5),
+    )
+    return {
+      "train": VideoFrameSource(root, "training", **kwargs),
+      "test": VideoFrameSource(root, "testing", labels=_get(data_config, "labels", None), **kwargs),
+    }
   raise ValueError(f"unknown data source {name!r}; valid names: {', '.join(SOURCE_NAMES)}")
