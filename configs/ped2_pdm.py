@@ -63,18 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.max_offsets = (2.0, 3.0)
   c.model.mask_source = "encoder"
   c.model.aggregation = "masked"
-  c.loss = ml_collections.ConfigDict(
-    dict(
-      recon=(1.0, 1.0),
-      grad=(0.25, 1.0),
-      vq=1.0,
-      offset=0.25,
-      norm=(0.4, 0.4),
-      smooth_sizes=(7, 3),
-      smooth_kind="1d",
-      template=1.0,
-    )
-  )
+  # c.loss keeps the digits config's values, which are the official Ped2 loss weights.
   c.score = ml_collections.ConfigDict(
     dict(distance="dis", kernel_size=(3, 3), alpha=1.0, reduce="max")
   )
