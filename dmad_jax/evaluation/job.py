@@ -22,7 +22,7 @@ import numpy as np
 from dmad_jax import data as data_lib
 from dmad_jax.evaluation import figures, metrics, video
 from dmad_jax.models import get_detector
-from dmad_jax.train import checkpoint
+from dmad_jax.train import checkpoint, sharding
 from dmad_jax.train.state import variables_of
 from dmad_jax.train.trainer import _sample_batch, make_state
 from dmad_jax.train.writers import MetricWriter
@@ -95,8 +95,11 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict:
   state = checkpoint.restore(
     mngr, step, _abstract_state(config, detector, _sample_batch(sources["train"]))
   )
-  variables = variables_of(state)
-  predict = jax.jit(detector.predict)
+  mesh = sharding.make_mesh(config.get("mesh", None))
+  sharding.check_batch_size(batch_size, mesh)
+  rep, data_sh = sharding.replicated(mesh), sharding.data_sharding(mesh)
+  variables = jax.device_put(variables_of(state), rep)
+  predict = jax.jit(detector.predict, in_shardings=(rep, data_sh), out_shardings=rep)
 
   # Score every test record exactly once: padded rows of the last batch are masked out.
   t0 = time.time()
@@ -109,7 +112,7 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict:
     process_count=jax.process_count(),
   ):
     mask = batch.pop(data_lib.MASK_KEY)
-    out = jax.device_get(predict(variables, batch))
+    out = jax.device_get(predict(variables, sharding.global_batch(batch, data_sh)))
     for k, v in out["scores"].items():
       scores.setdefault(k, []).append(np.asarray(v)[mask])
     labels.append(batch["label"][mask])

@@ -22,7 +22,7 @@ from clu import parameter_overview
 from dmad_jax import data as data_lib
 from dmad_jax.data import images as images_lib
 from dmad_jax.models import get_detector
-from dmad_jax.train import checkpoint
+from dmad_jax.train import checkpoint, sharding
 from dmad_jax.train.optim import learning_rate_schedule, make_optimizer
 from dmad_jax.train.state import TrainState, base_rng, create_train_state
 from dmad_jax.train.writers import MetricWriter
@@ -144,11 +144,9 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     os.makedirs(workdir, exist_ok=True)
     _write_config(config, workdir)
   total_steps = int(config.total_steps)
-  if config.batch_size % jax.device_count():
-    raise ValueError(
-      f"batch_size {config.batch_size} is not divisible by the number of devices "
-      f"{jax.device_count()}"
-    )
+  mesh = sharding.make_mesh(config.get("mesh", None))
+  sharding.check_batch_size(config.batch_size, mesh)
+  rep, data_sh = sharding.replicated(mesh), sharding.data_sharding(mesh)
 
   # Data.
   sources = data_lib.get_sources(config.data)
@@ -182,6 +180,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
       from dmad_jax.models.pdm import set_template
 
       state = state.replace(params=set_template(state.params, template))
+  # Parameters and optimizer state live on every device; batches are split over "data".
+  state = jax.device_put(state, rep)
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
   log.info("model %s: %s trainable parameters", config.model_name, f"{n_params:,}")
   if is_main and latest is None:
@@ -195,7 +195,10 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     writer.write_hparams({"num_params": n_params, "batch_size": config.batch_size})
   lr_schedule = learning_rate_schedule(config.optimizer, total_steps)
   step_fn = jax.jit(
-    functools.partial(train_step, detector=detector, lr_schedule=lr_schedule), donate_argnums=0
+    functools.partial(train_step, detector=detector, lr_schedule=lr_schedule),
+    in_shardings=(rep, data_sh),
+    out_shardings=(rep, rep),
+    donate_argnums=0,
   )
 
   start = int(state.step)
@@ -206,7 +209,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   losses = []
   t_last, step_last = time.time(), start
   for step in range(start + 1, total_steps + 1):
-    batch = next(it)
+    batch = sharding.global_batch(next(it), data_sh)
     state, metrics = step_fn(state, batch)
     loss, finite = jax.device_get((metrics["loss"], metrics["finite"]))
     if not finite:

@@ -109,10 +109,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_batch_size_must_divide_device_count(tmp_path, monkeypatch):
-  monkeypatch.setattr(jax, "device_count", lambda: 3)
-  with pytest.raises(ValueError, match="batch_size 8 is not divisible by the number of devices 3"):
-    trainer.train_and_evaluate(_config(), str(tmp_path / "run"))
+def test_mesh_larger_than_the_machine_is_an_error(tmp_path):
+  with pytest.raises(ValueError, match="needs 3 devices, 1 available"):
+    trainer.train_and_evaluate(_config(mesh=[("data", 3)]), str(tmp_path / "run"))
 
 
 def test_eval_without_checkpoint_names_the_directory(tmp_path):
