@@ -77,20 +77,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.num_codes = 200
   c.model.gen_features = 32
   c.model.offset_features = 64
-  c.optimizer = ml_collections.ConfigDict(
-    dict(
-      name="adamw",
-      lr=2e-4,
-      b1=0.9,
-      b2=0.999,
-      eps=1e-8,
-      weight_decay=0.01,
-      schedule="cosine",
-      warmup_steps=0,
-      lr_multipliers={"template": 50.0},
-      grad_clip_norm=0.0,
-    )
-  )
+  c.optimizer.lr = 2e-4
+  c.optimizer.warmup_steps = 0
+  c.optimizer.lr_multipliers = {"template": 50.0}
   c.batch_size = 8
   c.total_steps = a["epochs"] * (TRAIN_CLIPS // 8)
   c.log_every_steps = 100

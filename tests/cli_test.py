@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -37,26 +35,16 @@ def _write_folder(root, rng):
       img.save(d / f"{i:03d}.png")
 
 
-def _run(*args, cwd):
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  return subprocess.run(
-    [sys.executable, "-m", "dmad_jax", *args],
-    cwd=cwd,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-
-
 @pytest.mark.slow
-def test_train_and_eval_commands_on_a_folder_dataset(tmp_path):
+def test_train_and_eval_commands_on_a_folder_dataset(tmp_path, dmad_cli):
   _write_folder(tmp_path / "data", np.random.default_rng(0))
   cfg = f"{ROOT}/configs/folder_pdm.py:root={tmp_path / 'data'},image_size=32,runlocal"
   work = str(tmp_path / "run")
-  train = _run("train", f"--config={cfg}", f"--workdir={work}", "--config.total_steps=3", cwd=ROOT)
+  train = dmad_cli(
+    "train", f"--config={cfg}", f"--workdir={work}", "--config.total_steps=3", cwd=ROOT
+  )
   assert train.returncode == 0, train.stderr[-3000:]
-  ev = _run("eval", f"--config={cfg}", f"--workdir={work}", "--config.total_steps=3", cwd=ROOT)
+  ev = dmad_cli("eval", f"--config={cfg}", f"--workdir={work}", "--config.total_steps=3", cwd=ROOT)
   assert ev.returncode == 0, ev.stderr[-3000:]
   assert "metrics:" in ev.stdout and "figures:" in ev.stdout
   with open(os.path.join(work, "eval", "metrics.json")) as f:
@@ -64,10 +52,10 @@ def test_train_and_eval_commands_on_a_folder_dataset(tmp_path):
   assert (m["step"], m["num_normal"], m["num_anomalous"]) == (3, 6, 5)
 
 
-def test_cli_usage_errors(tmp_path):
-  bad = _run("fly", f"--config={ROOT}/configs/digits_pdm.py:runlocal", "--workdir=x", cwd=ROOT)
+def test_cli_usage_errors(tmp_path, dmad_cli):
+  bad = dmad_cli("fly", f"--config={ROOT}/configs/digits_pdm.py:runlocal", "--workdir=x", cwd=ROOT)
   assert bad.returncode != 0 and "usage: dmad {train|eval|video-auc}" in bad.stderr
-  unknown = _run(
+  unknown = dmad_cli(
     "train",
     f"--config={ROOT}/configs/digits_pdm.py:runlocal",
     "--workdir=x",

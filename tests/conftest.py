@@ -8,3 +8,30 @@ from hypothesis import settings  # noqa: E402
 
 settings.register_profile("dmad", max_examples=25, deadline=None, derandomize=True)
 settings.load_profile("dmad")
+
+
+import os as _os  # noqa: E402
+import subprocess as _subprocess  # noqa: E402
+import sys as _sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def dmad_cli():
+  """Runs ``python -m dmad_jax ARGS`` in a subprocess (cwd = repo root unless given)."""
+
+  def run(*args, cwd=ROOT):
+    env = dict(_os.environ, PYTHONPATH=ROOT)
+    return _subprocess.run(
+      [_sys.executable, "-m", "dmad_jax", *args],
+      cwd=cwd,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+    )
+
+  return run

@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -40,36 +38,24 @@ def _write_videos(root, rng, test_lengths=(12, 10)):
   return np.concatenate(labels)
 
 
-def _run(*args):
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  return subprocess.run(
-    [sys.executable, "-m", "dmad_jax", *args],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-
-
 @pytest.mark.slow
-def test_video_train_eval_and_label_mismatch(tmp_path):
+def test_video_train_eval_and_label_mismatch(tmp_path, dmad_cli):
   labels = _write_videos(tmp_path / "ped2", np.random.default_rng(0))
   np.save(tmp_path / "labels.npy", labels.astype(float))
   cfg = (
     f"{ROOT}/configs/ped2_pdm.py:root={tmp_path / 'ped2'},labels={tmp_path / 'labels.npy'},runlocal"
   )
   work = str(tmp_path / "run")
-  train = _run("train", f"--config={cfg}", f"--workdir={work}", "--config.total_steps=2")
+  train = dmad_cli("train", f"--config={cfg}", f"--workdir={work}", "--config.total_steps=2")
   assert train.returncode == 0, train.stderr[-3000:]
-  ev = _run("eval", f"--config={cfg}", f"--workdir={work}", "--config.total_steps=2")
+  ev = dmad_cli("eval", f"--config={cfg}", f"--workdir={work}", "--config.total_steps=2")
   assert ev.returncode == 0, ev.stderr[-3000:]
   with open(os.path.join(work, "eval", "metrics.json")) as f:
     m = json.load(f)
   assert m["num_test"] == len(labels) == 14 and m["recipe"] == "dmad_ped2"
   assert 0.0 <= m["frame_AUROC_micro"] <= 1.0 and "frame_AUROC_micro" in ev.stdout
   # The saved errors re-score through `dmad video-auc` to the same number.
-  again = _run(
+  again = dmad_cli(
     "video-auc",
     f"--scores={os.path.join(work, 'eval', 'video_errors_2.npz')}",
     f"--labels={tmp_path / 'labels.npy'}",
@@ -84,7 +70,7 @@ def test_video_train_eval_and_label_mismatch(tmp_path):
   bad = (
     f"{ROOT}/configs/ped2_pdm.py:root={tmp_path / 'ped2'},labels={tmp_path / 'bad.npy'},runlocal"
   )
-  ev = _run("eval", f"--config={bad}", f"--workdir={work}", "--config.total_steps=2")
+  ev = dmad_cli("eval", f"--config={bad}", f"--workdir={work}", "--config.total_steps=2")
   assert ev.returncode != 0
   assert "bad.npy" in ev.stderr and "01: 12" in ev.stderr and "02: 10" in ev.stderr
 
