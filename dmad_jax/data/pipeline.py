@@ -52,9 +52,12 @@ def make_train_iterator(
 ) -> grain.DatasetIterator:
   """Infinite stream of shuffled training batches for this process.
 
-  Process ``p`` of ``P`` reads only records ``p, p + P, p + 2P, ...`` and shuffles that shard
-  with ``seed``; every epoch uses a new permutation (grain folds the epoch into the seed). Batches
-  run across epoch boundaries, so no record is ever dropped and every batch is full.
+  Every process derives the same global order (``seed`` shuffles the whole source; every epoch
+  uses a new permutation, grain folds the epoch into the seed) and process ``p`` of ``P`` reads
+  and decodes only the ``p``-th contiguous slice of each global batch. Stacking the processes'
+  batches therefore gives exactly the global batch of a one-process run: the training batches,
+  and so the loss curve, do not depend on how many hosts share the work. Batches run across
+  epoch boundaries, so no record is ever dropped and every batch is full.
 
   The iterator is checkpointable: ``state = it.get_state()`` and, on an iterator built with the
   same arguments, ``it.set_state(state)`` resume at exactly the same batch. For orbax, save
@@ -76,26 +79,23 @@ def make_train_iterator(
 
   Raises:
     ValueError: if the batch size is not divisible by ``process_count``, ``process_index`` is out
-      of range, ``seed`` is out of range, or this process's shard is empty.
+      of range, ``seed`` is out of range, or the source is empty.
   """
   local = _local_batch_size(global_batch_size, process_index, process_count)
   seed = operator.index(seed)
   if not 0 <= seed < 2**32:
     raise ValueError(f"seed must be in [0, 2**32), got {seed}")
-  if len(source) < process_count:
-    raise ValueError(
-      f"a source of {len(source)} records cannot feed {process_count} processes (empty shard)"
-    )
-  # Shard before shuffling so each process owns a fixed, disjoint subset and shuffles only it;
-  # repeat after shuffling so that each epoch is reshuffled with an epoch-dependent seed.
-  ds = grain.MapDataset.source(source)[process_index::process_count]
-  ds = ds.shuffle(seed=seed).repeat()
+  if len(source) == 0:
+    raise ValueError("the training source has no records")
+  # Repeat after shuffling so that each epoch is reshuffled with an epoch-dependent seed. Global
+  # batch k is records [k*B, (k+1)*B) of that stream; cutting it into blocks of ``local`` and
+  # keeping every P-th block from p gives process p its slice of every global batch.
+  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+  ds = ds.batch(local, drop_remainder=True)[process_index::process_count]
   # With no threads the prefetch buffer would never be filled, so it is switched off explicitly.
-  buffer = max(0, int(prefetch_batches)) * local if num_threads > 0 else 0
+  buffer = max(0, int(prefetch_batches)) if num_threads > 0 else 0
   read = grain.ReadOptions(num_threads=int(num_threads), prefetch_buffer_size=buffer)
-  # Batching the iterable stream (not the MapDataset) lets the prefetch threads read records of
-  # the next batches while the current one is being stacked.
-  return iter(ds.to_iter_dataset(read).batch(local, drop_remainder=True))
+  return iter(ds.to_iter_dataset(read))
 
 
 def eval_batch_count(num_records: int, global_batch_size: int) -> int:
@@ -248,8 +248,39 @@ def _get(config: Any, key: str, default: Any = _REQUIRED) -> Any:
   return value
 
 
+class _ReadKeys:
+  """Attribute view of a data config that records which keys were read."""
+
+  def __init__(self, config: Any):
+    self._config = config
+    self.read: set[str] = set()
+
+  def __getattr__(self, key: str) -> Any:
+    if key.startswith("__"):
+      raise AttributeError(key)
+    self.read.add(key)
+    return getattr(self._config, key)
+
+  def get(self, key: str, default: Any = None) -> Any:
+    self.read.add(key)
+    return getattr(self._config, key, default)
+
+  def __contains__(self, key: str) -> bool:
+    self.read.add(key)
+    return hasattr(self._config, key)
+
+
+def _config_keys(config: Any) -> list[str]:
+  if hasattr(config, "keys"):
+    return list(config.keys())
+  return [k for k in vars(config) if not k.startswith("_")] if hasattr(config, "__dict__") else []
+
+
 def get_sources(data_config: Any) -> dict[str, Any]:
   """Builds the train and test sources a data config describes.
+
+  A key of ``data_config`` that the named source does not read (a typo such as ``validat``)
+  is an error listing the keys it reads, rather than a setting silently left at its default.
 
   Keys read, by ``data_config.name`` (defaults in brackets):
 
@@ -260,7 +291,9 @@ def get_sources(data_config: Any) -> dict[str, Any]:
     ``image_key`` ['image'], ``label_key`` ['label'], ``download`` [True].
   * ``video``: ``root`` (holding ``{training,testing}/frames/<video>/``), ``image_size`` [256],
     ``gray`` [False], ``t_length`` [5], ``labels`` [None] (label file or folder of the test
-    split, see :func:`dmad_jax.data.video.load_frame_labels`). Records are clips, see
+    split, see :func:`dmad_jax.data.video.load_frame_labels`), ``templates`` ['single']
+    (background template per video: 'single', 'scene' or 'video_transductive', see
+    :func:`dmad_jax.data.video.video_sources`). Records are clips, see
     :class:`dmad_jax.data.video.VideoFrameSource`.
 
   Args:
@@ -270,8 +303,22 @@ def get_sources(data_config: Any) -> dict[str, Any]:
     ``{"train": source, "test": source}``.
 
   Raises:
-    ValueError: for an unknown name (the message lists the valid ones) or a missing key.
+    ValueError: for an unknown name (the message lists the valid ones), a missing key or a
+      key the source does not read.
   """
+  reader = _ReadKeys(data_config)
+  sources = _build_sources(reader)
+  unknown = sorted(set(_config_keys(data_config)) - reader.read)
+  if unknown:
+    raise ValueError(
+      f"data config {getattr(data_config, 'name', '?')!r} has unknown key(s) "
+      f"{', '.join(map(repr, unknown))}; this source reads: {', '.join(sorted(reader.read))}"
+    )
+  return sources
+
+
+def _build_sources(data_config: Any) -> dict[str, Any]:
+  """:func:`get_sources` without the unknown-key check."""
   name = _get(data_config, "name")
   if name == "digits":
     from dmad_jax.data.digits import digits_sources, parse_protocol
@@ -308,16 +355,14 @@ def get_sources(data_config: Any) -> dict[str, Any]:
       download=_get(data_config, "download", True),
     )
   if name == "video":
-    from dmad_jax.data.video import VideoFrameSource
+    from dmad_jax.data.video import video_sources
 
-    root = _get(data_config, "root")
-    kwargs = dict(
+    return video_sources(
+      _get(data_config, "root"),
+      templates=_get(data_config, "templates", "single"),
+      labels=_get(data_config, "labels", None),
       image_size=_get(data_config, "image_size", 256),
       gray=_get(data_config, "gray", False),
       t_length=_get(data_config, "t_length", 5),
     )
-    return {
-      "train": VideoFrameSource(root, "training", **kwargs),
-      "test": VideoFrameSource(root, "testing", labels=_get(data_config, "labels", None), **kwargs),
-    }
   raise ValueError(f"unknown data source {name!r}; valid names: {', '.join(SOURCE_NAMES)}")

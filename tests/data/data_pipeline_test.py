@@ -93,17 +93,26 @@ def test_orbax_checkpoint_manager_round_trip(tmp_path):
   _assert_same_batches(_take(restored.data, 5), expected)
 
 
-def test_processes_read_disjoint_shards():
+def test_processes_read_disjoint_slices_of_the_one_process_batches():
   src = _source(10)
-  seen = []
-  for p in range(2):
-    it = make_train_iterator(src, global_batch_size=4, seed=0, process_index=p, process_count=2)
-    batches = _take(it, 5)  # 5 local batches of 2 = two epochs of this process's 5 records.
-    assert batches[0]["image"].shape[0] == 2
-    idx = np.concatenate([b["index"] for b in batches])
-    assert set(idx.tolist()) == set(range(p, 10, 2))
-    seen.extend(idx[:5].tolist())
-  assert sorted(seen) == list(range(10))
+  single = _take(make_train_iterator(src, global_batch_size=4, seed=0), 6)
+  per_process = [
+    _take(make_train_iterator(src, global_batch_size=4, seed=0, process_index=p, process_count=2), 6)
+    for p in range(2)
+  ]
+  for k in range(6):
+    local = [per_process[p][k]["index"] for p in range(2)]
+    assert local[0].shape == (2,)
+    if k < 2:  # inside the first epoch no record is read twice
+      assert not set(local[0]) & set(local[1])
+    # Stacked in process order, the local batches are the one-process global batch.
+    np.testing.assert_array_equal(np.concatenate(local), single[k]["index"])
+    np.testing.assert_array_equal(
+      np.concatenate([per_process[p][k]["image"] for p in range(2)]), single[k]["image"]
+    )
+  # Two and a half epochs of 10 records: every record seen twice in the first 20 positions.
+  seen = np.concatenate([b["index"] for b in single])[:20]
+  assert np.bincount(seen, minlength=10).tolist() == [2] * 10
 
 
 def test_train_argument_errors():
