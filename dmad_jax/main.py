@@ -1,5 +1,6 @@
 """Command line: ``dmad train|eval --config configs/<x>.py[:args] --workdir DIR [--config.k=v]``
-and ``dmad video-auc --scores F.npz --labels L.npy --recipe R``.
+and ``dmad video-auc --scores F.npz --labels L.npy --recipe R`` and
+``dmad convert-weights IN.pth OUT.npz [--arch=wide_resnet50_2]`` (torchvision ResNet weights).
 
 ``python -m dmad_jax`` is the same. ``train`` calls ``dmad_jax.train.train_and_evaluate``;
 ``eval`` runs the separate eval job on the latest (or ``--step``) checkpoint, or with
@@ -32,6 +33,20 @@ _LABELS = flags.DEFINE_string("labels", None, "video-auc: frame labels .npy (1 =
 _RECIPE = flags.DEFINE_string("recipe", "none", "video-auc: score recipe (see evaluation.video).")
 _SKIP = flags.DEFINE_integer("skip_first", 4, "video-auc: unscored frames at each video start.")
 _PLOT = flags.DEFINE_string("plot", None, "video-auc: write per-video score plots to this PNG.")
+_ARCH = flags.DEFINE_string(
+  "arch", None, "convert-weights: resnet18|resnet34|resnet50|wide_resnet50_2 (default: inferred)."
+)
+_DISTRIBUTED = flags.DEFINE_bool(
+  "distributed",
+  False,
+  "Multi-host: call jax.distributed.initialize() first (cluster auto-detection on TPU, SLURM, "
+  "Open MPI, Kubernetes). Implied by --coordinator_address.",
+)
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address", None, "Multi-host: host:port of process 0 (manual setups)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 
 
 def _setup_logging():
@@ -66,9 +81,28 @@ def video_auc() -> None:
   print(json.dumps(result, indent=2))
 
 
+def convert_weights(src: str, dst: str, arch: str | None = None) -> None:
+  """``dmad convert-weights IN OUT``: torchvision ResNet state dict -> dmad_jax ``.npz``."""
+  from dmad_jax import convert
+
+  try:
+    summary = convert.convert_file(src, dst, arch)
+  except (ValueError, TypeError, ImportError, OSError) as e:
+    sys.exit(f"convert-weights: {e}")
+  print(json.dumps(summary, indent=2))
+
+
 def main(argv):
+  if len(argv) >= 2 and argv[1] == "convert-weights":
+    if len(argv) != 4:
+      raise app.UsageError("usage: dmad convert-weights IN.pth|IN.safetensors OUT.npz [--arch=A]")
+    convert_weights(argv[2], argv[3], _ARCH.value)
+    return
   if len(argv) != 2 or argv[1] not in COMMANDS:
-    raise app.UsageError(f"usage: dmad {{{'|'.join(COMMANDS)}}} --config FILE --workdir DIR")
+    raise app.UsageError(
+      f"usage: dmad {{{'|'.join(COMMANDS)}}} --config FILE --workdir DIR, "
+      "or dmad convert-weights IN OUT [--arch=A]"
+    )
   if argv[1] == "video-auc":
     video_auc()
     return
@@ -82,11 +116,21 @@ def main(argv):
   except ImportError:
     pass
   _setup_logging()
+  if _DISTRIBUTED.value or _COORDINATOR.value is not None:
+    from dmad_jax.train import distributed
+
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   config, workdir = _CONFIG.value, _WORKDIR.value
   if argv[1] == "train":
     from dmad_jax.train import train_and_evaluate
+    from dmad_jax.train.trainer import TrainingInterrupted
 
-    train_and_evaluate(config, workdir)
+    try:
+      train_and_evaluate(config, workdir)
+    except TrainingInterrupted as stop:
+      # SIGTERM: the step was saved; 143 = 128 + SIGTERM tells schedulers the run is unfinished.
+      print(f"dmad train: {stop}", file=sys.stderr)
+      sys.exit(143)
     print(f"checkpoints: {os.path.join(os.path.abspath(workdir), 'checkpoints')}")
     return
   from dmad_jax.evaluation import job
