@@ -1,4 +1,5 @@
-"""Qualitative evaluation figures: DMAD-style deformation panels and score histograms.
+"""Qualitative evaluation figures: DMAD-style deformation panels, anomaly-map overlays with
+ground-truth contours, and score histograms.
 
 Figures are built on `matplotlib.figure.Figure` with the Agg canvas instead of `pyplot`, so they
 work headless, never touch the global backend or the pyplot figure registry, and need no closing.
@@ -15,7 +16,7 @@ from matplotlib.figure import Figure
 
 from dmad_jax.evaluation.metrics import image_auroc
 
-__all__ = ["deformation_panel", "score_histogram"]
+__all__ = ["deformation_panel", "heatmap_overlays", "score_histogram"]
 
 # Inches per image cell; with _DPI this is ~120 px, enough to see 256 px detail in a grid of 16.
 _CELL_IN = 1.6
@@ -212,4 +213,95 @@ def score_histogram(
   if parts:
     ax.set_title(" | ".join(parts), fontsize=10)
   fig.tight_layout()
+  return _save(fig, path)
+
+
+def heatmap_overlays(
+  path: str | os.PathLike,
+  images: np.ndarray,
+  maps: np.ndarray,
+  masks: np.ndarray,
+  *,
+  scores=None,
+  labels=None,
+  title: str | None = None,
+  cmap: str = "jet",
+  alpha: float = 0.5,
+) -> str:
+  """Saves, per sample, the image and its anomaly-map overlay, both with the ground-truth contour.
+
+  One column per sample; the top row is the image, the bottom row the image under the anomaly map
+  (``cmap`` at opacity ``alpha``, as anomalib's ``image+anomaly_map`` panel). The ground-truth
+  region boundary is drawn as a white contour at mask level 0.5 on both rows (no contour on normal
+  images). All maps share one colour scale (min to max of the finite values shown), so the maps of
+  normal and anomalous samples are comparable; NaN/inf pixels are left transparent.
+
+  Args:
+    path: Output PNG path; parent directories are created.
+    images: ``(N, H, W, C)`` in [-1, 1], C = 1 or 3.
+    maps: ``(N, H, W)`` anomaly maps, higher = more anomalous.
+    masks: ``(N, H, W)`` ground truth, 0/1 or bool.
+    scores: Optional N image scores, shown in the column titles.
+    labels: Optional N labels, 0 = normal, 1 = anomalous, shown in the column titles.
+    title: Optional figure title.
+    cmap: Matplotlib colormap of the maps.
+    alpha: Opacity of the map over the image.
+
+  Returns:
+    ``path`` as a string.
+
+  Raises:
+    ValueError: If the shapes disagree (N, H or W) or an input has the wrong rank.
+  """
+  shown = _to_display(images, "images")
+  n, h, w = shown.shape[:3]
+  maps = np.asarray(maps, dtype=np.float32)
+  masks = np.asarray(masks, dtype=np.float32)
+  for name, values in (("maps", maps), ("masks", masks)):
+    if values.shape != (n, h, w):
+      raise ValueError(
+        f"{name} must have shape {(n, h, w)} to match the images, got {values.shape}"
+      )
+  for kind, values in (("labels", labels), ("scores", scores)):
+    if values is not None and np.asarray(values).reshape(-1).shape[0] != n:
+      raise ValueError(f"{kind} has {np.asarray(values).size} entries, expected {n}")
+  finite = maps[np.isfinite(maps)]
+  vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+  if vmax <= vmin:
+    vmax = vmin + 1e-6
+
+  title_in = 0.5 if title else 0.0
+  fig = Figure(
+    figsize=(_CELL_IN * n + 1.0, 2 * _CELL_IN + 0.5 + title_in), dpi=_DPI, layout="constrained"
+  )
+  axes = fig.subplots(2, n, squeeze=False)
+  label_arr = None if labels is None else np.asarray(labels).reshape(-1)
+  score_arr = None if scores is None else np.asarray(scores, dtype=np.float64).reshape(-1)
+  mappable = None
+  for c in range(n):
+    gray = shown[c].ndim == 2
+    for r in range(2):
+      ax = axes[r, c]
+      ax.imshow(shown[c], cmap="gray" if gray else None, vmin=0.0, vmax=1.0)
+      if r == 1:
+        mappable = ax.imshow(
+          np.ma.masked_invalid(maps[c]), cmap=cmap, alpha=alpha, vmin=vmin, vmax=vmax
+        )
+      # A contour needs both levels present; normal images have no region to outline.
+      if masks[c].min() < 0.5 < masks[c].max():
+        ax.contour(masks[c], levels=[0.5], colors="white", linewidths=1.0)
+      ax.set_xticks([])
+      ax.set_yticks([])
+    parts = []
+    if label_arr is not None:
+      parts.append("anomalous" if int(label_arr[c]) == 1 else "normal")
+    if score_arr is not None:
+      parts.append(f"{score_arr[c]:.3g}")
+    if parts:
+      axes[0, c].set_title("\n".join(parts), fontsize=8)
+  axes[0, 0].set_ylabel("image + GT", fontsize=9)
+  axes[1, 0].set_ylabel("anomaly map", fontsize=9)
+  fig.colorbar(mappable, ax=axes[1, :].tolist(), fraction=0.05, pad=0.01)
+  if title:
+    fig.suptitle(title, fontsize=10)
   return _save(fig, path)
