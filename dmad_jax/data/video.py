@@ -7,19 +7,28 @@ Expected layout (the FramePred / MNAD / DMAD frame dump)::
 
 Videos are taken in sorted folder order (the order every published label array assumes) and
 frames in the numeric order of the integer in their file stem, so ``2.jpg`` precedes ``10.jpg``.
+Folders named ``*_gt`` are not videos (UCSD's mask folders), so the raw ``UCSDped2/Train`` and
+``UCSDped2/Test`` folders of ``.tif`` frames can be linked as ``training/frames`` and
+``testing/frames`` directly.
 
 A record is a clip of ``t_length`` consecutive frames whose last frame is the prediction target::
 
   {"frames": float32 (S, S, 3 * t_length) in [-1, 1], oldest frame first, 3 channels each,
    "image": float32 (S, S, 3), the target (last) frame,
    "label": int32 label of the target frame (1 = anomalous), "index": int32 clip index,
-   "video": int32 video index, "frame": int32 target frame index inside its video}
+   "video": int32 video index, "frame": int32 target frame index inside its video,
+   "template_index": int32 index of the video's background template (0 unless the source was
+   built by :func:`video_sources` with per-scene or per-video templates)}
 
 Labels are read from DMAD's trimmed ``.npy``, MNAD's untrimmed ``.npy``, a folder of per-video
-``<video>.npy`` (ShanghaiTech ``test_frame_mask``) or a FramePred ``.mat`` (key ``gt``); see
-:func:`load_frame_labels`. :func:`estimate_template` / :func:`video_templates` build DMAD's
-background templates, and ``python -m dmad_jax.data.video extract IN.avi OUTDIR`` dumps the
-frames of a video file (needs ``opencv-python-headless``).
+``<video>.npy`` (ShanghaiTech ``test_frame_mask`` / ``test_pixel_mask``), a FramePred ``.mat``
+(key ``gt``) or anomalib's raw layouts (UCSD ``Test*_gt/*.bmp`` masks, Avenue
+``testing_label_mask/<n>_label.mat`` with ``volLabel``); see :func:`load_frame_labels`.
+:func:`video_sources` builds both splits and gives every video a background-template index (one
+template, one per scene, or one per video); :func:`estimate_template`, :func:`template_bank` and
+:func:`video_templates` build DMAD's background templates, and
+``python -m dmad_jax.data.video extract IN.avi OUTDIR`` dumps the frames of a video file (needs
+``opencv-python-headless``).
 """
 
 from __future__ import annotations
@@ -62,6 +71,17 @@ def _frame_number(path: str) -> int:
   if not digits:
     raise ValueError(f"frame file {path!r} has no frame number in its name")
   return int(digits[-1])
+
+
+def _video_dirs(frames_dir: str) -> list[str]:
+  """Sorted video folder names of a frames folder; hidden folders and UCSD's ``*_gt`` mask
+  folders (so that ``UCSDped2/Test`` itself can serve as ``testing/frames``) are skipped."""
+  with os.scandir(frames_dir) as entries:
+    return sorted(
+      e.name
+      for e in entries
+      if e.is_dir() and not e.name.startswith(".") and not e.name.endswith("_gt")
+    )
 
 
 def list_frames(video_dir: str) -> list[str]:
@@ -122,6 +142,101 @@ def _mismatch(path: str, found: str, videos, frame_counts, skip_first: int) -> V
   )
 
 
+def _name_number(name: str) -> int | None:
+  """The last run of digits in a name as an int (``Test001`` -> 1), or None."""
+  digits = re.findall(r"\d+", name)
+  return int(digits[-1]) if digits else None
+
+
+def _ucsd_mask_dirs(path: str) -> dict[str, str]:
+  """``{video: folder}`` of anomalib's UCSD ``<video>_gt`` mask folders in ``path`` or
+  ``path/Test`` (empty when there are none)."""
+  for base in (path, os.path.join(path, "Test")):
+    if not os.path.isdir(base):
+      continue
+    with os.scandir(base) as entries:
+      found = {
+        e.name[: -len("_gt")]: e.path for e in entries if e.is_dir() and e.name.endswith("_gt")
+      }
+    if found:
+      return found
+  return {}
+
+
+_AVENUE_MAT = re.compile(r"^(.+)_label\.mat$", re.IGNORECASE)
+
+
+def _avenue_mask_files(path: str) -> dict[str, str]:
+  """``{video: file}`` of anomalib's Avenue ``<n>_label.mat`` files in ``path``,
+  ``path/testing_label_mask`` or ``path/ground_truth_demo/testing_label_mask``."""
+  for base in (
+    path,
+    os.path.join(path, "testing_label_mask"),
+    os.path.join(path, "ground_truth_demo", "testing_label_mask"),
+  ):
+    if not os.path.isdir(base):
+      continue
+    with os.scandir(base) as entries:
+      found = {
+        m.group(1): e.path for e in entries if e.is_file() and (m := _AVENUE_MAT.match(e.name))
+      }
+    if found:
+      return found
+  return {}
+
+
+def _match_videos(videos: Sequence[str], found: dict[str, str], path: str, what: str):
+  """Maps every video to its label item: same name, else the same number in the name.
+
+  Raises:
+    ValueError: when a video has no item, or its number matches several.
+  """
+  by_number = collections.defaultdict(list)
+  for key in found:
+    by_number[_name_number(key)].append(key)
+  out = {}
+  for video in videos:
+    if video in found:
+      out[video] = found[video]
+      continue
+    number = _name_number(video)
+    keys = by_number.get(number, []) if number is not None else []
+    if len(keys) != 1:
+      names = ", ".join(sorted(found)[:20]) + (" ..." if len(found) > 20 else "")
+      reason = "several items share its number" if keys else "no item has its name or number"
+      raise ValueError(
+        f"labels {path!r}: video {video!r} has no {what} ({reason}); found {len(found)}: {names}"
+      )
+    out[video] = found[keys[0]]
+  return out
+
+
+def _ucsd_frame_labels(folder: str) -> np.ndarray:
+  """0/1 per mask image of a UCSD ``*_gt`` folder, in frame-number order."""
+  from PIL import Image
+
+  labels = []
+  for file in list_frames(folder):
+    with Image.open(file) as img:
+      labels.append(bool(np.any(np.asarray(img) != 0)))
+  return np.asarray(labels, np.int32)
+
+
+def _avenue_frame_labels(file: str) -> np.ndarray:
+  """0/1 per mask of an Avenue ``<n>_label.mat`` (``volLabel``: a 1 x T cell of H x W masks)."""
+  mat = scipy.io.loadmat(file)
+  if "volLabel" not in mat:
+    keys = ", ".join(k for k in mat if not k.startswith("__"))
+    raise ValueError(f"label file {file!r} has no key 'volLabel' (keys: {keys})")
+  masks = np.asarray(mat["volLabel"])
+  if masks.dtype == object:
+    return np.asarray([bool(np.any(np.asarray(m) != 0)) for m in masks.reshape(-1)], np.int32)
+  # A numeric (H, W, T) volume instead of a cell array.
+  if masks.ndim != 3:
+    raise ValueError(f"{file!r}: 'volLabel' must be a cell array of masks, got {masks.shape}")
+  return (np.reshape(masks, (-1, masks.shape[-1])) != 0).any(0).astype(np.int32)
+
+
 def load_frame_labels(
   path: str | os.PathLike,
   videos: Sequence[str],
@@ -135,7 +250,15 @@ def load_frame_labels(
   * ``.npy`` with one label per scored frame (DMAD ``frame_labels_*.npy``, already trimmed);
   * ``.npy`` with one label per frame (MNAD, shape ``(1, N)`` or ``(N,)``);
   * a folder with one ``<video>.npy`` per video of per-frame labels (ShanghaiTech
-    ``test_frame_mask``);
+    ``test_frame_mask``) or of ``(T, H, W)`` pixel masks (``test_pixel_mask``, anomalib);
+  * anomalib's UCSD layout: the folder holding ``Test001_gt/*.bmp`` (or its parent holding
+    ``Test/``), one mask image per frame;
+  * anomalib's Avenue layout: the folder holding ``<n>_label.mat`` (``testing_label_mask``, or
+    its parent ``ground_truth_demo``), each with ``volLabel``, a cell array of per-frame masks.
+
+  Mask layouts label a frame anomalous when its mask has any nonzero pixel (as anomalib does).
+  Mask folders and files are matched to videos by name (``Test001_gt`` -> ``Test001``) or, when
+  the names differ, by the number in the name (``Test001_gt`` / ``1_label.mat`` -> ``01``).
   * ``.mat`` with key ``gt``: per video a ``2 x K`` array of 1-indexed inclusive anomalous
     ``[start; end]`` intervals (FramePred ``ped2.mat`` / ``avenue.mat``).
 
@@ -161,11 +284,33 @@ def load_frame_labels(
 
   if os.path.isdir(path):
     per_video = []
+    ucsd, avenue = _ucsd_mask_dirs(path), _avenue_mask_files(path)
+    if ucsd:
+      found = _match_videos(videos, ucsd, path, "*_gt mask folder")
+      for video, n in zip(videos, counts, strict=True):
+        lab = _ucsd_frame_labels(found[video])
+        if lab.size != n:
+          what = f"{lab.size} mask images for video {video!r} in {found[video]!r}"
+          raise _mismatch(path, what, videos, counts, skip_first)
+        per_video.append(lab)
+      return trim(per_video)
+    if avenue:
+      found = _match_videos(videos, avenue, path, "<n>_label.mat file")
+      for video, n in zip(videos, counts, strict=True):
+        lab = _avenue_frame_labels(found[video])
+        if lab.size != n:
+          what = f"{lab.size} masks in 'volLabel' of {found[video]!r} for video {video!r}"
+          raise _mismatch(path, what, videos, counts, skip_first)
+        per_video.append(lab)
+      return trim(per_video)
     for video, n in zip(videos, counts, strict=True):
       file = os.path.join(path, f"{video}.npy")
       if not os.path.isfile(file):
         raise FileNotFoundError(f"per-video label file {file!r} does not exist")
-      lab = (np.load(file).reshape(-1) != 0).astype(np.int32)
+      arr = np.load(file)
+      # (T,) frame labels (test_frame_mask) or (T, H, W) pixel masks (test_pixel_mask).
+      lab = (np.reshape(arr, (arr.shape[0], -1)) != 0).any(1) if arr.ndim == 3 else arr != 0
+      lab = np.asarray(lab).reshape(-1).astype(np.int32)
       if lab.size != n:
         raise _mismatch(file, f"{lab.size} labels for video {video!r}", videos, counts, skip_first)
       per_video.append(lab)
@@ -209,6 +354,10 @@ class VideoFrameSource:
     frame_counts: int64 ``(V,)`` frames per video.
     video_lengths: int64 ``(V,)`` clips (= scored frames) per video.
     labels: int32 ``(N,)`` label of each clip's target frame (zeros without a label file).
+    template_of: int32 ``(V,)`` background-template index of each video (all 0 unless set by
+      :func:`video_sources`); records carry it as ``"template_index"``.
+    template_frames: per template index, the frame paths its template is estimated from (see
+      :func:`template_bank`).
   """
 
   def __init__(
@@ -265,8 +414,7 @@ class VideoFrameSource:
     frames_dir = os.path.join(split_dir, "frames")
     if not os.path.isdir(frames_dir):
       raise FileNotFoundError(f"frames folder {frames_dir!r} does not exist; {_LAYOUT}")
-    with os.scandir(frames_dir) as entries:
-      videos = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+    videos = _video_dirs(frames_dir)
     if not videos:
       raise ValueError(f"frames folder {frames_dir!r} has no video folders; {_LAYOUT}")
 
@@ -294,12 +442,50 @@ class VideoFrameSource:
       self.labels = np.zeros(len(self.clip_video), np.int32)
     else:
       self.labels = load_frame_labels(labels, videos, self.frame_counts, self.skip_first)
+    self.set_templates(np.zeros(len(videos), np.int32))
 
     # Consecutive clips share t_length - 1 frames; keeping the last two clips' frames means a
     # sequential pass decodes each frame once. The lock makes it safe for grain's threads.
     self._cache: collections.OrderedDict[tuple[int, int], np.ndarray] = collections.OrderedDict()
     self._cache_size = 2 * self.t_length
     self._lock = threading.Lock()
+
+  def set_templates(
+    self, template_of: Sequence[int], template_frames: Sequence[Sequence[str]] | None = None
+  ) -> None:
+    """Assigns every video a background-template index.
+
+    Args:
+      template_of: ``(V,)`` template index of each video.
+      template_frames: per template index, the frames to estimate it from; None groups this
+        split's frames by ``template_of``.
+
+    Raises:
+      ValueError: if ``template_of`` does not have one non-negative entry per video, or a used
+        index has no frames.
+    """
+    template_of = np.asarray(template_of, np.int32)
+    if template_of.shape != (len(self.videos),) or (template_of < 0).any():
+      raise ValueError(
+        f"template_of must hold one index >= 0 per video ({len(self.videos)}), got "
+        f"{template_of.tolist()}"
+      )
+    if template_frames is None:
+      template_frames = [[] for _ in range(int(template_of.max()) + 1)]
+      for v, t in enumerate(template_of):
+        template_frames[t].extend(self.frame_paths[v])
+    template_frames = [list(f) for f in template_frames]
+    if int(template_of.max()) >= len(template_frames):
+      raise ValueError(
+        f"template index {int(template_of.max())} has no frames ({len(template_frames)} templates)"
+      )
+    self.template_of = template_of
+    self.template_frames = template_frames
+
+  @property
+  def num_templates(self) -> int:
+    """Number of background templates the records index into."""
+    return len(self.template_frames)
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
@@ -361,6 +547,7 @@ class VideoFrameSource:
       "index": np.int32(i),
       "video": np.int32(video),
       "frame": np.int32(target),
+      "template_index": np.int32(self.template_of[video]),
     }
 
   def describe(self) -> str:
@@ -454,6 +641,136 @@ def video_templates(
       paths = [paths[i] for i in picks]
     frames = np.stack([load_image(p, image_size=size, channels=1)[:, :, 0] for p in paths])
     out[v] = estimate_template(frames, method=method)[:, :, None]
+  return out
+
+
+TEMPLATE_MODES = ("single", "scene", "video_transductive")
+
+
+def scene_of(video: str) -> str:
+  """The scene of a video name: the part before the first ``_`` (ShanghaiTech ``01_0014`` ->
+  ``01``); names without ``_`` (Ped2, Avenue) all belong to the scene ``""``."""
+  return video.split("_", 1)[0] if "_" in video else ""
+
+
+def video_sources(
+  root: str | os.PathLike,
+  *,
+  templates: str = "single",
+  labels: str | os.PathLike | None = None,
+  **kwargs,
+) -> dict[str, VideoFrameSource]:
+  """The training and test sources of a frame dump, with background-template indices.
+
+  ``templates`` says which background template each video uses (DMAD's ``bkg``):
+
+  * ``"single"``: one template for every video (Ped2, Avenue: a fixed camera).
+  * ``"scene"``: one template per scene (:func:`scene_of`), estimated from the TRAINING videos
+    of that scene only; every test video must belong to a training scene. The default for
+    ShanghaiTech in dmad_jax.
+  * ``"video_transductive"``: the official ShanghaiTech code: one template per video, the
+    training videos first, then the test videos, whose templates are estimated from the TEST
+    frames themselves (transductive: the test set's frames shape the model's input).
+
+  Args:
+    root: the folder holding ``training/`` and ``testing/``.
+    templates: one of ``TEMPLATE_MODES``.
+    labels: the test split's label file or folder (None or "": all frames labelled 0).
+    **kwargs: other :class:`VideoFrameSource` arguments (``image_size``, ``gray``, ...).
+
+  Returns:
+    ``{"train": source, "test": source}``; both carry the same ``template_frames`` list, so
+    ``num_templates`` is the size of the whole template bank.
+
+  Raises:
+    ValueError: for an unknown mode, or a test video whose scene has no training video.
+  """
+  train = VideoFrameSource(root, "training", **kwargs)
+  test = VideoFrameSource(root, "testing", labels=labels or None, **kwargs)
+  if templates == "single":
+    return {"train": train, "test": test}
+  if templates == "scene":
+    scenes = sorted({scene_of(v) for v in train.videos})
+    index = {s: i for i, s in enumerate(scenes)}
+    missing = sorted({v for v in test.videos if scene_of(v) not in index})
+    if missing:
+      raise ValueError(
+        f"templates='scene': test videos {missing[:10]} belong to scenes without training "
+        f"videos (training scenes: {scenes}) under {os.fspath(root)!r}"
+      )
+    train.set_templates([index[scene_of(v)] for v in train.videos])
+    test.set_templates([index[scene_of(v)] for v in test.videos], train.template_frames)
+    return {"train": train, "test": test}
+  if templates == "video_transductive":
+    frames = [*train.frame_paths, *test.frame_paths]
+    n = len(train.videos)
+    train.set_templates(np.arange(n), frames)
+    test.set_templates(n + np.arange(len(test.videos)), frames)
+    return {"train": train, "test": test}
+  raise ValueError(f"templates must be one of {TEMPLATE_MODES}, got {templates!r}")
+
+
+def count_templates(root: str | os.PathLike, templates: str = "single") -> tuple[int, int]:
+  """Template-bank size of a frame dump without reading any frame (for configs).
+
+  Args:
+    root: the folder holding ``training/frames`` and ``testing/frames``.
+    templates: one of ``TEMPLATE_MODES`` (see :func:`video_sources`).
+
+  Returns:
+    ``(trained, test_only)``: templates that training updates, and templates only test videos
+    use (non-zero for ``"video_transductive"`` only).
+
+  Raises:
+    FileNotFoundError: if a frames folder is missing.
+    ValueError: for an unknown mode.
+  """
+
+  def names(split):
+    folder = os.path.join(os.fspath(root), split, "frames")
+    if not os.path.isdir(folder):
+      raise FileNotFoundError(f"frames folder {folder!r} does not exist; {_LAYOUT}")
+    return _video_dirs(folder)
+
+  if templates == "single":
+    return 1, 0
+  if templates == "scene":
+    return len({scene_of(v) for v in names("training")}), 0
+  if templates == "video_transductive":
+    return len(names("training")), len(names("testing"))
+  raise ValueError(f"templates must be one of {TEMPLATE_MODES}, got {templates!r}")
+
+
+def template_bank(
+  source: VideoFrameSource, *, method: str = "hist_mode", max_frames: int | None = None
+) -> np.ndarray:
+  """Estimates every background template of a source's bank (see :func:`video_sources`).
+
+  Each template is :func:`estimate_template` of the gray frames in
+  ``source.template_frames[i]`` (at most ``max_frames`` of them, evenly spaced), repeated to 3
+  channels like the frames the model sees.
+
+  Args:
+    source: a :class:`VideoFrameSource`.
+    method: see :func:`estimate_template`.
+    max_frames: frames used per template (all when None).
+
+  Returns:
+    float32 ``(num_templates, S, S, 3)`` in ``[-1, 1]``.
+
+  Raises:
+    ValueError: for an unknown method or ``max_frames < 1``.
+  """
+  if max_frames is not None and int(max_frames) < 1:
+    raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+  size = source.image_shape[0]
+  out = np.empty((source.num_templates, size, size, 3), np.float32)
+  for t, paths in enumerate(source.template_frames):
+    if max_frames is not None and len(paths) > int(max_frames):
+      picks = np.linspace(0, len(paths) - 1, int(max_frames)).round().astype(int)
+      paths = [paths[i] for i in picks]
+    frames = np.stack([load_image(p, image_size=size, channels=1)[:, :, 0] for p in paths])
+    out[t] = estimate_template(frames, method=method)[:, :, None]
   return out
 
 

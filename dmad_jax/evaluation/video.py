@@ -12,7 +12,8 @@ anomalous, concatenated over videos in sorted video order) into one anomaly scor
   centre); normality 0.2 s_df + 0.4 s_rec + 0.6 s_grad. Verified here against the authors'
   Ped2 score file: frame AUROC 0.99690.
 * ``dmad_avenue`` (keys ``deformation``, ``patch``): global min-max, the same kind of smoothing
-  with Avenue's weights and edge padding, 0.2 off + 0.4 patch, smoothed again.
+  with Avenue's weights and edge padding, 0.2 off + 0.4 patch, smoothed again. Both errors come
+  from :class:`HostFrameErrors` (frame differencing that removes static anomalies).
 * ``dmad_shanghai`` (keys ``deformation``, ``reconstruction``, ``object``): per-video min-max
   and inversion, a 69-frame robust average per video, a 55-frame one over the concatenation,
   0.2/0.4/0.6 fusion, another 55-frame pass, then a per-video 1-D Kalman filter.
@@ -25,10 +26,12 @@ published numbers do; it is part of the named recipes, never applied silently.
 
 from __future__ import annotations
 
+import collections
 import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import scipy.ndimage
 from sklearn.metrics import roc_auc_score
 
 RECIPES = ("none", "dmad_ped2", "dmad_avenue", "dmad_shanghai")
@@ -37,6 +40,9 @@ _KEYS = {
   "dmad_avenue": ("deformation", "patch"),
   "dmad_shanghai": ("deformation", "reconstruction", "object"),
 }
+# Score-name prefix of each recipe's per-frame errors in the eval job's score dict (the model's
+# predict() and HostFrameErrors write them; the eval job strips the prefix).
+ERROR_PREFIX = {"dmad_ped2": "ped2_", "dmad_avenue": "avenue_", "dmad_shanghai": "shanghai_"}
 PED2_WEIGHTS = (1, 1, 1, 1, 1.2, 1.6, 1.2, 1, 1, 1, 1)
 AVENUE_WEIGHTS = (0.5, 0.8, 0.8, 1, 1, 2.5, 1, 1, 0.8, 0.8, 0.5)
 
@@ -204,6 +210,185 @@ def score_frames(
   comb = robust_moving_average(comb, size=55, keep=27, offset=28, head=1.0, tail=1.0)
   filtered = np.concatenate([kalman_1d(v) for v in split_videos(comb, video_lengths)])
   return 1.2 - filtered
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors computed on the host, frame after frame (Avenue's frame differencing, ShanghaiTech's
+# object error).
+# ---------------------------------------------------------------------------------------------
+def box_mean_max(x: np.ndarray, kernel_size: Sequence[int]) -> float:
+  """NumPy twin of ``dmad_jax.ops.filters.box_filter_max`` for one (H, W) map ("Test_Loss"):
+  |x| zero-padded by kh rows and kw columns on each side, box mean over kh x kw, maximum."""
+  kh, kw = (int(k) for k in kernel_size)
+  p = np.pad(np.abs(np.asarray(x, np.float64)), ((kh, kh), (kw, kw)))
+  c = np.pad(p.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+  s = c[kh:, kw:] - c[:-kh, kw:] - c[kh:, :-kw] + c[:-kh, :-kw]
+  return float(s.max() / (kh * kw))
+
+
+def shifted_min_difference(history: Sequence[np.ndarray], d: np.ndarray, radius: int = 1):
+  """min over the maps in ``history`` and all shifts in [-radius, radius]^2 (zero fill) of
+  |shifted - d|: what is left of ``d`` after removing whatever stood still (within ``radius``
+  pixels) in one of the earlier maps."""
+  h, w = d.shape
+  out = None
+  for prev in history:
+    padded = np.pad(prev, radius)
+    for row in range(2 * radius + 1):
+      for col in range(2 * radius + 1):
+        diff = np.abs(padded[row : row + h, col : col + w] - d)
+        out = diff if out is None else np.minimum(out, diff)
+  return out
+
+
+class FrameDifference:
+  """Streaming static-content removal of ``process_avenue.py``.
+
+  Each pushed map is compared with the ``history`` maps before it, each shifted by up to
+  ``radius`` pixels, and only the smallest absolute difference is kept, so an anomaly that stays
+  in place (a bag left on the ground, a standing person) vanishes from the map while moving
+  content remains.
+
+  ``start="lookahead"`` (reconstruction maps): the history of the first frame is the first
+  ``history`` maps themselves (so the first frames score 0), and each later frame pushes its
+  predecessor in; outputs are emitted once ``history`` maps have arrived. ``start="zero"``
+  (offset maps): the first frame gives a zero map, later frames use the frames before them.
+  As in the official script the history runs over the concatenated test sequence, across video
+  boundaries.
+  """
+
+  def __init__(self, history: int, radius: int = 1, start: str = "lookahead"):
+    if history < 1 or radius < 0 or start not in ("lookahead", "zero"):
+      raise ValueError(
+        f"FrameDifference: need history >= 1, radius >= 0, start lookahead|zero; got "
+        f"{history}, {radius}, {start!r}"
+      )
+    self.history, self.radius, self.start = int(history), int(radius), start
+    self._hist: collections.deque = collections.deque(maxlen=self.history)
+    self._pending: list[np.ndarray] | None = [] if start == "lookahead" else None
+    self._prev = None
+
+  def _step(self, d):
+    if self._prev is not None:
+      self._hist.appendleft(self._prev)
+    self._prev = d
+    if not self._hist:
+      return np.zeros_like(d)
+    return shifted_min_difference(self._hist, d, self.radius)
+
+  def push(self, d: np.ndarray) -> list[np.ndarray]:
+    """Adds the next frame's (H, W) map; returns the difference maps now ready, in order."""
+    d = np.asarray(d, np.float64)
+    if self._pending is None:
+      return [self._step(d)]
+    self._pending.append(d)
+    return self.flush() if len(self._pending) == self.history else []
+
+  def flush(self) -> list[np.ndarray]:
+    """Emits the maps still waiting for the look-ahead history (call after the last push)."""
+    if not self._pending:
+      return []
+    pending, self._pending = self._pending, None
+    self._hist.extend(pending)
+    self._prev = None
+    out = [shifted_min_difference(self._hist, pending[0], self.radius)]
+    self._prev = pending[0]
+    out += [self._step(d) for d in pending[1:]]
+    return out
+
+
+def object_error(object_mask: np.ndarray, error: np.ndarray, *, min_area: float = 13) -> float:
+  """ShanghaiTech's object error of one frame: the largest mean error inside a foreground object.
+
+  Objects are the 8-connected components of ``object_mask`` with their holes filled (OpenCV's
+  external contours, drawn filled). Components whose contour area is at most ``min_area`` are
+  ignored; the contour area (the polygon through the boundary pixel centres, what
+  ``cv2.contourArea`` measures) is computed with Pick's theorem, pixels - boundary / 2 - 1, so
+  OpenCV is not needed (thin, one-pixel-wide shapes come out slightly larger than OpenCV's).
+
+  Args:
+    object_mask: (H, W) bool, the thresholded final mask.
+    error: (H, W) channel-mean squared prediction error.
+    min_area: minimal contour area of an object.
+
+  Returns:
+    The maximum over objects of the mean error inside, 0.0 when there is no object.
+  """
+  filled = scipy.ndimage.binary_fill_holes(np.asarray(object_mask, bool))
+  labels, n = scipy.ndimage.label(filled, structure=np.ones((3, 3), bool))
+  if n == 0:
+    return 0.0
+  flat = labels.ravel()
+  pixels = np.bincount(flat, minlength=n + 1)[1:]
+  sums = np.bincount(flat, weights=np.asarray(error, np.float64).ravel(), minlength=n + 1)[1:]
+  boundary = filled & ~scipy.ndimage.binary_erosion(filled, border_value=0)
+  edge = np.bincount(labels[boundary], minlength=n + 1)[1:]
+  keep = pixels - edge / 2 - 1 > min_area
+  return float((sums / pixels)[keep].max()) if keep.any() else 0.0
+
+
+class HostFrameErrors:
+  """Per-frame errors computed on the host from a model's ``host_maps``, frame by frame.
+
+  The eval job feeds every batch in index order (``add``) and collects ``errors()`` at the end;
+  only a few maps are held at any time, so memory does not grow with the test set.
+
+  * ``dmad_avenue`` (``process_avenue.py``): ``patch`` = box-max (21x16) of the reconstruction
+    difference map after :class:`FrameDifference` against the 3 previous maps;
+    ``deformation`` = box-max (7x15) of the squared vertical offset map after differencing with
+    the previous frame (maps ``diff`` / ``offset`` at half resolution).
+  * ``dmad_shanghai``: ``object`` = :func:`object_error` (maps ``object_mask``, ``error``).
+
+  Kernel sizes are for 256x256 frames (128x128 maps) and are scaled with the map size.
+  """
+
+  def __init__(self, recipe: str):
+    self.recipe = recipe
+    self._next = 0
+    self._out: dict[str, list[float]] = collections.defaultdict(list)
+    self._patch = FrameDifference(3, 1, "lookahead")
+    self._offset = FrameDifference(1, 1, "zero")
+    self._scale = 1.0
+
+  def _kernel(self, ks):
+    return tuple(max(1, round(k * self._scale)) for k in ks)
+
+  def add(self, indices: np.ndarray, maps: Mapping[str, np.ndarray]) -> None:
+    """Adds a batch of frames.
+
+    Args:
+      indices: (B,) record indices; they must continue the previous batch (0, 1, 2, ...).
+      maps: name -> (B, h, w) maps of those frames.
+
+    Raises:
+      RuntimeError: if the frames do not arrive in order (the Avenue errors depend on the
+        previous frames, so sharded multi-process evaluation is not supported).
+    """
+    indices = np.asarray(indices).reshape(-1)
+    expected = np.arange(self._next, self._next + indices.size)
+    if not np.array_equal(indices, expected):
+      raise RuntimeError(
+        f"HostFrameErrors ({self.recipe}): frames must arrive in order; expected indices "
+        f"{self._next}..{self._next + indices.size - 1}, got {indices[:8].tolist()}..."
+      )
+    self._next += indices.size
+    if self.recipe == "dmad_avenue":
+      self._scale = maps["diff"].shape[1] / 128
+      for d, o in zip(maps["diff"], maps["offset"], strict=True):
+        for moved in self._patch.push(d):
+          self._out["patch"].append(box_mean_max(moved, self._kernel((21, 16))))
+        for moved in self._offset.push(o):
+          self._out["deformation"].append(box_mean_max(moved, self._kernel((7, 15))))
+    elif self.recipe == "dmad_shanghai":
+      for m, e in zip(maps["object_mask"], maps["error"], strict=True):
+        self._out["object"].append(object_error(m, e))
+
+  def errors(self) -> dict[str, np.ndarray]:
+    """The accumulated errors, named with the recipe's ``ERROR_PREFIX`` ({} for other recipes)."""
+    for moved in self._patch.flush():
+      self._out["patch"].append(box_mean_max(moved, self._kernel((21, 16))))
+    prefix = ERROR_PREFIX.get(self.recipe, "")
+    return {f"{prefix}{k}": np.asarray(v, np.float64) for k, v in self._out.items()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -104,7 +104,7 @@ class Decoder(nn.Module):
     ref = Head(self.gen_features, self.out_channels, "tanh", name="gen")(h, train)
     mask = None
     if self.mask_channels:
-      mask = Head(self.gen_features * 2, self.mask_channels, "sigmoid", name="mask")(h, train)
+      mask = Head(self.gen_features, self.mask_channels, "sigmoid", name="mask")(h, train)
     return ref, mask
 
 
@@ -168,7 +168,13 @@ class PDM(nn.Module):
       (ShanghaiTech: 1-channel mask from the last decoder feature) or "none".
     aggregation: "masked" (x_k = t_k m_k + (1 - m_k) sg(bkg)) or "additive" (ShanghaiTech:
       the reference is multiplied by the mask before warping and x_k = t_k + (1 - m_k) sg(bkg)).
-    num_templates: number of background templates (1, or one per video for ShanghaiTech).
+    num_templates: number of trained background templates (1; ShanghaiTech: one per scene, or
+      one per training video in the official transductive setting).
+    frozen_templates: extra templates after the trained ones that no loss updates (the
+      official ShanghaiTech test-video templates, estimated from test frames); they live in the
+      separate parameter ``template_frozen`` so that the optimizer can leave them alone.
+    template_input: append the (stop-gradient) template of each sample to the encoder and
+      OffsetNet input (ShanghaiTech: 12 frame channels + 3 template channels = 15).
   """
 
   image_size: int = 256
@@ -186,6 +192,8 @@ class PDM(nn.Module):
   mask_source: str = "encoder"
   aggregation: str = "masked"
   num_templates: int = 1
+  frozen_templates: int = 0
+  template_input: bool = False
 
   def setup(self):
     depth = len(self.channels)
@@ -217,6 +225,9 @@ class PDM(nn.Module):
     self.offset_net = OffsetNet(self.offset_features, self.head_strides, self.max_offsets, coord)
     shape = (self.num_templates, self.image_size, self.image_size, self.out_channels)
     self.template = self.param("template", nn.initializers.zeros, shape)
+    if self.frozen_templates:
+      shape = (self.frozen_templates, *shape[1:])
+      self.template_frozen = self.param("template_frozen", nn.initializers.zeros, shape)
 
   def __call__(self, x, *, train: bool, template_index=None) -> dict[str, Any]:
     """Runs the model.
@@ -224,7 +235,8 @@ class PDM(nn.Module):
     Args:
       x: (B, H, W, in_channels) input (image, or stacked past frames), in [-1, 1].
       train: BatchNorm mode.
-      template_index: (B,) int index into the template bank (None: template 0).
+      template_index: (B,) int index into the template bank (None: template 0); indices from
+        ``num_templates`` on select the frozen templates.
 
     Returns:
       A dict: ``reference`` (B,H,W,C) decoded prototype; ``mask`` (B,H,W,Cm) or None;
@@ -235,6 +247,18 @@ class PDM(nn.Module):
     size = self.image_size
     if x.shape[1:3] != (size, size):
       raise ValueError(f"PDM: expected inputs of {size}x{size}, got {x.shape}")
+    idx = jnp.zeros((x.shape[0],), jnp.int32) if template_index is None else template_index
+    idx = jnp.asarray(idx, jnp.int32)
+    template = self.template[jnp.clip(idx, 0, self.num_templates - 1)]
+    if self.frozen_templates:
+      # Two gathers of B templates each instead of concatenating the whole bank every step.
+      frozen = self.template_frozen[jnp.clip(idx - self.num_templates, 0, None)]
+      is_frozen = (idx >= self.num_templates)[:, None, None, None]
+      template = jnp.where(is_frozen, jax.lax.stop_gradient(frozen), template)
+    bkg = jax.lax.stop_gradient(template)
+    if self.template_input:
+      x = jnp.concatenate([x, bkg], -1)
+
     z, skips, mask = self.encoder(x, train)
     q, vq_aux = self.vq(z)
     ref, dec_mask = self.decoder(q, skips, train)
@@ -243,9 +267,6 @@ class PDM(nn.Module):
     offsets = [
       sampling.resize_bilinear(o, size, align_corners=True) for o in self.offset_net(x, train)
     ]
-    idx = jnp.zeros((x.shape[0],), jnp.int32) if template_index is None else template_index
-    template = self.template[idx]
-    bkg = jax.lax.stop_gradient(template)
 
     if mask is not None and self.aggregation == "additive":
       ref = ref * mask
@@ -286,7 +307,15 @@ class LossWeights:
 
   L = sum_k recon[k] MSE(x_k, x) + sum_k grad[k] G(x, x_k) + vq (codebook + beta commitment)
       + offset * (sum_k norm[k] mean||O_k|| + sum_k S_{smooth_sizes[k]}(O_k))
-      + template MSE(bkg, x).
+      + template MSE(bkg, x)
+      + mask (-mean(m log m) + mask_area relu(mean(m) - mask_target))
+      + template_masked sum((1 - sg(m_K)) (bkg - x)^2) / sum(1 - sg(m_K)).
+
+  With ``foreground > 0`` (ShanghaiTech) the pixel MSEs, gradient losses, offset norms and
+  smoothness maps are weighted means with per-pixel weights
+  w = 1 + foreground * avgpool_{foreground_pool}(|x - sg(bkg)|^0.5), which stresses the moving
+  foreground over the static background. Every default is 0 / off except the Ped2 terms, so the
+  Ped2 and image-mode losses do not change.
 
   Attributes:
     recon: per-stage weight of the pixel MSE.
@@ -297,6 +326,15 @@ class LossWeights:
     smooth_sizes: per-head kernel size of the zero-sum smoothness filter.
     smooth_kind: "1d" (Ped2) or "2d" (Avenue / ShanghaiTech).
     template: weight of MSE(bkg, x) that trains the background template.
+    foreground: strength of the foreground weighting (ShanghaiTech 100; 0 = plain means).
+    foreground_pool: side of the average pooling of the foreground weights (15; stride 1, zero
+      padding counted in the average).
+    mask: weight of the mask regulariser (ShanghaiTech 0.1, applied to the unwarped mask).
+    mask_area: weight of the mask-area hinge inside it (0.1).
+    mask_target: mean mask value above which the hinge acts (0.01).
+    template_masked: weight of the template MSE restricted to the pixels the final warped mask
+      leaves to the background (ShanghaiTech 1). As in the official code the numerator sums over
+      the image channels and the denominator over the (1-channel) mask.
   """
 
   recon: Sequence[float] = (1.0, 1.0)
@@ -307,6 +345,12 @@ class LossWeights:
   smooth_sizes: Sequence[int] = (7, 3)
   smooth_kind: str = "1d"
   template: float = 1.0
+  foreground: float = 0.0
+  foreground_pool: int = 15
+  mask: float = 0.0
+  mask_area: float = 0.1
+  mask_target: float = 0.01
+  template_masked: float = 0.0
 
 
 def _safe_norm(o):
@@ -314,6 +358,30 @@ def _safe_norm(o):
   sq = jnp.sum(o * o, -1)
   pos = sq > 0
   return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
+
+
+def foreground_weights(target: jax.Array, template: jax.Array, strength: float, pool: int):
+  """w = 1 + strength * avgpool_pool(|x - sg(bkg)|^0.5): (B, H, W, C) loss weights that grow
+  where the frame differs from its background (the ShanghaiTech loss).
+
+  The pooling has stride 1 and zero padding pool // 2, which counts in the average (torch's
+  ``avg_pool2d`` default).
+  """
+  if pool < 1 or pool % 2 == 0:
+    raise ValueError(f"foreground_pool must be an odd positive integer, got {pool}")
+  d = jnp.sqrt(jnp.abs(target - jax.lax.stop_gradient(template)))
+  pad = pool // 2
+  summed = jax.lax.reduce_window(
+    d, 0.0, jax.lax.add, (1, pool, pool, 1), (1, 1, 1, 1), ((0, 0), (pad, pad), (pad, pad), (0, 0))
+  )
+  return jax.lax.stop_gradient(1.0 + strength * summed / (pool * pool))
+
+
+def _wmean(term: jax.Array, w: jax.Array | None) -> jax.Array:
+  """mean(term), or sum(term * w) / sum(w) (term broadcasts over w's channels, as coded)."""
+  if w is None:
+    return jnp.mean(term)
+  return jnp.sum(term * w) / jnp.sum(w)
 
 
 def pdm_loss(
@@ -335,20 +403,45 @@ def pdm_loss(
     if len(getattr(weights, name)) != k:
       raise ValueError(f"pdm_loss: weights.{name} needs {k} values (one per head)")
   smooth = filters.smoothness_1d if weights.smooth_kind == "1d" else filters.smoothness_2d
+  fw = None
+  if weights.foreground:
+    fw = foreground_weights(
+      target, outputs["template"], weights.foreground, int(weights.foreground_pool)
+    )
+  fw0 = None if fw is None else fw[..., 0]
   terms = {}
   terms["recon"] = sum(
-    w * jnp.mean((s - target) ** 2) for w, s in zip(weights.recon, stages, strict=True)
+    w * _wmean((s - target) ** 2, fw) for w, s in zip(weights.recon, stages, strict=True)
   )
   terms["grad"] = sum(
-    w * jnp.mean(filters.gradient_difference(target, s))
+    w * _wmean(filters.gradient_difference(target, s), fw)
     for w, s in zip(weights.grad, stages, strict=True)
   )
   vq = outputs["vq"]
   terms["vq"] = weights.vq * (vq.codebook_loss + vq.commitment_loss)
-  norm = sum(w * jnp.mean(_safe_norm(o)) for w, o in zip(weights.norm, offsets, strict=True))
-  sm = sum(smooth(o, ks) for ks, o in zip(weights.smooth_sizes, offsets, strict=True))
+  norm = sum(w * _wmean(_safe_norm(o), fw0) for w, o in zip(weights.norm, offsets, strict=True))
+  if fw is None:
+    sm = sum(smooth(o, ks) for ks, o in zip(weights.smooth_sizes, offsets, strict=True))
+  else:
+    sm = sum(
+      _wmean(smooth(o, ks, reduce=False), fw)
+      for ks, o in zip(weights.smooth_sizes, offsets, strict=True)
+    )
   terms["offset"] = weights.offset * (norm + sm)
   terms["template"] = weights.template * jnp.mean((outputs["template"] - target) ** 2)
+  if weights.mask or weights.template_masked:
+    if outputs["mask"] is None:
+      raise ValueError("pdm_loss: weights.mask / template_masked need a model with a mask")
+  if weights.mask:
+    m = outputs["mask"]
+    area = jax.nn.relu(jnp.mean(m) - weights.mask_target)
+    terms["mask"] = weights.mask * (-jnp.mean(m * jnp.log(m + 1e-8)) + weights.mask_area * area)
+  if weights.template_masked:
+    keep = 1.0 - jax.lax.stop_gradient(outputs["masks"][-1])
+    sq = (outputs["template"] - target) ** 2
+    terms["template_masked"] = (
+      weights.template_masked * jnp.sum(keep * sq) / jnp.maximum(jnp.sum(keep), 1e-8)
+    )
   total = sum(terms.values())
   terms["perplexity"] = vq.perplexity
   terms["mse_final"] = jnp.mean((stages[-1] - target) ** 2)
@@ -423,6 +516,10 @@ def frame_errors(
   Recipes:
     dmad_ped2: ``deformation`` = box-max (7x18) of |vertical coarse offset|; ``reconstruction``
       = mean |x_K - x|; ``gradient`` = box-max (16x14) of the gradient-difference map.
+    dmad_shanghai: ``deformation`` = box-max (6x18) of the coarse offset norm ||O_1||;
+      ``reconstruction`` = box-max (42x31, channels summed) of the squared error (x_K - x)^2.
+      The third ShanghaiTech error (``object``) needs connected components and is computed on
+      the host from :func:`host_maps`.
     paper: the Eq. 12-14 maps reduced with a 3x3 box max (``rec``, ``df``).
 
   Args:
@@ -441,19 +538,96 @@ def frame_errors(
       "reconstruction": jnp.mean(jnp.abs(pred - target), axis=(1, 2, 3)),
       "gradient": filters.box_filter_max(filters.gradient_difference(target, pred), (16, 14)),
     }
+  if recipe == "dmad_shanghai":
+    return {
+      "deformation": filters.box_filter_max(_safe_norm(outputs["offsets"][0]), (6, 18)),
+      "reconstruction": filters.box_filter_max((pred - target) ** 2, (42, 31)),
+    }
   if recipe == "paper":
     s = image_scores(anomaly_maps(outputs, target))
     return {"rec": s["rec"], "df": s["df"]}
-  raise ValueError(f"frame_errors: unknown recipe {recipe!r} (dmad_ped2, paper)")
+  raise ValueError(f"frame_errors: unknown recipe {recipe!r} (dmad_ped2, dmad_shanghai, paper)")
+
+
+def _mean_pool(x: jax.Array, factor: int) -> jax.Array:
+  """(B, H, W, ...) -> (B, H / f, W / f, ...) block means (OpenCV's bilinear 1/2 resize)."""
+  b, h, w = x.shape[:3]
+  if h % factor or w % factor:
+    raise ValueError(f"host_maps: image {h}x{w} is not divisible by the pooling factor {factor}")
+  x = x.reshape(b, h // factor, factor, w // factor, factor, *x.shape[3:])
+  return x.mean(axis=(2, 4))
+
+
+def host_maps(
+  outputs: dict[str, Any],
+  target: jax.Array,
+  recipe: str,
+  *,
+  pool: int = 2,
+  object_threshold: float = 0.7,
+) -> dict[str, jax.Array]:
+  """Per-frame maps whose errors are computed on the host, in frame order
+  (:class:`dmad_jax.evaluation.video.HostFrameErrors`).
+
+  dmad_avenue (``process_avenue.py``, at 1 / ``pool`` resolution): ``diff`` =
+    (max_c pool(|x - x_K|) / 2)^2, the reconstruction difference map as the official script
+    reads it back (|x - x_K| * 127.5 stored as an 8-bit image, divided by 255, squared, max over
+    channels; the 8-bit rounding and JPEG coding are not reproduced); ``offset`` =
+    pool(O_{1,y}^2), the squared vertical coarse offset. The official script scales the offsets
+    by their global maximum first; the recipe's global min-max normalisation cancels that scale.
+  dmad_shanghai: ``object_mask`` = m_K > object_threshold (the final warped mask, averaged over
+    its channels) and ``error`` = the channel-mean squared error (x_K - x)^2, full resolution.
+  Other recipes: no maps.
+
+  Returns:
+    dict name -> (B, h, w) arrays.
+  """
+  pred = outputs["prediction"]
+  if recipe == "dmad_avenue":
+    diff = jnp.max(_mean_pool(jnp.abs(target - pred), pool), axis=-1) / 2
+    return {
+      "diff": diff**2,
+      "offset": _mean_pool(outputs["offsets"][0][..., 1] ** 2, pool),
+    }
+  if recipe == "dmad_shanghai":
+    if not outputs["masks"]:
+      raise ValueError("host_maps: recipe dmad_shanghai needs a model with a foreground mask")
+    return {
+      "object_mask": jnp.mean(outputs["masks"][-1], -1) > object_threshold,
+      "error": jnp.mean((pred - target) ** 2, -1),
+    }
+  return {}
 
 
 def set_template(params: dict, image: jax.Array) -> dict:
-  """Returns params with every background template set to ``image`` ((H, W, C) in [-1, 1])."""
+  """Returns params with the background templates set from ``image``.
+
+  Args:
+    params: PDM parameters.
+    image: one (H, W, C) template in [-1, 1], copied to every template, or a (T, H, W, C) bank
+      with one row per template (trained ones first, then the frozen ones).
+
+  Raises:
+    ValueError: when the shapes do not fit the model's templates.
+  """
   t = params["template"]
+  frozen = params.get("template_frozen")
+  total = t.shape[0] + (0 if frozen is None else frozen.shape[0])
   image = jnp.asarray(image, t.dtype)
-  if image.shape != t.shape[1:]:
-    raise ValueError(f"set_template: template is {t.shape[1:]}, image is {image.shape}")
-  return {**params, "template": jnp.broadcast_to(image, t.shape)}
+  if image.shape == t.shape[1:]:
+    out = {**params, "template": jnp.broadcast_to(image, t.shape)}
+    if frozen is not None:
+      out["template_frozen"] = jnp.broadcast_to(image, frozen.shape)
+    return out
+  if image.shape != (total, *t.shape[1:]):
+    raise ValueError(
+      f"set_template: template is {t.shape[1:]} and the model has {total} of them, got "
+      f"{image.shape} (expected one template or a bank of {total})"
+    )
+  out = {**params, "template": image[: t.shape[0]]}
+  if frozen is not None:
+    out["template_frozen"] = image[t.shape[0] :]
+  return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,7 +642,9 @@ class PDMDetector:
 
   Config keys read: ``model`` (PDM attributes), ``loss`` (LossWeights fields), ``score``
   (``distance``: see ``anomaly_maps``; ``kernel_size``, ``alpha``, ``reduce``: see
-  ``image_scores``), ``t_length``.
+  ``image_scores``), ``t_length``, ``eval.recipe`` (which official frame errors ``predict``
+  adds). Batches may carry ``template_index`` (video sources do), the background template of
+  each sample.
   """
 
   figure_rows = ("input", "reference", "coarse", "fine")
@@ -482,6 +658,7 @@ class PDMDetector:
     self.reduce = score.get("reduce", "max")
     self.distance = score.get("distance", "dis")
     self.t_length = int(config.get("t_length", 1))
+    self.recipe = config.get("eval", {}).get("recipe", "none")
 
   def split(self, batch):
     """(model input, target) of a batch."""
@@ -494,14 +671,18 @@ class PDMDetector:
   def init(self, rng, batch):
     """Variables ({"params", "batch_stats"}) for a batch of the training format."""
     x, _ = self.split(batch)
-    return self.module.init(rng, x, train=False)
+    return self.module.init(rng, x, train=False, template_index=batch.get("template_index"))
 
   def loss(self, params, batch_stats, batch, rng):
     """Training loss; returns (loss, (terms, new_batch_stats)). ``rng`` is unused by PDM."""
     del rng
     x, target = self.split(batch)
     out, updates = self.module.apply(
-      {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+      {"params": params, "batch_stats": batch_stats},
+      x,
+      train=True,
+      template_index=batch.get("template_index"),
+      mutable=["batch_stats"],
     )
     total, terms = pdm_loss(out, target, self.weights)
     return total, (terms, updates["batch_stats"])
@@ -510,22 +691,32 @@ class PDMDetector:
     """Scores (higher = more anomalous) and the pictures of the eval figure.
 
     Returns:
-      dict with ``scores`` {``score`` (Eq. 14 fusion), ``rec``, ``df``, and the official
-      ``dmad_ped2`` frame errors}, ``maps`` {``rec``, ``df``: (B, H, W)} and ``images``
-      {``input``, ``reference``, ``coarse``, ``fine``: (B, H, W, C)}.
+      dict with ``scores`` {``score`` (Eq. 14 fusion), ``rec``, ``df``, the official
+      ``dmad_ped2`` frame errors as ``ped2_*`` and, with ``eval.recipe = "dmad_shanghai"``, its
+      frame errors as ``shanghai_*``}, ``maps`` {``rec``, ``df``: (B, H, W)}, ``images``
+      {``input``, ``reference``, ``coarse``, ``fine``: (B, H, W, C)} and, for the
+      ``dmad_avenue`` / ``dmad_shanghai`` recipes, ``host_maps`` (see :func:`host_maps`).
     """
     x, target = self.split(batch)
-    out = self.module.apply(variables, x, train=False)
+    out = self.module.apply(variables, x, train=False, template_index=batch.get("template_index"))
     maps = anomaly_maps(out, target, self.distance)
     scores = image_scores(maps, kernel_size=self.kernel_size, alpha=self.alpha, reduce=self.reduce)
+    # The prefixes are those of dmad_jax.evaluation.video.ERROR_PREFIX.
     scores.update({f"ped2_{k}": v for k, v in frame_errors(out, target).items()})
+    if self.recipe == "dmad_shanghai":
+      errors = frame_errors(out, target, "dmad_shanghai")
+      scores.update({f"shanghai_{k}": v for k, v in errors.items()})
     images = {
       "input": target,
       "reference": out["reference"],
       "coarse": out["stages"][0],
       "fine": out["stages"][-1],
     }
-    return {"scores": scores, "maps": maps, "images": images}
+    result = {"scores": scores, "maps": maps, "images": images}
+    extra = host_maps(out, target, self.recipe)
+    if extra:
+      result["host_maps"] = extra
+    return result
 
 
 def _plain(cfg) -> dict:

@@ -249,3 +249,171 @@ def test_extract_frames_without_cv2(tmp_path, monkeypatch):
     extract_frames(tmp_path / "in.avi", tmp_path / "out")
   with pytest.raises(ImportError, match="opencv-python-headless"):
     video_mod.main(["extract", str(tmp_path / "in.avi"), str(tmp_path / "out")])
+
+
+# ---------------------------------------------------------------------------------------------
+# anomalib's raw label layouts, per-scene templates.
+# ---------------------------------------------------------------------------------------------
+def _mask(anomalous: int) -> np.ndarray:
+  m = np.zeros((6, 9), np.uint8)
+  if anomalous:
+    m[2, 5] = 255  # a single pixel is enough
+  return m
+
+
+def _write_ucsd(folder, names, skip_frame=None):
+  """UCSDped2/Test/<name>_gt/NNN.bmp masks (1-indexed, zero-padded like the real set)."""
+  for name, labels in zip(names, TEST_FRAME_LABELS.values(), strict=True):
+    gt = folder / "Test" / f"{name}_gt"
+    gt.mkdir(parents=True)
+    for t, lab in enumerate(labels):
+      if (name, t) != skip_frame:
+        Image.fromarray(_mask(lab)).save(gt / f"{t + 1:03d}.bmp")
+    (gt / "Thumbs.db").write_bytes(b"\0")
+  return folder
+
+
+@pytest.mark.parametrize("pass_test_folder", [False, True])
+def test_ucsd_bmp_masks_matched_by_name(tmp_path, pass_test_folder):
+  names = ["Test001", "Test002"]
+  dump = _write_dump(
+    tmp_path / "dump", {"testing": dict(zip(names, LAYOUT["testing"].values(), strict=True))}
+  )
+  ucsd = _write_ucsd(tmp_path / "UCSDped2", names)
+  labels = ucsd / "Test" if pass_test_folder else ucsd
+  src = VideoFrameSource(dump, "testing", image_size=SIZE, labels=labels)
+  assert src.videos == names and src.labels.tolist() == TRIMMED.tolist()
+
+
+def test_ucsd_masks_matched_by_number_and_length_mismatch(dump, tmp_path):
+  # The FramePred dump names the Ped2 test videos 01, 02, ...: Test001_gt maps to 01.
+  ucsd = _write_ucsd(tmp_path / "ok", ["Test001", "Test002"])
+  src = VideoFrameSource(dump, "testing", image_size=SIZE, labels=ucsd)
+  assert src.labels.tolist() == TRIMMED.tolist()
+  short = _write_ucsd(tmp_path / "short", ["Test001", "Test002"], skip_frame=("Test002", 5))
+  with pytest.raises(ValueError) as err:
+    VideoFrameSource(dump, "testing", image_size=SIZE, labels=short)
+  message = str(err.value)
+  assert "5 mask images for video '02'" in message and "01: 8, 02: 6" in message
+  assert "Test002_gt" in message
+  missing = tmp_path / "missing"
+  _write_ucsd(missing, ["Test001", "Test007"])
+  with pytest.raises(ValueError, match=r"video '02' has no \*_gt mask folder.*Test007"):
+    VideoFrameSource(dump, "testing", image_size=SIZE, labels=missing)
+
+
+def _write_avenue(folder, frame_labels, key="volLabel"):
+  """ground_truth_demo/testing_label_mask/<n>_label.mat with a 1 x T cell of masks."""
+  base = folder / "ground_truth_demo" / "testing_label_mask"
+  base.mkdir(parents=True)
+  for n, labels in enumerate(frame_labels, start=1):
+    cell = np.empty((1, len(labels)), object)
+    for t, lab in enumerate(labels):
+      cell[0, t] = _mask(lab)
+    scipy.io.savemat(base / f"{n}_label.mat", {key: cell})
+  return folder
+
+
+@pytest.mark.parametrize("level", ["root", "ground_truth_demo", "testing_label_mask"])
+def test_avenue_vollabel_mat_masks(dump, tmp_path, level):
+  root = _write_avenue(tmp_path / "avenue", list(TEST_FRAME_LABELS.values()))
+  path = {
+    "root": root,
+    "ground_truth_demo": root / "ground_truth_demo",
+    "testing_label_mask": root / "ground_truth_demo" / "testing_label_mask",
+  }[level]
+  src = VideoFrameSource(dump, "testing", image_size=SIZE, labels=path)
+  assert src.labels.tolist() == TRIMMED.tolist()
+
+
+def test_avenue_mat_errors(dump, tmp_path):
+  wrong = list(TEST_FRAME_LABELS.values())
+  wrong[0] = wrong[0][:-1]
+  with pytest.raises(ValueError) as err:
+    VideoFrameSource(dump, "testing", image_size=SIZE, labels=_write_avenue(tmp_path / "a", wrong))
+  message = str(err.value)
+  assert "7 masks in 'volLabel'" in message and "1_label.mat" in message
+  assert "01: 8, 02: 6" in message
+  with pytest.raises(ValueError, match="no key 'volLabel'"):
+    labels = _write_avenue(tmp_path / "b", list(TEST_FRAME_LABELS.values()), key="gt")
+    VideoFrameSource(dump, "testing", image_size=SIZE, labels=labels)
+
+
+def test_per_video_pixel_mask_npy(dump, tmp_path):
+  """ShanghaiTech test_pixel_mask/<video>.npy: (T, H, W) masks."""
+  folder = tmp_path / "test_pixel_mask"
+  folder.mkdir()
+  for name, labels in TEST_FRAME_LABELS.items():
+    np.save(folder / f"{name}.npy", np.stack([_mask(lab) // 255 for lab in labels]))
+  src = VideoFrameSource(dump, "testing", image_size=SIZE, labels=folder)
+  assert src.labels.tolist() == TRIMMED.tolist()
+
+
+SCENES = {
+  "training": {"01_001": range(6), "01_002": range(5), "02_001": range(6)},
+  "testing": {"01_0014": range(5), "02_0003": range(6)},
+}
+
+
+def test_video_sources_template_indices(tmp_path):
+  root = _write_dump(tmp_path / "st", SCENES)
+  scene = video_mod.video_sources(root, templates="scene", image_size=SIZE)
+  train, test = scene["train"], scene["test"]
+  assert train.template_of.tolist() == [0, 0, 1] and test.template_of.tolist() == [0, 1]
+  assert train.num_templates == test.num_templates == 2
+  assert video_mod.count_templates(root, "scene") == (2, 0)
+  # Scene templates come from training frames only (11 of scene 01, 6 of scene 02).
+  assert [len(f) for f in test.template_frames] == [11, 6]
+  assert all("training" in p for f in test.template_frames for p in f)
+  assert [int(test[i]["template_index"]) for i in range(len(test))] == [0] + [1] * 2
+  assert int(train[len(train) - 1]["template_index"]) == 1
+
+  trans = video_mod.video_sources(root, templates="video_transductive", image_size=SIZE)
+  assert trans["train"].template_of.tolist() == [0, 1, 2]
+  assert trans["test"].template_of.tolist() == [3, 4] and trans["test"].num_templates == 5
+  assert video_mod.count_templates(root, "video_transductive") == (3, 2)
+  single = video_mod.video_sources(root, image_size=SIZE)
+  assert single["test"].template_of.tolist() == [0, 0] and single["test"].num_templates == 1
+
+  with pytest.raises(ValueError, match="templates must be one of"):
+    video_mod.video_sources(root, templates="per_frame", image_size=SIZE)
+  unknown = _write_dump(
+    tmp_path / "unknown", {"training": SCENES["training"], "testing": {"03_0001": range(6)}}
+  )
+  with pytest.raises(ValueError, match=r"\['03_0001'\].*training scenes: \['01', '02'\]"):
+    video_mod.video_sources(unknown, templates="scene", image_size=SIZE)
+
+
+def test_template_bank_per_scene(tmp_path):
+  root = tmp_path / "bank"
+  for split, videos in SCENES.items():
+    for name, numbers in videos.items():
+      value = 60 if name.startswith("01") else 200
+      folder = root / split / "frames" / name
+      folder.mkdir(parents=True)
+      for i in numbers:
+        frame = np.full((SIZE, SIZE), value, np.uint8)
+        frame[i % SIZE, :] = 255 - value  # a passing object the template must ignore
+        Image.fromarray(frame).save(folder / f"{i}.png")
+  sources = video_mod.video_sources(root, templates="scene", image_size=SIZE)
+  bank = video_mod.template_bank(sources["train"], max_frames=5)
+  assert bank.shape == (2, SIZE, SIZE, 3) and bank.dtype == np.float32
+  np.testing.assert_array_equal(bank[0], _unit(60))
+  np.testing.assert_array_equal(bank[1], _unit(200))
+
+
+def test_raw_ucsd_folder_serves_as_frames_and_labels(tmp_path):
+  """UCSDped2/Test holds Test001/*.tif frames next to Test001_gt/*.bmp masks: linked as
+  testing/frames, the mask folders are not taken for videos and give the labels."""
+  test = tmp_path / "UCSDped2" / "Test"
+  for name, numbers in (("Test001", range(1, 9)), ("Test002", range(1, 7))):
+    (test / name).mkdir(parents=True)
+    for position, number in enumerate(numbers):
+      Image.fromarray(_frame(0, position)[..., 0]).save(test / name / f"{number:03d}.tif")
+  _write_ucsd(tmp_path / "UCSDped2", ["Test001", "Test002"])
+  root = tmp_path / "ped2"
+  (root / "testing").mkdir(parents=True)
+  (root / "testing" / "frames").symlink_to(test)
+  src = VideoFrameSource(root, "testing", image_size=SIZE, labels=test)
+  assert src.videos == ["Test001", "Test002"] and src.frame_counts.tolist() == [8, 6]
+  assert src.labels.tolist() == TRIMMED.tolist()

@@ -142,3 +142,83 @@ def test_video_auc_command_reproduces_ped2(tmp_path):
   result = json.loads(out.stdout[out.stdout.index("{") :])
   assert result["frame_AUROC_micro"] == pytest.approx(0.9969, abs=1e-4)
   assert os.path.getsize(tmp_path / "videos.png") > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Host-side errors: Avenue's frame differencing, ShanghaiTech's object error.
+# ---------------------------------------------------------------------------------------------
+def _blob(shape, y, x, size=4, value=1.0):
+  m = np.zeros(shape)
+  m[y : y + size, x : x + size] = value
+  return m
+
+
+def test_box_mean_max_matches_the_jax_filter():
+  import jax.numpy as jnp
+
+  from dmad_jax.ops import filters
+
+  m = np.random.default_rng(0).normal(size=(20, 17))
+  for ks in [(21, 16), (7, 15), (3, 2)]:
+    ref = float(filters.box_filter_max(jnp.asarray(m, jnp.float32)[None, ..., None], ks)[0])
+    assert video.box_mean_max(m, ks) == pytest.approx(ref, rel=1e-5)
+
+
+def test_frame_difference_removes_static_anomalies():
+  """A static object (and one that jitters by a pixel) vanishes after the frame difference; a
+  moving one does not."""
+  shape = (32, 32)
+  diff = video.FrameDifference(history=3, radius=1, start="lookahead")
+  outs = []
+  for t in range(10):
+    d = _blob(shape, 4, 4) + _blob(shape, 20, 10 + t % 2)  # static + jittering by 1 pixel
+    d += _blob(shape, 12, 2 + 3 * t, value=0.5)  # moving 3 pixels per frame
+    outs += diff.push(d)
+  outs += diff.flush()
+  assert len(outs) == 10
+  for t, out in enumerate(outs):
+    assert np.all(out[4:8, 4:8] == 0) and np.all(out[20:24, 10:15] == 0)
+    moving = out[12:16, :].max()
+    # The first two frames are part of their own (look-ahead) history.
+    assert moving == 0 if t < 2 else moving == 0.5
+
+
+def test_avenue_errors_count_a_static_anomaly_only_when_it_appears():
+  shape = (128, 128)
+  host = video.HostFrameErrors("dmad_avenue")
+  n = 12
+  diff = np.stack([_blob(shape, 40, 40, 10) if t >= 6 else np.zeros(shape) for t in range(n)])
+  offset = np.stack([_blob(shape, 60, 20 + 5 * t, 6) for t in range(n)])
+  # Fed in two uneven batches, in order.
+  host.add(np.arange(5), {"diff": diff[:5], "offset": offset[:5]})
+  host.add(np.arange(5, n), {"diff": diff[5:], "offset": offset[5:]})
+  e = host.errors()
+  assert set(e) == {"avenue_patch", "avenue_deformation"}
+  patch = e["avenue_patch"]
+  assert patch[6] == pytest.approx(100 / (21 * 16))  # the 10x10 object appears: box mean of 1s
+  assert np.all(np.delete(patch, 6) == 0)  # before and after that frame it is static
+  deformation = e["avenue_deformation"]
+  assert deformation[0] == 0 and np.all(deformation[1:] > 0)  # a moving deformation remains
+  with pytest.raises(RuntimeError, match="in order"):
+    host.add(np.array([13]), {"diff": diff[:1], "offset": offset[:1]})
+
+
+def test_object_error_takes_the_worst_object():
+  shape = (40, 40)
+  error = np.zeros(shape)
+  mask = np.zeros(shape, bool)
+  mask[2:8, 2:8] = True  # 6x6 object: contour area 25
+  error[2:8, 2:8] = 2.0
+  mask[30:33, 30:33] = True  # 3x3 object: contour area 4 <= 13, ignored
+  error[30:33, 30:33] = 9.0
+  assert video.object_error(mask, error) == pytest.approx(2.0)
+  # A ring is filled: its hole counts in the mean (external contour, drawn filled).
+  mask[15:25, 15:25] = True
+  mask[18:22, 18:22] = False
+  error[18:22, 18:22] = 50.0
+  assert video.object_error(mask, error) == pytest.approx(16 * 50.0 / 100)
+  assert video.object_error(np.zeros(shape, bool), error) == 0.0
+  host = video.HostFrameErrors("dmad_shanghai")
+  maps = {"object_mask": np.stack([mask, 0 * mask]), "error": np.stack([error] * 2)}
+  host.add(np.arange(2), maps)
+  np.testing.assert_allclose(host.errors()["shanghai_object"], [8.0, 0.0])
