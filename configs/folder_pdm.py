@@ -6,6 +6,7 @@
 
   dmad train --config configs/folder_pdm.py:root=/data/bottle,image_size=256 --workdir runs/bottle
   dmad eval  --config configs/folder_pdm.py:root=/data/bottle,image_size=256 --workdir runs/bottle
+  dmad predict --workdir runs/bottle new1.png new2.png --out runs/bottle/predictions
 
 Arg keys: root (required), image_size (default 256, divisible by 8), channels (3 or 1),
 runlocal (tiny model and run, for tests).
@@ -46,6 +47,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.in_channels = ch
   c.model.out_channels = ch
   c.model.coord_blocks = size // 8
+  # The decision threshold `dmad predict` uses, fitted by the eval job (or `dmad calibrate`) and
+  # stored with the checkpoint (dmad_jax.evaluation.calibration): the 0.99 quantile of the
+  # scores of normal images. split="validation" (<root>/validation/good/*, normal images held out
+  # from training) gives a better threshold than the training images when you have them.
+  c.calibration = ml_collections.ConfigDict(
+    dict(method="normal_quantile", split="train", quantile=0.99)
+  )
   if not a["runlocal"]:
     # The official Ped2 widths, with a 3-channel image in and out.
     c.model.channels = (32, 64, 128, 256)

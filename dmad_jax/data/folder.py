@@ -5,10 +5,26 @@ Expected layout::
   <root>/train/good/*.png          normal training images
   <root>/test/good/*.png           normal test images      (label 0)
   <root>/test/<defect>/*.png       anomalous test images   (label 1, one folder per defect type)
+  <root>/ground_truth/<defect>/<stem>_mask.png   optional pixel masks of the anomalous test images
+  <root>/validation/good/*.png     optional held-out normal images (and validation/<defect>/*),
+                                   read only to calibrate a threshold (evaluation.calibration)
 
 Files are listed in sorted order (folders by name, then files by name), so record ``i`` is the
 same file on every machine and every run. Hidden files (``.DS_Store``, ...) are skipped silently;
 files with other extensions are skipped with a logged warning.
+
+Ground-truth masks (MVTec AD layout): when ``<root>/ground_truth`` exists, the test split pairs
+every anomalous image ``test/<defect>/<stem>.<ext>`` with the mask
+``ground_truth/<defect>/<stem>_mask.<ext>`` by file stem (any image extension, ``.png`` in MVTec
+AD). A missing mask, or a mask without its image, is an error naming both paths; normal
+(``good``) images get all-zero masks. Masks are binarised (any non-zero pixel is anomalous),
+resized bilinearly to the image size like the images and thresholded at 0.5, which equals
+DMAD-PPDM / RD4AD's ``Resize`` then ``> 0.5`` on 0/255 masks.
+
+Records are ``{"image", "label", "index"}``; test records of a folder with masks also carry
+``"mask"``: float32 ``(H, W)`` in {0, 1}. The key is present on every record of such a test split
+and never on training records (training is unsupervised and masks do not exist for ``train/``),
+so the records of one split always share the same keys.
 """
 
 from __future__ import annotations
@@ -18,6 +34,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from PIL import Image
 
 from dmad_jax.data.base import ANOMALOUS, NORMAL, check_index, describe_source, make_record
 from dmad_jax.data.images import (
@@ -31,13 +48,16 @@ from dmad_jax.data.images import (
 logger = logging.getLogger(__name__)
 
 GOOD = "good"
-SPLITS = ("train", "test")
+SPLITS = ("train", "validation", "test")
+GROUND_TRUTH = "ground_truth"
+MASK_SUFFIX = "_mask"
 
 _LAYOUT = (
   "expected layout:\n"
   "  <root>/train/good/<images>\n"
   "  <root>/test/good/<images>\n"
-  "  <root>/test/<defect_name>/<images>   (one folder per defect type)"
+  "  <root>/test/<defect_name>/<images>   (one folder per defect type)\n"
+  "  <root>/ground_truth/<defect_name>/<image stem>_mask.png   (optional pixel masks)"
 )
 
 # Validation is I/O plus PIL decoding, which releases the GIL, so a few threads cut the start-up
@@ -89,15 +109,183 @@ def _list_images(folder: str) -> list[str]:
   return sorted(images)
 
 
+def _note_sizes(paths: list[str], image_size: int, folder: str) -> None:
+  """Logs how the images' sizes compare with ``image_size`` (headers only, no decoding).
+
+  Mixed sizes are a warning naming the most common sizes and one file of a rarer size; one
+  size other than ``image_size`` is a note. Either way every image is resized bilinearly to
+  ``image_size x image_size`` (the aspect ratio is not kept).
+  """
+
+  def size(path: str) -> tuple[int, int] | None:
+    try:
+      with Image.open(path) as img:
+        return img.size
+    except Exception:  # Unreadable files were reported (or skipped) by the validation pass.
+      return None
+
+  with ThreadPoolExecutor(_VALIDATE_THREADS) as pool:
+    sizes = list(pool.map(size, paths))
+  counts: dict[tuple[int, int], int] = {}
+  for wh in sizes:
+    if wh is not None:
+      counts[wh] = counts.get(wh, 0) + 1
+  if not counts:
+    return
+  common = sorted(counts, key=lambda wh: (-counts[wh], wh))
+  target = f"{image_size}x{image_size}"
+  if len(common) > 1:
+    example = next(p for p, wh in zip(paths, sizes, strict=True) if wh == common[-1])
+    listed = ", ".join(f"{w}x{h}: {counts[(w, h)]}" for w, h in common[:3])
+    logger.warning(
+      "images in %s come in %d sizes (%s%s); e.g. %s is %dx%d. All are resized to %s "
+      "(bilinear, aspect ratio not kept).",
+      folder,
+      len(common),
+      listed,
+      ", ..." if len(common) > 3 else "",
+      example,
+      *common[-1],
+      target,
+    )
+  elif common[0] != (image_size, image_size):
+    logger.info("images in %s are %dx%d; resized to %s", folder, *common[0], target)
+
+
+def _stem(path: str) -> str:
+  """File name without folder and extension."""
+  return os.path.splitext(os.path.basename(path))[0]
+
+
+def _match_masks(gt_dir: str, split_dir: str, paths: list[str], defects: list[str]) -> list:
+  """Pairs every anomalous test image with ``<gt_dir>/<defect>/<stem>_mask.<ext>``.
+
+  Args:
+    gt_dir: the ``<root>/ground_truth`` folder.
+    split_dir: the ``<root>/test`` folder.
+    paths: test image paths.
+    defects: class folder of every path.
+
+  Returns:
+    One mask path per image, ``None`` for ``good`` images.
+
+  Raises:
+    ValueError: for an anomalous image without a mask, a mask without an image (both named), a
+      mask folder without a test folder, or two masks for one image.
+  """
+  test_classes = set(defects)
+  masks: dict[str, dict[str, str]] = {}
+  for defect in _subdirs(gt_dir):
+    folder = os.path.join(gt_dir, defect)
+    if defect == GOOD:
+      logger.warning("ignoring %s: normal images get all-zero masks", folder)
+      continue
+    if defect not in test_classes:
+      raise ValueError(
+        f"mask folder {folder!r} has no test folder {os.path.join(split_dir, defect)!r}; {_LAYOUT}"
+      )
+    by_stem: dict[str, str] = {}
+    for path in _list_images(folder):
+      stem = _stem(path)
+      if stem in by_stem:
+        raise ValueError(f"two masks for one image: {by_stem[stem]!r} and {path!r}")
+      by_stem[stem] = path
+    masks[defect] = by_stem
+
+  mask_paths, missing = [], []
+  image_stems: dict[str, set[str]] = {}
+  for path, defect in zip(paths, defects, strict=True):
+    if defect == GOOD:
+      mask_paths.append(None)
+      continue
+    stem = _stem(path)
+    image_stems.setdefault(defect, set()).add(stem)
+    mask = masks.get(defect, {}).get(stem + MASK_SUFFIX)
+    if mask is None:
+      missing.append((path, os.path.join(gt_dir, defect, stem + MASK_SUFFIX + ".png")))
+    mask_paths.append(mask)
+  if missing:
+    more = f" ({len(missing) - 1} more images without masks)" if len(missing) > 1 else ""
+    raise ValueError(
+      f"anomalous test image {missing[0][0]!r} has no ground-truth mask: expected "
+      f"{missing[0][1]!r}{more}; with a {GROUND_TRUTH!r} folder every anomalous test image needs "
+      f"its mask"
+    )
+  for defect, by_stem in masks.items():
+    for stem, path in sorted(by_stem.items()):
+      image_stem = stem[: -len(MASK_SUFFIX)] if stem.endswith(MASK_SUFFIX) else None
+      if image_stem is None or image_stem not in image_stems.get(defect, ()):
+        expected = os.path.join(split_dir, defect, (image_stem or stem) + ".<png|jpg|...>")
+        hint = "" if image_stem else f" (mask names must be <image stem>{MASK_SUFFIX}.<ext>)"
+        raise ValueError(f"mask {path!r} has no test image: expected {expected!r}{hint}")
+  return mask_paths
+
+
+def load_mask(path: str | os.PathLike, *, image_size: int) -> np.ndarray:
+  """Reads a ground-truth mask as float32 ``(image_size, image_size)`` in {0, 1}.
+
+  Any non-zero pixel is anomalous (16-bit and palette masks included); the binary mask is scaled
+  to 0/255, resized with PIL's bilinear filter when the size differs and thresholded at 0.5
+  (``>= 128``), as DMAD-PPDM's ``Resize`` + ``ToTensor`` + ``> 0.5`` does for 0/255 masks.
+
+  Args:
+    path: mask image file.
+    image_size: output height and width.
+
+  Returns:
+    float32 array of 0.0 / 1.0.
+
+  Raises:
+    ImageReadError: if the file is missing or not a readable image.
+  """
+  try:
+    with Image.open(path) as img:
+      img.load()
+      if img.mode.startswith("I") or img.mode == "F":
+        values = np.asarray(img)
+      else:
+        values = np.asarray(img.convert("L"))
+  except Exception as err:  # PIL raises many types for bad files; see load_image.
+    raise ImageReadError(path, f"{type(err).__name__}: {err}") from err
+  binary = Image.fromarray(np.where(values > 0, 255, 0).astype(np.uint8), mode="L")
+  if binary.size != (image_size, image_size):
+    binary = binary.resize((image_size, image_size), Image.Resampling.BILINEAR)
+  return (np.asarray(binary) >= 128).astype(np.float32)
+
+
+def _verify_mask(mask: str, image: str, *, image_size: int) -> None:
+  """Checks that ``mask`` decodes and has the pixel size of ``image`` (before any resize).
+
+  Raises:
+    ImageReadError: naming the mask, for an unreadable file or a size mismatch.
+  """
+  try:
+    with Image.open(mask) as img:
+      img.verify()
+    with Image.open(mask) as img, Image.open(image) as ref:
+      mask_size, image_size_px = img.size, ref.size
+  except Exception as err:  # Same breadth as load_image.
+    raise ImageReadError(mask, f"{type(err).__name__}: {err}") from err
+  if mask_size != image_size_px:
+    raise ImageReadError(
+      mask,
+      f"mask is {mask_size[0]}x{mask_size[1]} pixels but its image {image!r} is "
+      f"{image_size_px[0]}x{image_size_px[1]}",
+    )
+  load_mask(mask, image_size=image_size)
+
+
 class FolderSource:
   """One split (``train`` or ``test``) of an MVTec-style folder, read lazily from disk.
 
   Attributes:
     root: the dataset root folder.
-    split: ``"train"`` or ``"test"``.
+    split: ``"train"``, ``"validation"`` or ``"test"``.
     paths: path of every record, as ``str``.
     defects: class folder of every record (``"good"`` or the defect name).
     labels: int32 ``(N,)`` array, 0 for ``good`` and 1 otherwise.
+    mask_paths: test split of a folder with ``ground_truth/``: the mask of every record (None for
+      ``good`` images); otherwise None.
   """
 
   def __init__(
@@ -113,18 +301,24 @@ class FolderSource:
 
     Args:
       root: the dataset root (the folder holding ``train/`` and ``test/``).
-      split: ``"train"`` (only ``train/good``) or ``"test"`` (every folder of ``test/``).
+      split: ``"train"`` (only ``train/good``), ``"test"`` (every folder of ``test/``) or
+        ``"validation"`` (every folder of ``validation/``, labelled as the test split).
       image_size: every image is resized to ``(image_size, image_size)``.
-      channels: 1 (gray) or 3 (RGB).
-      validate: ``True`` decodes every file once now, so that a corrupt file fails before
-        training; ``"skip"`` decodes every file and drops unreadable ones with a logged warning;
-        ``False`` checks nothing (a bad file raises when it is read).
+      channels: 1 (gray) or 3 (RGB): gray files are replicated to 3 channels (e.g. for ImageNet
+        backbones; MVTec AD grid, screw and zipper are gray), colour files reduced to luma for 1.
+      validate: ``True`` decodes every file (and mask) once now, so that a corrupt file fails
+        before training; ``"skip"`` decodes every file and drops unreadable ones (and images whose
+        mask is unreadable or of another size) with a logged warning; ``False`` checks nothing (a
+        bad file raises when it is read). With validation, images of mixed sizes are logged (a
+        warning naming the sizes and an example file); all are resized to ``image_size``.
 
     Raises:
       FileNotFoundError: if ``root`` or its split folder does not exist.
       ValueError: for an unknown ``split`` or ``validate``, an invalid ``image_size`` or
-        ``channels``, or a class folder without images.
-      ImageReadError: with ``validate=True``, for the first unreadable file.
+        ``channels``, a class folder without images, or unpaired masks (see the module
+        docstring).
+      ImageReadError: with ``validate=True``, for the first unreadable file or mask, or a mask
+        whose size differs from its image's.
     """
     if split not in SPLITS:
       raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -168,7 +362,7 @@ class FolderSource:
           split_dir,
           ", ".join(loose),
         )
-      if GOOD not in classes or classes == [GOOD]:
+      if split == "test" and (GOOD not in classes or classes == [GOOD]):
         logger.warning(
           "test folder %s has %s; image-level AUROC needs both normal and anomalous images",
           split_dir,
@@ -181,32 +375,45 @@ class FolderSource:
       paths.extend(files)
       defects.extend([name] * len(files))
 
+    # Only the test split has masks: train/ holds normal images and MVTec ships no train masks.
+    gt_dir = os.path.join(self.root, GROUND_TRUTH)
+    mask_paths = None
+    if split == "test" and os.path.isdir(gt_dir):
+      mask_paths = _match_masks(gt_dir, split_dir, paths, defects)
+
     if validate:
-      paths, defects = self._validate(paths, defects, skip=validate == "skip")
+      paths, defects, mask_paths = self._validate(
+        paths, defects, mask_paths, skip=validate == "skip"
+      )
       if not paths:
         raise ValueError(f"no readable images left in {split_dir!r} after skipping bad files")
+      _note_sizes(paths, self._image_size, split_dir)
 
     self.paths: list[str] = paths
     self.defects: list[str] = defects
+    self.mask_paths: list[str | None] | None = mask_paths
     self.labels = np.array([NORMAL if d == GOOD else ANOMALOUS for d in defects], np.int32)
 
   def _validate(
-    self, paths: list[str], defects: list[str], *, skip: bool
-  ) -> tuple[list[str], list[str]]:
-    """Decodes every file once; raises for (or, with ``skip``, drops) the unreadable ones."""
+    self, paths: list[str], defects: list[str], mask_paths: list | None, *, skip: bool
+  ) -> tuple[list[str], list[str], list | None]:
+    """Decodes every file (and mask) once; raises for (or, with ``skip``, drops) bad ones."""
 
-    def check(path: str) -> ImageReadError | None:
+    def check(i: int) -> ImageReadError | None:
       try:
-        verify_image(path, image_size=self._image_size, channels=self._channels)
+        verify_image(paths[i], image_size=self._image_size, channels=self._channels)
+        mask = None if mask_paths is None else mask_paths[i]
+        if mask is not None:
+          _verify_mask(mask, paths[i], image_size=self._image_size)
       except ImageReadError as err:
         return err
       return None
 
     with ThreadPoolExecutor(_VALIDATE_THREADS) as pool:
-      errors = list(pool.map(check, paths))
+      errors = list(pool.map(check, range(len(paths))))
     bad = [err for err in errors if err is not None]
     if not bad:
-      return paths, defects
+      return paths, defects, mask_paths
     if not skip:
       first = bad[0]
       reason = first.reason
@@ -217,7 +424,13 @@ class FolderSource:
     for err in bad:
       logger.warning("skipping unreadable image %s (%s)", err.path, err.reason)
     keep = [i for i, err in enumerate(errors) if err is None]
-    return [paths[i] for i in keep], [defects[i] for i in keep]
+    kept_masks = None if mask_paths is None else [mask_paths[i] for i in keep]
+    return [paths[i] for i in keep], [defects[i] for i in keep], kept_masks
+
+  @property
+  def has_masks(self) -> bool:
+    """Whether records carry a ``"mask"`` (test split of a folder with ``ground_truth/``)."""
+    return self.mask_paths is not None
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
@@ -235,7 +448,9 @@ class FolderSource:
       index: record position; negative values count from the end.
 
     Returns:
-      ``{"image": float32 (H, W, C) in [-1, 1], "label": int32, "index": int32}``.
+      ``{"image": float32 (H, W, C) in [-1, 1], "label": int32, "index": int32}``, plus
+      ``"mask"``: float32 ``(H, W)`` in {0, 1} (zeros for ``good`` images) when
+      :attr:`has_masks`.
 
     Raises:
       IndexError: if ``index`` is out of range.
@@ -244,7 +459,15 @@ class FolderSource:
     """
     i = check_index(index, len(self))
     image = load_image(self.paths[i], image_size=self._image_size, channels=self._channels)
-    return make_record(image, int(self.labels[i]), i)
+    record = make_record(image, int(self.labels[i]), i)
+    if self.mask_paths is not None:
+      mask = self.mask_paths[i]
+      record["mask"] = (
+        np.zeros((self._image_size, self._image_size), np.float32)
+        if mask is None
+        else load_mask(mask, image_size=self._image_size)
+      )
+    return record
 
   def describe(self) -> str:
     """One line for logs: root, split, size, shape and per-folder counts.
@@ -252,6 +475,9 @@ class FolderSource:
     Returns:
       The summary string.
     """
-    return describe_source(
+    line = describe_source(
       f"folder {self.root} {self.split}", self.image_shape, self.labels, self.defects
     )
+    if self.mask_paths is not None:
+      line += f"; masks from {os.path.join(self.root, GROUND_TRUTH)}"
+    return line

@@ -1,5 +1,5 @@
 """Qualitative evaluation figures: DMAD-style deformation panels, anomaly-map overlays with
-ground-truth contours, and score histograms.
+ground-truth contours, score histograms, and the per-image heatmaps of ``dmad predict``.
 
 Figures are built on `matplotlib.figure.Figure` with the Agg canvas instead of `pyplot`, so they
 work headless, never touch the global backend or the pyplot figure registry, and need no closing.
@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 
 from dmad_jax.evaluation.metrics import image_auroc
 
-__all__ = ["deformation_panel", "heatmap_overlays", "score_histogram"]
+__all__ = ["deformation_panel", "heatmap_overlays", "prediction_overlay", "score_histogram"]
 
 # Inches per image cell; with _DPI this is ~120 px, enough to see 256 px detail in a grid of 16.
 _CELL_IN = 1.6
@@ -304,4 +304,64 @@ def heatmap_overlays(
   fig.colorbar(mappable, ax=axes[1, :].tolist(), fraction=0.05, pad=0.01)
   if title:
     fig.suptitle(title, fontsize=10)
+  return _save(fig, path)
+
+
+def prediction_overlay(
+  path: str | os.PathLike,
+  image: np.ndarray,
+  amap: np.ndarray,
+  *,
+  vmin: float | None = None,
+  vmax: float | None = None,
+  title: str | None = None,
+  cmap: str = "jet",
+  alpha: float = 0.5,
+) -> str:
+  """Saves one image next to the image under its anomaly map (``dmad predict``'s heatmap).
+
+  Unlike :func:`heatmap_overlays`, whose colour scale spans the maps shown, the scale here is
+  fixed by the caller (the calibration's range of normal maps), so one image's map reads the
+  same in every file; values outside ``[vmin, vmax]`` saturate.
+
+  Args:
+    path: Output PNG path; parent directories are created.
+    image: ``(H, W, C)`` in [-1, 1], C = 1 or 3.
+    amap: ``(H, W)`` anomaly map, higher = more anomalous; NaN/inf pixels are transparent.
+    vmin: Low end of the colour scale (default: the map's finite minimum).
+    vmax: High end (default: the map's finite maximum).
+    title: Optional figure title (e.g. the score against the threshold).
+    cmap: Matplotlib colormap of the map.
+    alpha: Opacity of the map over the image.
+
+  Returns:
+    ``path`` as a string.
+
+  Raises:
+    ValueError: If the map's shape is not the image's ``(H, W)``.
+  """
+  shown = _to_display(np.asarray(image)[None], "image")[0]
+  amap = np.asarray(amap, dtype=np.float32)
+  if amap.shape != shown.shape[:2]:
+    raise ValueError(f"map must have shape {shown.shape[:2]} to match the image, got {amap.shape}")
+  finite = amap[np.isfinite(amap)]
+  lo = float(finite.min()) if vmin is None and finite.size else (0.0 if vmin is None else vmin)
+  hi = float(finite.max()) if vmax is None and finite.size else (1.0 if vmax is None else vmax)
+  if hi <= lo:
+    hi = lo + 1e-6
+  title_in = 0.25 * (title.count("\n") + 1) if title else 0.0
+  fig = Figure(figsize=(2 * 2.4 + 0.8, 2.6 + title_in), dpi=100, layout="constrained")
+  axes = fig.subplots(1, 2)
+  gray = shown.ndim == 2
+  mappable = None
+  for ax, name in zip(axes, ("image", "anomaly map"), strict=True):
+    ax.imshow(shown, cmap="gray" if gray else None, vmin=0.0, vmax=1.0)
+    if name == "anomaly map":
+      mappable = ax.imshow(np.ma.masked_invalid(amap), cmap=cmap, alpha=alpha, vmin=lo, vmax=hi)
+    ax.set_title(name, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+  fig.colorbar(mappable, ax=axes[1], fraction=0.05, pad=0.02)
+  if title:
+    fig.suptitle(title, fontsize=9)
   return _save(fig, path)

@@ -7,6 +7,20 @@ Outputs in ``<workdir>/eval/``: ``metrics.json`` (latest evaluation) and ``metri
 ``metrics.jsonl`` and TensorBoard events (clu), ``scores_<step>.npz`` (per-sample scores, labels,
 indices), ``panel_<step>.png`` (DMAD Fig. 6: input, reference, coarse, fine, anomaly map) and
 ``histogram_<step>.png`` (normal vs anomalous scores).
+
+When the test records carry ground-truth masks (key ``"mask"``, MVTec layout with
+``ground_truth/``), the detector's pixel map ``out["maps"][detector.pixel_map]`` (default
+``"rec"``) is also scored: ``pixel_AUROC`` (all pixels pooled), ``pixel_AUPRO`` (pooled MVTec AD
+definition, FPR limit ``eval.aupro_fpr_limit`` = 0.3) and ``pixel_AUPRO_rd4ad`` (RD4AD's per-image
+variant, see `metrics.aupro_rd4ad`), with ``pixel_map`` naming the map; ``heatmaps_<step>.png``
+overlays the maps on the images with the ground-truth contours, and with ``eval.save_pixel_maps``
+the maps, masks and indices are saved to ``pixel_maps_<step>.npz`` (float32, ~4 bytes per pixel).
+
+Decision threshold (:mod:`dmad_jax.evaluation.calibration`): with a ``calibration`` section in the
+config, the step's threshold is fitted on the named split and stored in its checkpoint directory
+when it is missing or was made with other settings; with a stored threshold the metrics add
+``threshold``, ``threshold_method``, ``threshold_split`` and ``threshold_precision`` / ``_recall``
+/ ``_F1`` / ``_FPR`` on the test labels (reported, never used to fit).
 """
 
 from __future__ import annotations
@@ -20,7 +34,7 @@ import jax
 import numpy as np
 
 from dmad_jax import data as data_lib
-from dmad_jax.evaluation import figures, metrics, video
+from dmad_jax.evaluation import calibration, figures, metrics, video
 from dmad_jax.models import get_detector
 from dmad_jax.train import checkpoint, sharding
 from dmad_jax.train.state import variables_of
@@ -42,11 +56,13 @@ def _pick_figure_rows(labels, n_per_class):
 
 
 def _video_errors(eval_cfg, scores):
-  """Per-frame errors for the video recipe: the model's official errors ("ped2_*" scores) for
-  the dmad_* recipes, the fused image score for "none"."""
-  if eval_cfg.get("recipe", "none") == "none":
+  """Per-frame errors for the video recipe: the model's official errors for the dmad_* recipes
+  (scores named with ``video.ERROR_PREFIX``, e.g. "ped2_*"), the fused image score for "none"."""
+  recipe = eval_cfg.get("recipe", "none")
+  if recipe == "none":
     return {"score": scores["score"]}
-  return {k[len("ped2_") :]: v for k, v in scores.items() if k.startswith("ped2_")}
+  prefix = video.ERROR_PREFIX[recipe]
+  return {k[len(prefix) :]: v for k, v in scores.items() if k.startswith(prefix)}
 
 
 def _video_metrics(eval_cfg, scores, labels, indices, video_lengths):
@@ -57,6 +73,22 @@ def _video_metrics(eval_cfg, scores, labels, indices, video_lengths):
   frame_scores = video.score_frames(errors, video_lengths=video_lengths, recipe=recipe)
   out = video.frame_auroc(frame_scores, labels[order], video_lengths)
   out["recipe"] = recipe
+  return out
+
+
+def _pixel_metrics(maps, masks, fpr_limit):
+  """Pixel AUROC / AUPRO of the collected maps; a metric that is undefined on these inputs (no
+  anomalous pixel, or the RD4AD variant on a degenerate image) is left out with a warning."""
+  out = {}
+  for key, fn in (
+    ("pixel_AUROC", lambda: metrics.pixel_auroc(maps, masks)),
+    ("pixel_AUPRO", lambda: metrics.aupro(maps, masks, fpr_limit)),
+    ("pixel_AUPRO_rd4ad", lambda: metrics.aupro_rd4ad(maps, masks, fpr_limit)),
+  ):
+    try:
+      out[key] = fn()
+    except ValueError as err:
+      log.warning("%s not computed: %s", key, err)
   return out
 
 
@@ -92,31 +124,64 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict:
   sources = data_lib.get_sources(config.data)
   test = sources["test"]
   detector = get_detector(config)
-  state = checkpoint.restore(
-    mngr, step, _abstract_state(config, detector, _sample_batch(sources["train"]))
-  )
   mesh = sharding.make_mesh(config.get("mesh", None))
   sharding.check_batch_size(batch_size, mesh)
   rep, data_sh = sharding.replicated(mesh), sharding.data_sharding(mesh)
-  variables = jax.device_put(variables_of(state), rep)
-  predict = jax.jit(detector.predict, in_shardings=(rep, data_sh), out_shardings=rep)
+  abstract = _abstract_state(config, detector, _sample_batch(sources["train"]))
+  state_sh = sharding.state_shardings(
+    abstract, mesh, fsdp_min_size=config.get("fsdp_min_size", 2**18)
+  )
+  state = checkpoint.restore(mngr, step, sharding.with_shardings(abstract, state_sh), config=config)
+  variables = variables_of(state)
+
+  def predict_global(variables, batch):
+    # The outputs come back replicated, with the batch's labels, indices and padding mask, so
+    # every process holds the whole global batch (gathered over hosts) and drops padded rows.
+    keep = {k: v for k, v in batch.items() if k in ("label", "index", "mask", data_lib.MASK_KEY)}
+    if "mask" in batch:
+      keep["image"] = batch["image"]  # For the heatmap overlays.
+    return detector.predict(variables, batch), keep
+
+  predict = jax.jit(
+    predict_global, in_shardings=(variables_of(state_sh), data_sh), out_shardings=rep
+  )
 
   # Score every test record exactly once: padded rows of the last batch are masked out.
   t0 = time.time()
   scores, labels, indices = {}, [], []
   fig_images, fig_maps, fig_labels, fig_scores = {}, {}, [], []
+  # Pixel maps and ground truth, when the test records carry masks.
+  pixel_key = getattr(detector, "pixel_map", "rec")
+  pixel_maps, gt_masks, fig_inputs, fig_masks = [], [], [], []
+  # Errors that need the previous frames or connected components (Avenue, ShanghaiTech).
+  host_errors = video.HostFrameErrors(eval_cfg.get("recipe", "none"))
   for batch in data_lib.make_eval_batches(
     test,
     global_batch_size=batch_size,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   ):
-    mask = batch.pop(data_lib.MASK_KEY)
-    out = jax.device_get(predict(variables, sharding.global_batch(batch, data_sh)))
+    out, kept_rows = jax.device_get(predict(variables, sharding.global_batch(batch, data_sh)))
+    mask = np.asarray(kept_rows[data_lib.MASK_KEY], bool)
+    batch = {k: np.asarray(v) for k, v in kept_rows.items()}
     for k, v in out["scores"].items():
       scores.setdefault(k, []).append(np.asarray(v)[mask])
     labels.append(batch["label"][mask])
     indices.append(batch["index"][mask])
+    if "host_maps" in out:
+      host_errors.add(indices[-1], {k: np.asarray(v)[mask] for k, v in out["host_maps"].items()})
+    if "mask" in batch:
+      if pixel_key not in out["maps"]:
+        raise ValueError(
+          f"detector pixel map {pixel_key!r} not among its maps {sorted(out['maps'])}"
+        )
+      pixel_maps.append(np.asarray(out["maps"][pixel_key], np.float32)[mask])
+      gt_masks.append(batch["mask"][mask] > 0.5)
+      if pixel_maps[-1].shape != gt_masks[-1].shape:
+        raise ValueError(
+          f"detector pixel map {pixel_key!r} has shape {pixel_maps[-1].shape[1:]} but the "
+          f"ground-truth masks have {gt_masks[-1].shape[1:]}"
+        )
     # Keep pictures only until the figure has its first samples of each class.
     kept = np.concatenate(fig_labels) if fig_labels else np.zeros((0,), np.int32)
     if min((kept == 0).sum(), (kept == 1).sum()) < n_fig:
@@ -126,25 +191,53 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict:
         fig_images.setdefault(k, []).append(np.asarray(v)[mask])
       for k, v in out["maps"].items():
         fig_maps.setdefault(k, []).append(np.asarray(v)[mask])
+      if "mask" in batch:
+        fig_inputs.append(batch["image"][mask])
+        fig_masks.append(batch["mask"][mask])
   labels = np.concatenate(labels)
   indices = np.concatenate(indices)
   scores = {k: np.concatenate(v) for k, v in scores.items()}
+  scores.update(host_errors.errors())
   seconds = time.time() - t0
   if np.sort(indices).tolist() != list(range(len(test))):
     raise RuntimeError("eval did not score every test sample exactly once")
 
+  # The fused score and its parts ("ali": DAAD+'s discriminator-feature score).
   result = metrics.auroc_report(
-    {k: v for k, v in scores.items() if k in ("score", "rec", "df")}, labels
+    {k: v for k, v in scores.items() if k in ("score", "rec", "df", "ali")}, labels
   )
   video_lengths = getattr(test, "video_lengths", None)
   if video_lengths is not None:
     result.update(_video_metrics(eval_cfg, scores, labels, indices, video_lengths))
+  if gt_masks:
+    pixel_maps, gt_masks = np.concatenate(pixel_maps), np.concatenate(gt_masks)
+    result.update(
+      _pixel_metrics(pixel_maps, gt_masks, float(eval_cfg.get("aupro_fpr_limit", 0.3))),
+      pixel_map=pixel_key,
+    )
   result.update(
     step=int(step),
     num_test=int(len(labels)),
     num_normal=int((labels == 0).sum()),
     num_anomalous=int((labels == 1).sum()),
     eval_seconds=seconds,
+  )
+  # The step's decision threshold (fitted first on its named split when the config has a
+  # calibration section) and its precision / recall / F1 on the test labels, for information.
+  result.update(
+    calibration.for_eval(
+      config,
+      workdir,
+      step,
+      scores["score"],
+      labels,
+      predict=predict,
+      variables=variables,
+      data_sh=data_sh,
+      batch_size=batch_size,
+      pixel_key=pixel_key,
+      sources=sources,
+    )
   )
 
   if jax.process_index() == 0:
@@ -188,6 +281,24 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict:
       maps=maps_,
       title=f"{config.model_name} step {step}: image AUROC {result['image_AUROC']:.4f}",
     )
+    if fig_masks:
+      if eval_cfg.get("save_pixel_maps", False):
+        np.savez_compressed(
+          os.path.join(outdir, f"pixel_maps_{step}.npz"),
+          maps=pixel_maps,
+          masks=gt_masks,
+          index=indices,
+        )
+      pixel_metric = f", pixel AUROC {result['pixel_AUROC']:.4f}" if "pixel_AUROC" in result else ""
+      result["heatmaps"] = figures.heatmap_overlays(
+        os.path.join(outdir, f"heatmaps_{step}.png"),
+        np.concatenate(fig_inputs)[rows],
+        np.concatenate(fig_maps[pixel_key])[rows],
+        np.concatenate(fig_masks)[rows],
+        labels=fig_labels[rows],
+        scores=np.concatenate(fig_scores)[rows],
+        title=f"{config.model_name} step {step}: map {pixel_key!r}{pixel_metric}",
+      )
     result["histogram"] = figures.score_histogram(
       os.path.join(outdir, f"histogram_{step}.png"),
       scores["score"],

@@ -1,0 +1,567 @@
+"""Decision threshold and score normalisation of a checkpoint, stored in its step directory.
+
+A detector's image score ranks images; turning it into "anomalous or not" needs a threshold, and
+showing scores and maps to a user needs a fixed scale. Both are fitted here on a *named* split,
+once per checkpoint step, and stored next to the weights as
+``<workdir>/checkpoints/<step>/calibration.json`` (written to a temporary file and renamed, so a
+reader never sees half a file). A restored step therefore finds its own calibration, orbax's
+``max_to_keep`` deletes it with its step, and checkpoints without the file still restore (it is
+not an orbax item; ``dmad predict`` then says how to create it).
+
+Methods (``config.calibration``; the section is optional, defaults in :data:`DEFAULTS`):
+
+* ``normal_quantile`` (default): the threshold is the ``quantile`` (default 0.99, linear
+  interpolation as ``np.quantile``) of the image scores of the split's *normal* images; no labels
+  of anomalies are needed. About ``1 - quantile`` of unseen normal images score above it.
+* ``f1``: the threshold that maximises the F1 score (anomalous = positive) on a *labelled* split;
+  candidates lie half-way between consecutive distinct scores, so a score that moves by rounding
+  does not change its label; ties go to the highest threshold.
+
+An image is anomalous when ``score > threshold``. Splits (``calibration.split``):
+
+* ``train`` (default; every data source): the training images. They are normal, but the model
+  has seen them, so their scores are lower than those of new normal images and the threshold
+  flags more new normal images than ``1 - quantile``. Prefer a held-out set when there is one.
+* ``validation`` (folder sources): ``<root>/validation/good/*`` (normal images the model never
+  trained on) and, for ``f1``, ``<root>/validation/<defect>/*`` (anomalous ones), read with the
+  data config's size and channels.
+* ``test``: allowed, but the threshold is then fitted on the images it is evaluated on: the run
+  logs a warning and the stored metadata says ``"optimistic": true``.
+
+Stored (JSON): the method, split, quantile, number of images, step, model name, the name of the
+image score and of the pixel map, the threshold, the split's score statistics (min, max, mean,
+std) and the pixel-map range of its normal images (the heatmap colour scale), and the
+preprocessing of the data source (image size, channels, value range, resize filter), which
+:mod:`dmad_jax.predict` applies to new images. Normalised scores are
+``clip((score - threshold) / (max - min) + 0.5, 0, 1)``: the threshold maps to 0.5 and the
+split's score range to a width of 1 (anomalib's min-max normalisation around the threshold).
+
+Who fits it: ``dmad calibrate --workdir W [--config C] [--step N]`` (:func:`calibrate`, always
+refits; without ``--config`` it reads the run's ``config.json``), and the eval job
+(:func:`for_eval`), which fits and stores it when the config has a ``calibration`` section and
+the step has no calibration made with the same settings, and then reports the threshold's
+precision, recall and F1 on the test labels (for information, never used to fit). A threshold
+is separate from a detector's own ``calibrate`` hook (statistics of the training split kept
+*inside* the state, e.g. DAAD+'s score scaling, refreshed at every checkpoint): that one changes
+the scores, this one reads them after the fact, may need a labelled split, and adding it to the
+state would break restoring older checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+
+from dmad_jax import data as data_lib
+from dmad_jax.train import checkpoint, sharding
+
+log = logging.getLogger("dmad_jax")
+
+CALIBRATION_FILE = "calibration.json"
+METHODS = ("normal_quantile", "f1")
+SPLITS = ("train", "validation", "test")
+DEFAULTS = {"method": "normal_quantile", "split": "train", "quantile": 0.99}
+# Settings whose change makes a stored calibration stale.
+_SETTING_KEYS = tuple(DEFAULTS)
+# Image sources all decode to uint8, resize with PIL's bilinear filter, then scale to [-1, 1]
+# (dmad_jax.data.images); the record names that pipeline.
+RESIZE = "PIL bilinear"
+VALUE_RANGE = (-1.0, 1.0)
+
+
+class CalibrationMissingError(FileNotFoundError):
+  """A checkpoint step has no stored calibration (``calibration.json``)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings and the calibration split.
+# ---------------------------------------------------------------------------------------------
+def settings(config) -> dict:
+  """``config.calibration`` merged into :data:`DEFAULTS` and checked.
+
+  Raises:
+    ValueError: for an unknown key, method or split, or a quantile outside (0, 1).
+  """
+  given = config.get("calibration", None) or {}
+  given = given.to_dict() if hasattr(given, "to_dict") else dict(given)
+  unknown = sorted(set(given) - set(DEFAULTS))
+  if unknown:
+    raise ValueError(
+      f"config.calibration has unknown key(s) {unknown}; known: {', '.join(DEFAULTS)}"
+    )
+  out = {**DEFAULTS, **given}
+  if out["method"] not in METHODS:
+    raise ValueError(f"config.calibration.method must be one of {METHODS}, got {out['method']!r}")
+  if out["split"] not in SPLITS:
+    raise ValueError(f"config.calibration.split must be one of {SPLITS}, got {out['split']!r}")
+  q = out["quantile"]
+  if isinstance(q, bool) or not isinstance(q, int | float) or not 0.0 < float(q) < 1.0:
+    raise ValueError(f"config.calibration.quantile must be a number in (0, 1), got {q!r}")
+  out["quantile"] = float(q)
+  return out
+
+
+def split_source(config, split: str, sources: Mapping | None = None):
+  """The source of calibration split ``split`` (see the module docstring).
+
+  Args:
+    config: the training config.
+    split: ``"train"``, ``"validation"`` or ``"test"``.
+    sources: the ``{"train", "test"}`` sources when already built (avoids listing them again).
+
+  Raises:
+    ValueError: for ``validation`` with a data source that is not a folder.
+    FileNotFoundError: when the folder has no ``validation/`` split (the message shows the
+      layout and the alternatives).
+  """
+  if split in ("train", "test"):
+    return (sources or data_lib.get_sources(config.data))[split]
+  data = config.data
+  if data.name != "folder":
+    raise ValueError(
+      f"calibration split 'validation' needs a folder dataset (<root>/validation/good/...); "
+      f"data source {data.name!r} has none: use --config.calibration.split=train"
+    )
+  folder = os.path.join(data.root, "validation")
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(
+      f"calibration split 'validation': {folder!r} does not exist. Put normal images the model "
+      f"did not train on in {os.path.join(folder, 'good')}/ (and, for method 'f1', anomalous "
+      f"ones in {os.path.join(folder, '<defect>')}/), or use --config.calibration.split=train"
+    )
+  return data_lib.FolderSource(
+    data.root,
+    "validation",
+    image_size=data.image_size,
+    channels=data.get("channels", 3),
+    validate=data.get("validate", True),
+  )
+
+
+def preprocessing(config) -> dict:
+  """How the data source turns a decoded image into a model input (stored for predict)."""
+  data = config.data
+  return {
+    "source": str(data.name),
+    "image_size": int(data.image_size),
+    "channels": int(data.get("channels", 1 if data.name == "digits" else 3)),
+    "value_range": list(VALUE_RANGE),
+    "resize": RESIZE,
+  }
+
+
+# ---------------------------------------------------------------------------------------------
+# Fitting (pure NumPy).
+# ---------------------------------------------------------------------------------------------
+def f1_threshold(scores, labels) -> tuple[float, dict]:
+  """The threshold maximising F1 of ``score > threshold`` against ``labels`` (1 = anomalous).
+
+  Returns:
+    (threshold, {"precision", "recall", "F1"} at it).
+
+  Raises:
+    ValueError: when the labels lack either class.
+  """
+  scores = np.asarray(scores, np.float64)
+  labels = np.asarray(labels)
+  pos, neg = np.sort(scores[labels == 1]), np.sort(scores[labels == 0])
+  if not pos.size or not neg.size:
+    raise ValueError(
+      f"method 'f1' needs normal and anomalous images, got {neg.size} normal and {pos.size} "
+      "anomalous; use method 'normal_quantile' or a labelled split"
+    )
+  levels = np.unique(scores)
+  # Cut k flags every score >= levels[k]: half-way below levels[k] (below the minimum for k=0).
+  gaps = np.diff(levels)
+  below = levels[0] - (gaps[0] / 2 if gaps.size else 0.5)
+  cuts = np.concatenate([[below], levels[:-1] + gaps / 2])
+  tp = pos.size - np.searchsorted(pos, levels, side="left")
+  fp = neg.size - np.searchsorted(neg, levels, side="left")
+  f1 = 2 * tp / (tp + fp + pos.size)
+  k = int(np.flatnonzero(f1 == f1.max())[-1])  # The highest threshold among ties.
+  return float(cuts[k]), {
+    "precision": float(tp[k] / (tp[k] + fp[k])),
+    "recall": float(tp[k] / pos.size),
+    "F1": float(f1[k]),
+  }
+
+
+def threshold_report(scores, labels, threshold: float, prefix: str = "threshold_") -> dict:
+  """Precision, recall, F1 and false-positive rate of ``score > threshold`` (1 = anomalous).
+
+  Undefined ratios (no predicted or no actual anomalies) are reported as 0.
+  """
+  scores, labels = np.asarray(scores), np.asarray(labels)
+  pred = scores > threshold
+  tp = int(np.sum(pred & (labels == 1)))
+  fp = int(np.sum(pred & (labels == 0)))
+  n_pos, n_neg = int(np.sum(labels == 1)), int(np.sum(labels == 0))
+  precision = tp / (tp + fp) if tp + fp else 0.0
+  recall = tp / n_pos if n_pos else 0.0
+  f1 = 2 * tp / (tp + fp + n_pos) if tp + fp + n_pos else 0.0
+  return {
+    f"{prefix}precision": precision,
+    f"{prefix}recall": recall,
+    f"{prefix}F1": f1,
+    f"{prefix}FPR": fp / n_neg if n_neg else 0.0,
+  }
+
+
+def fit(scores, labels, *, method: str, quantile: float = DEFAULTS["quantile"]) -> dict:
+  """Threshold and score statistics of a split's image scores.
+
+  Args:
+    scores: ``(N,)`` image scores (higher = more anomalous).
+    labels: ``(N,)`` labels, 1 = anomalous (all 0 for a normal-only split).
+    method: ``"normal_quantile"`` or ``"f1"``.
+    quantile: for ``normal_quantile``.
+
+  Returns:
+    ``{"threshold", "score_min", "score_max", "score_mean", "score_std"}`` plus, for ``f1``,
+    the split's ``"split_precision"``, ``"split_recall"``, ``"split_F1"`` at the threshold.
+
+  Raises:
+    ValueError: for non-finite scores, a split without normal images (``normal_quantile``) or
+      without both classes (``f1``), or an unknown method.
+  """
+  scores = np.asarray(scores, np.float64).reshape(-1)
+  labels = np.asarray(labels).reshape(-1)
+  if not np.all(np.isfinite(scores)):
+    raise ValueError(f"{int(np.sum(~np.isfinite(scores)))} non-finite scores: cannot calibrate")
+  out = {}
+  if method == "normal_quantile":
+    normal = scores[labels == 0]
+    if not normal.size:
+      raise ValueError("method 'normal_quantile' needs normal images; the split has none")
+    out["threshold"] = float(np.quantile(normal, quantile))
+  elif method == "f1":
+    out["threshold"], at = f1_threshold(scores, labels)
+    out.update({f"split_{k}": v for k, v in at.items()})
+  else:
+    raise ValueError(f"unknown calibration method {method!r}; known: {METHODS}")
+  out.update(
+    score_min=float(scores.min()),
+    score_max=float(scores.max()),
+    score_mean=float(scores.mean()),
+    score_std=float(scores.std()),
+  )
+  return out
+
+
+def normalize_scores(scores, calibration: Mapping) -> np.ndarray:
+  """Scores mapped so that the threshold is 0.5 (see the module docstring), in [0, 1]."""
+  width = calibration["score_max"] - calibration["score_min"]
+  width = width if width > 0 else 1.0
+  x = (np.asarray(scores, np.float64) - calibration["threshold"]) / width + 0.5
+  return np.clip(x, 0.0, 1.0)
+
+
+def normalize_maps(maps, calibration: Mapping) -> np.ndarray:
+  """Pixel maps scaled by the normal maps' range of the calibration split, clipped to [0, 1]."""
+  lo, hi = calibration["map_min"], calibration["map_max"]
+  width = hi - lo if hi > lo else 1.0
+  return np.clip((np.asarray(maps, np.float32) - lo) / width, 0.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring a split, storing and loading.
+# ---------------------------------------------------------------------------------------------
+def collect_scores(predict, variables, source, *, batch_size: int, data_sh, pixel_key: str):
+  """Image scores of every record of ``source`` once, plus the range of the normal pixel maps.
+
+  Args:
+    predict: jitted ``(variables, global batch) -> (detector outputs, kept batch entries)`` with
+      replicated outputs; the kept entries include ``label`` and ``_mask`` (the eval job's).
+    variables: the model variables, sharded for ``predict``.
+    source: random-access source of records.
+    batch_size: global batch size.
+    data_sh: the batch sharding.
+    pixel_key: the detector's pixel map (``maps`` entry).
+
+  Returns:
+    ``{"score": (N,), "label": (N,), "map_min": float, "map_max": float}`` (map range over the
+    normal records, or over all when there are none).
+  """
+  scores, labels = [], []
+  lo, hi = {0: np.inf, 1: np.inf}, {0: -np.inf, 1: -np.inf}
+  for batch in data_lib.make_eval_batches(
+    source,
+    global_batch_size=batch_size,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  ):
+    out, kept = jax.device_get(predict(variables, sharding.global_batch(batch, data_sh)))
+    mask = np.asarray(kept[data_lib.MASK_KEY], bool)
+    scores.append(np.asarray(out["scores"]["score"])[mask])
+    labels.append(np.asarray(kept["label"])[mask])
+    if pixel_key not in out["maps"]:
+      raise ValueError(f"detector pixel map {pixel_key!r} not among its maps {sorted(out['maps'])}")
+    maps = np.asarray(out["maps"][pixel_key], np.float32)[mask]
+    for cls in (0, 1):
+      sel = maps[labels[-1] == cls]
+      sel = sel[np.isfinite(sel)]
+      if sel.size:
+        lo[cls], hi[cls] = min(lo[cls], float(sel.min())), max(hi[cls], float(sel.max()))
+  labels = np.concatenate(labels)
+  cls = 0 if np.any(labels == 0) else 1
+  return {
+    "score": np.concatenate(scores),
+    "label": labels,
+    "map_min": lo[cls],
+    "map_max": hi[cls],
+  }
+
+
+def calibration_path(workdir: str, step: int) -> str:
+  """``<workdir>/checkpoints/<step>/calibration.json``."""
+  return os.path.join(checkpoint.checkpoint_dir(workdir), str(int(step)), CALIBRATION_FILE)
+
+
+def save(workdir: str, step: int, calibration: Mapping) -> str:
+  """Writes the calibration of ``step`` atomically (temporary file, then rename).
+
+  Raises:
+    FileNotFoundError: when the step directory does not exist.
+  """
+  path = calibration_path(workdir, step)
+  if not os.path.isdir(os.path.dirname(path)):
+    raise FileNotFoundError(f"no checkpoint directory {os.path.dirname(path)!r} for step {step}")
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(dict(calibration), f, indent=2)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+  return path
+
+
+def load(workdir: str, step: int) -> dict | None:
+  """The stored calibration of ``step``, or None when there is none."""
+  path = calibration_path(workdir, step)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def fit_split(config, step: int, collected: Mapping, *, pixel_key: str) -> dict:
+  """The calibration record of ``step`` from :func:`collect_scores` of the configured split."""
+  s = settings(config)
+  labels = np.asarray(collected["label"])
+  record = {
+    "method": s["method"],
+    "split": s["split"],
+    "quantile": s["quantile"] if s["method"] == "normal_quantile" else None,
+    "optimistic": s["split"] == "test",
+    "step": int(step),
+    "model_name": str(config.model_name),
+    "score": "score",
+    "pixel_map": pixel_key,
+    "num_images": int(labels.size),
+    "num_normal": int(np.sum(labels == 0)),
+    "num_anomalous": int(np.sum(labels == 1)),
+  }
+  record.update(fit(collected["score"], labels, method=s["method"], quantile=s["quantile"]))
+  record.update(
+    map_min=float(collected["map_min"]),
+    map_max=float(collected["map_max"]),
+    preprocessing=preprocessing(config),
+  )
+  return record
+
+
+def _warn_if_test(split: str) -> None:
+  if split == "test":
+    log.warning(
+      "calibrating on the test split: the threshold is fitted on the images it is evaluated on, "
+      "so threshold metrics on the test split are optimistic (stored as optimistic=true)"
+    )
+
+
+def is_current(stored: Mapping | None, config) -> bool:
+  """Whether ``stored`` was made with the config's calibration settings."""
+  if not stored:
+    return False
+  want = settings(config)
+  if want["method"] != "normal_quantile":
+    want = {**want, "quantile": None}
+  return all(stored.get(k) == want[k] for k in _SETTING_KEYS)
+
+
+def calibrate_step(
+  config,
+  workdir: str,
+  step: int,
+  *,
+  predict,
+  variables,
+  data_sh,
+  batch_size: int,
+  pixel_key,
+  sources=None,
+) -> dict:
+  """Scores the configured split with a restored model, fits and stores the calibration.
+
+  Arguments as :func:`collect_scores`; ``sources`` are the config's train/test sources when
+  already built. Only process 0 writes.
+
+  Returns:
+    The stored record.
+  """
+  s = settings(config)
+  _warn_if_test(s["split"])
+  source = split_source(config, s["split"], sources)
+  collected = collect_scores(
+    predict, variables, source, batch_size=batch_size, data_sh=data_sh, pixel_key=pixel_key
+  )
+  record = fit_split(config, step, collected, pixel_key=pixel_key)
+  if jax.process_index() == 0:
+    path = save(workdir, step, record)
+    log.info(
+      "calibration of step %d (%s on %s, %d images): threshold %.6g -> %s",
+      step,
+      s["method"],
+      s["split"],
+      record["num_images"],
+      record["threshold"],
+      path,
+    )
+  return record
+
+
+def for_eval(config, workdir: str, step: int, test_scores, test_labels, **model) -> dict:
+  """The eval job's part: the step's calibration (fitted and stored first when the config has
+  a ``calibration`` section and the stored one is missing or made with other settings) and its
+  threshold's precision / recall / F1 / FPR on the test labels, for information.
+
+  Args:
+    config: the training config.
+    workdir: the run directory.
+    step: the evaluated step.
+    test_scores: the test split's image scores.
+    test_labels: the test split's labels.
+    **model: the keyword arguments of :func:`calibrate_step` (predict, variables, ...).
+
+  Returns:
+    ``{}`` when there is no calibration to report (no section and none stored, or fitting
+    failed: logged as a warning, the evaluation itself goes on); otherwise ``threshold``,
+    ``threshold_method``, ``threshold_split`` and the ``threshold_*`` metrics.
+  """
+  stored = load(workdir, step)
+  if config.get("calibration", None) is not None and not is_current(stored, config):
+    try:
+      stored = calibrate_step(config, workdir, step, **model)
+    except (ValueError, FileNotFoundError) as err:
+      log.warning("calibration of step %d not stored: %s", step, err)
+  if not stored:
+    return {}
+  out = {
+    "threshold": float(stored["threshold"]),
+    "threshold_method": stored["method"],
+    "threshold_split": stored["split"],
+  }
+  out.update(threshold_report(test_scores, test_labels, stored["threshold"]))
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Restoring a step for inference, and `dmad calibrate`.
+# ---------------------------------------------------------------------------------------------
+def latest_step(workdir: str, step: int | None = None) -> int:
+  """``step`` (checked to exist) or the latest checkpoint step of ``workdir``.
+
+  Raises:
+    FileNotFoundError: when ``workdir`` has no checkpoint, or not ``step``.
+  """
+  mngr = checkpoint.manager(workdir, read_only=True)
+  steps = mngr.all_steps()
+  where = checkpoint.checkpoint_dir(workdir)
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint in {where}: train first (dmad train ... --workdir)")
+  if step is None:
+    return max(steps)
+  if int(step) not in steps:
+    raise FileNotFoundError(f"no checkpoint for step {step} in {where} (have {sorted(steps)})")
+  return int(step)
+
+
+def restore_for_inference(config, workdir: str, step: int, sample: Mapping, mesh):
+  """The eval job's restore: the detector and the variables of ``step``, sharded on ``mesh``.
+
+  Args:
+    config: the run's config.
+    workdir: the run directory.
+    step: an existing checkpoint step.
+    sample: a batch of the training format (shapes only, for the state's structure).
+    mesh: the device mesh.
+
+  Returns:
+    (detector, variables, variable shardings).
+
+  Raises:
+    CheckpointMismatchError: when the checkpoint does not fit the config's model.
+  """
+  from dmad_jax.models import get_detector
+  from dmad_jax.train.state import variables_of
+  from dmad_jax.train.trainer import make_state
+
+  detector = get_detector(config)
+  abstract = jax.eval_shape(lambda: make_state(config, detector, sample, int(config.total_steps)))
+  state_sh = sharding.state_shardings(
+    abstract, mesh, fsdp_min_size=config.get("fsdp_min_size", 2**18)
+  )
+  mngr = checkpoint.manager(workdir, read_only=True)
+  state = checkpoint.restore(mngr, step, sharding.with_shardings(abstract, state_sh), config=config)
+  return detector, variables_of(state), variables_of(state_sh)
+
+
+def _kept(batch: Mapping) -> dict:
+  return {k: v for k, v in batch.items() if k in ("label", "index", data_lib.MASK_KEY)}
+
+
+def calibrate(config, workdir: str, step: int | None = None) -> dict:
+  """``dmad calibrate``: fits and stores the calibration of ``step`` (default: the latest).
+
+  Reads only the calibration split (not the test split). Always refits.
+
+  Returns:
+    The stored record (see the module docstring).
+
+  Raises:
+    FileNotFoundError: when ``workdir`` has no checkpoint (or not ``step``), or the split's
+      folder is missing.
+    ValueError: for invalid settings or a split that cannot be calibrated on.
+  """
+  from dmad_jax.train.trainer import _sample_batch
+
+  workdir = os.path.abspath(workdir)
+  step = latest_step(workdir, step)
+  s = settings(config)
+  source = split_source(config, s["split"])
+  batch_size = int(config.get("eval", {}).get("batch_size", 64))
+  mesh = sharding.make_mesh(config.get("mesh", None))
+  sharding.check_batch_size(batch_size, mesh)
+  rep, data_sh = sharding.replicated(mesh), sharding.data_sharding(mesh)
+  detector, variables, var_sh = restore_for_inference(
+    config, workdir, step, _sample_batch(source), mesh
+  )
+  predict = jax.jit(
+    lambda v, b: (detector.predict(v, b), _kept(b)),
+    in_shardings=(var_sh, data_sh),
+    out_shardings=rep,
+  )
+  return calibrate_step(
+    config,
+    workdir,
+    step,
+    predict=predict,
+    variables=variables,
+    data_sh=data_sh,
+    batch_size=batch_size,
+    pixel_key=getattr(detector, "pixel_map", "rec"),
+  )
