@@ -1,6 +1,10 @@
 """Command line: ``dmad train|eval --config configs/<x>.py[:args] --workdir DIR [--config.k=v]``
 and ``dmad video-auc --scores F.npz --labels L.npy --recipe R`` and
-``dmad convert-weights IN.pth OUT.npz [--arch=wide_resnet50_2]`` (torchvision ResNet weights).
+``dmad convert-weights IN.pth OUT.npz [--arch=wide_resnet50_2]`` (torchvision ResNet weights),
+``dmad calibrate --workdir DIR [--config FILE] [--step N]`` (fit and store a checkpoint's decision
+threshold, see ``dmad_jax.evaluation.calibration``; without --config the run's config.json) and
+``dmad predict --workdir DIR IMAGES... --out DIR [--step N]`` (heatmaps and scores of new images,
+see ``dmad_jax.predict``).
 
 ``python -m dmad_jax`` is the same. ``train`` calls ``dmad_jax.train.train_and_evaluate``;
 ``eval`` runs the separate eval job on the latest (or ``--step``) checkpoint, or with
@@ -33,6 +37,7 @@ _LABELS = flags.DEFINE_string("labels", None, "video-auc: frame labels .npy (1 =
 _RECIPE = flags.DEFINE_string("recipe", "none", "video-auc: score recipe (see evaluation.video).")
 _SKIP = flags.DEFINE_integer("skip_first", 4, "video-auc: unscored frames at each video start.")
 _PLOT = flags.DEFINE_string("plot", None, "video-auc: write per-video score plots to this PNG.")
+_OUT = flags.DEFINE_string("out", None, "predict: folder for the heatmaps and predictions.json.")
 _ARCH = flags.DEFINE_string(
   "arch", None, "convert-weights: resnet18|resnet34|resnet50|wide_resnet50_2 (default: inferred)."
 )
@@ -92,7 +97,44 @@ def convert_weights(src: str, dst: str, arch: str | None = None) -> None:
   print(json.dumps(summary, indent=2))
 
 
+def calibrate() -> None:
+  """``dmad calibrate``: fits and stores the decision threshold of a checkpoint step."""
+  from dmad_jax import predict
+  from dmad_jax.evaluation import calibration
+
+  _setup_logging()
+  try:
+    config = _CONFIG.value if _CONFIG.value is not None else predict.load_config(_WORKDIR.value)
+    record = calibration.calibrate(config, _WORKDIR.value, _STEP.value)
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"calibrate: {e}")
+  keys = ("step", "method", "split", "quantile", "num_images", "threshold")
+  print(json.dumps({k: record[k] for k in keys}, indent=2))
+  print(f"calibration: {calibration.calibration_path(_WORKDIR.value, record['step'])}")
+
+
+def predict_images(paths: list[str]) -> None:
+  """``dmad predict --workdir DIR IMAGES... --out DIR``: heatmaps and scores of new images."""
+  from dmad_jax import predict
+
+  _setup_logging()
+  try:
+    predict.predict_command(_WORKDIR.value, paths, _OUT.value, _STEP.value)
+  except (ValueError, FileNotFoundError) as e:  # ImageReadError is a ValueError.
+    sys.exit(f"predict: {e}")
+
+
 def main(argv):
+  if len(argv) >= 2 and argv[1] == "predict":
+    if len(argv) < 3 or _WORKDIR.value is None or _OUT.value is None:
+      raise app.UsageError("usage: dmad predict --workdir DIR IMAGES... --out DIR [--step N]")
+    predict_images(argv[2:])
+    return
+  if len(argv) == 2 and argv[1] == "calibrate":
+    if _WORKDIR.value is None:
+      raise app.UsageError("usage: dmad calibrate --workdir DIR [--config FILE] [--step N]")
+    calibrate()
+    return
   if len(argv) >= 2 and argv[1] == "convert-weights":
     if len(argv) != 4:
       raise app.UsageError("usage: dmad convert-weights IN.pth|IN.safetensors OUT.npz [--arch=A]")
@@ -101,6 +143,8 @@ def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(
       f"usage: dmad {{{'|'.join(COMMANDS)}}} --config FILE --workdir DIR, "
+      "dmad calibrate --workdir DIR [--config FILE], "
+      "dmad predict --workdir DIR IMAGES... --out DIR, "
       "or dmad convert-weights IN OUT [--arch=A]"
     )
   if argv[1] == "video-auc":

@@ -286,7 +286,9 @@ def get_sources(data_config: Any) -> dict[str, Any]:
 
   * ``digits``: ``protocol`` (``'one_class=K'`` / ``'normal=A,B,..'``), ``image_size`` [32],
     ``channels`` [1], ``test_fraction`` [0.3], ``seed`` [0].
-  * ``folder``: ``root``, ``image_size``, ``channels`` [3], ``validate`` [True].
+  * ``folder``: ``root``, ``image_size``, ``channels`` [3], ``validate`` [True] (``True``:
+    decode every file at start-up and fail naming the unreadable ones; ``"skip"``: leave them
+    out with a warning naming each file and the reason; ``False``: no start-up pass).
   * ``tfds``: ``tfds_name``, ``protocol``, ``image_size``, ``channels``, ``data_dir`` [None],
     ``image_key`` ['image'], ``label_key`` ['label'], ``download`` [True].
   * ``video``: ``root`` (holding ``{training,testing}/frames/<video>/``), ``image_size`` [256],

@@ -1,21 +1,55 @@
 """Checkpoints: orbax ``CheckpointManager`` over the train state and the grain iterator position.
 
 One module for both the trainer (save / resume) and the eval job (restore a given or the latest
-step). Layout: ``<workdir>/checkpoints/<step>/{state,data}``. Orbax writes each step into a
-temporary directory and renames it when complete, so an interrupted save never becomes the
-latest step.
+step). Layout: ``<workdir>/checkpoints/<step>/{state,data}``; the state (parameters, BatchNorm
+statistics, optimizer state, step and the run's PRNG key) and the data iterator position of one
+step always sit in the same step directory.
+
+Atomicity: orbax writes each step into ``<step>.orbax-checkpoint-tmp`` and renames it to
+``<step>`` only once every file is written (on file systems without atomic rename, such as GCS,
+it writes a ``commit_success.txt`` marker last instead). A process killed mid-save (SIGKILL,
+power loss, preemption) therefore leaves at most a temporary directory, which is never listed as
+a step and is deleted when the next training run opens the manager.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 STATE = "state"
 DATA = "data"
+
+# Test hook (tests/train/reliability_test.py): with this variable set to a step number, the
+# process SIGKILLs itself while saving that step, after every file is written into the temporary
+# directory and before it is renamed: the worst moment for a crash.
+CRASH_ENV = "DMAD_TEST_CRASH_IN_CHECKPOINT_STEP"
+
+# Config entries that decide the shapes and structure of the saved state; a checkpoint that does
+# not fit is reported with the differences in these entries.
+_MODEL_KEYS = ("model_name", "model", "t_length", "optimizer", "data.image_size", "data.channels")
+_MAX_LISTED = 8
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint does not fit the model of the config (another model, other sizes)."""
+
+
+class _CrashBeforeCommit(ocp.path.atomicity.AtomicRenameTemporaryPath):
+  """Atomic-rename temporary path that SIGKILLs the process before committing step
+  ``$DMAD_TEST_CRASH_IN_CHECKPOINT_STEP`` (test hook, see ``CRASH_ENV``)."""
+
+  async def finalize(self):
+    if self.get_final().name == os.environ.get(CRASH_ENV):
+      os.kill(os.getpid(), signal.SIGKILL)
+    return await super().finalize()
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -23,38 +57,184 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 def manager(workdir: str, *, max_to_keep: int | None = 3, read_only: bool = False):
-  """The run's CheckpointManager (creates the directory unless read_only)."""
+  """The run's CheckpointManager.
+
+  A writing manager creates the directory and deletes temporary directories left by an
+  interrupted save; a ``read_only`` one touches nothing.
+  """
   options = ocp.CheckpointManagerOptions(
-    max_to_keep=max_to_keep, create=not read_only, read_only=read_only
+    max_to_keep=max_to_keep,
+    create=not read_only,
+    read_only=read_only,
+    cleanup_tmp_directories=not read_only,
+    temporary_path_class=_CrashBeforeCommit if os.environ.get(CRASH_ENV) else None,
   )
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=(STATE, DATA))
 
 
 def save(mngr, step: int, state, data_iter=None) -> None:
-  """Saves the state (and the data iterator position when given) at ``step``."""
+  """Saves the state (and the data iterator position when given) at ``step``.
+
+  The write continues in the background; ``mngr.wait_until_finished()`` waits for it.
+  """
   items = {STATE: ocp.args.StandardSave(state)}
   if data_iter is not None:
     items[DATA] = grain.checkpoint.CheckpointSave(data_iter)
   mngr.save(step, args=ocp.args.Composite(**items))
 
 
-def restore(mngr, step: int, abstract_state, data_iter=None):
+# ---------------------------------------------------------------------------------------------
+# Restore, with a readable report when the checkpoint belongs to another model.
+# ---------------------------------------------------------------------------------------------
+def _path_name(path) -> str:
+  """ "params/encoder/conv1/kernel" for a pytree key path (dict keys, attributes, indices)."""
+  parts = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return "/".join(parts)
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {
+    _path_name(p): tuple(int(d) for d in getattr(leaf, "shape", np.shape(leaf)))
+    for p, leaf in leaves
+  }
+
+
+def _saved_shapes(step_dir: str) -> dict[str, tuple[int, ...]] | None:
+  """Array shapes stored in ``<step_dir>/state``, or None when they cannot be read."""
+  try:
+    meta = ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir) / STATE)
+  except Exception:  # An unreadable layout falls back to orbax's own error at restore time.
+    return None
+  tree = getattr(meta, "item_metadata", meta)
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {_path_name(p): tuple(int(d) for d in leaf.shape) for p, leaf in leaves}
+
+
+def shape_differences(saved: dict, wanted: dict) -> list[str]:
+  """Human-readable differences between two ``{path: shape}`` maps (checkpoint vs config),
+  parameters first and optimizer state (which mirrors the parameters) last."""
+  out = [
+    f"{k}: checkpoint {saved[k]}, this config {wanted[k]}"
+    for k in sorted(saved.keys() & wanted.keys())
+    if saved[k] != wanted[k]
+  ]
+  out += [f"{k} {wanted[k]}: only in this config" for k in sorted(wanted.keys() - saved.keys())]
+  out += [f"{k} {saved[k]}: only in the checkpoint" for k in sorted(saved.keys() - wanted.keys())]
+  order = ("params/", "batch_stats/")
+  return sorted(
+    out, key=lambda line: next((i for i, p in enumerate(order) if line.startswith(p)), len(order))
+  )
+
+
+def _flat(tree, prefix: str = "") -> dict:
+  if isinstance(tree, dict):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flat(v, f"{prefix}{k}."))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def config_differences(saved_config_path: str, config) -> list[str]:
+  """Model-defining entries (``_MODEL_KEYS``) in which ``config`` differs from a saved
+  ``config.json``; empty when the file is missing or unreadable."""
+  try:
+    with open(saved_config_path) as f:
+      saved = _flat(json.load(f))
+    now = _flat(
+      json.loads(
+        config.to_json_best_effort()
+        if hasattr(config, "to_json_best_effort")
+        else json.dumps(dict(config), default=str)
+      )
+    )
+  except (OSError, ValueError, TypeError):
+    return []
+
+  def relevant(key):
+    return any(key == k or key.startswith(k + ".") for k in _MODEL_KEYS)
+
+  keys = sorted(k for k in saved.keys() | now.keys() if relevant(k))
+  missing = "<not set>"
+  return [
+    f"{k}: {saved.get(k, missing)!r} in the workdir's config, {now.get(k, missing)!r} now"
+    for k in keys
+    if saved.get(k, missing) != now.get(k, missing)
+  ]
+
+
+def _mismatch_message(step_dir: str, lines: list[str], config_lines: list[str]) -> str:
+  workdir = os.path.dirname(os.path.dirname(step_dir))
+  shown = "; ".join(lines[:_MAX_LISTED])
+  more = f" (and {len(lines) - _MAX_LISTED} more)" if len(lines) > _MAX_LISTED else ""
+  msg = (
+    f"checkpoint {step_dir} does not fit the model of this config: the workdir {workdir} "
+    f"belongs to another model. Differences: {shown}{more}."
+  )
+  if config_lines:
+    msg += (
+      f" The workdir's config ({os.path.join(workdir, 'config.json')}) differs in: "
+      + "; ".join(config_lines[:_MAX_LISTED])
+      + "."
+    )
+  return msg + " Use a new --workdir for this config, or the workdir's own config to resume it."
+
+
+def restore(mngr, step: int, abstract_state, data_iter=None, *, config=None):
   """Restores ``step`` into the structure of ``abstract_state`` (and ``data_iter`` in place).
 
+  Before reading any array the stored shapes are compared with ``abstract_state``, so a
+  checkpoint of another model fails with the list of parameters that differ (and, given
+  ``config``, the entries in which it differs from the workdir's ``config.json``).
+
+  Args:
+    mngr: a manager from :func:`manager`.
+    step: the step to restore.
+    abstract_state: the state's structure (``jax.ShapeDtypeStruct`` leaves, possibly sharded).
+    data_iter: a fresh grain iterator of the run, set to the saved position in place.
+    config: the config of this run, to name the differing config entries in errors.
+
+  Returns:
+    The restored state.
+
   Raises:
-    ValueError: when the checkpoint does not fit the model of the config (another model,
-      other sizes), naming the checkpoint directory.
+    CheckpointMismatchError: when the checkpoint does not fit the model of the config (another
+      model, other sizes), naming the checkpoint directory and the differences.
   """
+  step_dir = os.path.join(str(mngr.directory), str(step))
+  config_path = os.path.join(os.path.dirname(str(mngr.directory)), "config.json")
+  saved = _saved_shapes(step_dir)
+  if saved is not None:
+    lines = shape_differences(saved, _shapes(abstract_state))
+    if lines:
+      config_lines = [] if config is None else config_differences(config_path, config)
+      raise CheckpointMismatchError(_mismatch_message(step_dir, lines, config_lines))
+  # Leaves without a sharding go to this process's first device, whatever topology (device
+  # count, process count) wrote the checkpoint.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+  def place(a):
+    if isinstance(a, jax.ShapeDtypeStruct) and a.sharding is None:
+      return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device)
+    return a
+
+  abstract_state = jax.tree.map(place, abstract_state)
   items = {STATE: ocp.args.StandardRestore(abstract_state)}
   if data_iter is not None:
     items[DATA] = grain.checkpoint.CheckpointRestore(data_iter)
   try:
     restored = mngr.restore(step, args=ocp.args.Composite(**items))
   except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(
-      f"checkpoint {os.path.join(str(mngr.directory), str(step))} does not match the model of "
-      f"this config (different model or sizes?): {e}"
-    ) from e
+    config_lines = [] if config is None else config_differences(config_path, config)
+    raise CheckpointMismatchError(_mismatch_message(step_dir, [str(e)], config_lines)) from e
   return restored[STATE]
 
 

@@ -1,0 +1,280 @@
+"""Crash safety and determinism of ``dmad train``, on the runlocal digits config in subprocesses.
+
+Every run trains STEPS steps with a checkpoint every EVERY steps; an uninterrupted run is the
+reference. Runs that are killed (SIGKILL at a random step, SIGKILL inside a checkpoint write) or
+stopped (SIGTERM) and then rerun with the same command must end with bit-identical parameters.
+The subprocesses share a persistent compilation cache, so only the first one compiles; each
+still pays ~6 s of CPU for importing JAX, orbax, grain and TensorFlow (TensorBoard writer), and
+the first one ~40 s for compiling, hence the ``slow`` marks (about 3 min of CPU for all four
+subprocess tests with a cold cache).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import digits_pdm
+from dmad_jax.evaluation import job
+from dmad_jax.train import checkpoint, trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+STEPS, EVERY = 8, 3  # checkpoints at steps 3, 6 and 8
+TIMEOUT = 300
+# Kill steps are drawn from this seeded generator; the drawn step is in every failure message.
+KILL_RNG = random.Random(20240607)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(request, tmp_path_factory):
+  """JAX's persistent compilation cache for the subprocesses, kept in pytest's cache directory
+  across sessions when there is one (entries are keyed by the program, the JAX version and the
+  flags, so a stale entry is never used)."""
+  cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
+  if cache is None:
+    return str(tmp_path_factory.mktemp("jax_cache"))
+  return str(cache.mkdir("dmad_reliability_jax_cache"))
+
+
+def _command(workdir, *overrides):
+  return [
+    sys.executable,
+    "-m",
+    "dmad_jax",
+    "train",
+    f"--config={ROOT}/configs/digits_pdm.py:runlocal",
+    f"--workdir={workdir}",
+    f"--config.total_steps={STEPS}",
+    f"--config.checkpoint_every_steps={EVERY}",
+    "--config.log_every_steps=1",
+    *overrides,
+  ]
+
+
+def _env(cache_dir, **extra):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  env.update(
+    JAX_COMPILATION_CACHE_DIR=cache_dir,
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  )
+  env.pop(checkpoint.CRASH_ENV, None)
+  env.update(extra)
+  return env
+
+
+def _start(workdir, cache_dir, *overrides, **env):
+  """Starts a training subprocess; its output goes to files next to the workdir."""
+  out = open(f"{workdir}.log", "a")  # noqa: SIM115 (closed by _finish)
+  proc = subprocess.Popen(
+    _command(workdir, *overrides),
+    cwd=ROOT,
+    env=_env(cache_dir, **env),
+    stdout=out,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
+  proc.log_file = out
+  return proc
+
+
+def _finish(proc):
+  try:
+    proc.wait(timeout=TIMEOUT)
+  finally:
+    proc.log_file.close()
+  with open(proc.log_file.name) as f:
+    return proc.returncode, f.read()
+
+
+def _train(workdir, cache_dir, *overrides):
+  code, log = _finish(_start(workdir, cache_dir, *overrides))
+  assert code == 0, log[-4000:]
+  return log
+
+
+def _params(workdir, step=STEPS):
+  """The parameters (and BatchNorm statistics, optimizer state) saved at ``step``."""
+  config = digits_pdm.get_config("runlocal")
+  config.total_steps = STEPS
+  detector = trainer.get_detector(config)
+  sample = trainer._sample_batch(trainer.data_lib.get_sources(config.data)["train"])
+  abstract = job._abstract_state(config, detector, sample)
+  state = checkpoint.restore(checkpoint.manager(workdir, read_only=True), step, abstract)
+  return [
+    np.asarray(x) for x in jax.tree.leaves((state.params, state.batch_stats, state.opt_state))
+  ]
+
+
+def _assert_bit_identical(a, b, what):
+  assert len(a) == len(b)
+  different = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if not np.array_equal(x, y)]
+  assert not different, f"{what}: {len(different)} of {len(a)} arrays differ"
+
+
+def _steps(workdir):
+  """Steps logged so far to metrics.jsonl (the subprocess flushes each line)."""
+  try:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      return [json.loads(line)["step"] for line in f if line.endswith("\n")]
+  except FileNotFoundError:
+    return []
+
+
+def _wait_until(proc, condition, what):
+  deadline = time.time() + TIMEOUT
+  while not condition():
+    assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before {what}"
+    assert time.time() < deadline, f"timed out waiting for {what}"
+    time.sleep(0.02)
+
+
+def _latest(workdir):
+  return checkpoint.manager(workdir, read_only=True).latest_step()
+
+
+def _committed(workdir):
+  """Whether a checkpoint step has been committed (polled without building a manager)."""
+  try:
+    return any(name.isdigit() for name in os.listdir(checkpoint.checkpoint_dir(workdir)))
+  except FileNotFoundError:
+    return False
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache_dir):
+  """Final state of an uninterrupted run (seed 0)."""
+  workdir = str(tmp_path_factory.mktemp("reference") / "run")
+  _train(workdir, cache_dir)
+  assert checkpoint.manager(workdir, read_only=True).all_steps() == [3, 6, 8]
+  return _params(workdir)
+
+
+@pytest.mark.slow
+def test_same_seed_is_bit_identical_and_another_seed_differs(tmp_path, cache_dir, reference):
+  _train(str(tmp_path / "again"), cache_dir)
+  _assert_bit_identical(reference, _params(str(tmp_path / "again")), "same seed")
+  _train(str(tmp_path / "seed1"), cache_dir, "--config.seed=1")
+  other = _params(str(tmp_path / "seed1"))
+  differ = sum(not np.array_equal(x, y) for x, y in zip(reference, other, strict=True))
+  assert differ > len(reference) // 2, f"seed 1 changed only {differ} of {len(reference)} arrays"
+
+
+@pytest.mark.slow
+def test_sigkill_at_a_random_step_then_rerun_is_bit_identical(tmp_path, cache_dir, reference):
+  workdir = str(tmp_path / "run")
+  kill_at = KILL_RNG.randint(EVERY + 1, STEPS - 2)
+  proc = _start(workdir, cache_dir)
+  _wait_until(
+    proc,
+    lambda: _committed(workdir) and max(_steps(workdir), default=0) >= kill_at,
+    f"the first checkpoint and step {kill_at}",
+  )
+  proc.send_signal(signal.SIGKILL)
+  code, log = _finish(proc)
+  assert code == -signal.SIGKILL, log[-3000:]
+  killed_after = max(_steps(workdir))
+  latest = _latest(workdir)
+  assert latest is not None and latest < STEPS, (kill_at, latest)
+
+  log = _train(workdir, cache_dir)
+  assert f"at step {latest}" in log, log[-3000:]  # "resumed from ... at step N"
+  _assert_bit_identical(
+    reference, _params(workdir), f"killed after step {killed_after} (drawn {kill_at})"
+  )
+
+
+@pytest.mark.slow
+def test_sigkill_inside_a_checkpoint_write_never_commits_it(tmp_path, cache_dir, reference):
+  workdir = str(tmp_path / "run")
+  # The hook kills the process after step 6's files are written, before the rename that
+  # commits them.
+  code, log = _finish(_start(workdir, cache_dir, **{checkpoint.CRASH_ENV: "6"}))
+  assert code == -signal.SIGKILL, log[-3000:]
+  ckpt = checkpoint.checkpoint_dir(workdir)
+  partial = [name for name in os.listdir(ckpt) if name.startswith("6.")]
+  assert partial and os.path.isdir(os.path.join(ckpt, partial[0], checkpoint.STATE)), partial
+  assert checkpoint.manager(workdir, read_only=True).all_steps() == [3]
+
+  log = _train(workdir, cache_dir)
+  assert "at step 3" in log, log[-3000:]
+  assert sorted(os.listdir(ckpt)) == ["3", "6", "8"]  # the partial directory was removed
+  _assert_bit_identical(reference, _params(workdir), "killed while writing step 6")
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_current_step_and_exits(tmp_path, cache_dir, reference):
+  workdir = str(tmp_path / "run")
+  stop_after = KILL_RNG.randint(EVERY + 1, STEPS - 2)
+  proc = _start(workdir, cache_dir)
+  _wait_until(
+    proc,
+    lambda: _committed(workdir) and max(_steps(workdir), default=0) >= stop_after,
+    f"the first checkpoint and step {stop_after}",
+  )
+  proc.send_signal(signal.SIGTERM)
+  code, log = _finish(proc)
+  assert code == 143, log[-3000:]
+  saved = re.search(r"saved step (\d+) in \S+; rerun the same command to resume", log)
+  assert saved, log[-3000:]
+  step = int(saved.group(1))
+  assert stop_after <= step < STEPS and _latest(workdir) == step
+  assert max(_steps(workdir)) == step  # it finished the step it was in, then stopped
+
+  log = _train(workdir, cache_dir)
+  assert f"at step {step}" in log, log[-3000:]
+  _assert_bit_identical(reference, _params(workdir), f"stopped by SIGTERM at step {step}")
+
+
+class _NaNSometimes:
+  """A one-parameter detector whose loss is NaN on about half of the steps (drawn from the
+  step's key), so the test compiles in a second instead of building PDM."""
+
+  def init(self, rng, batch):
+    del rng, batch
+    return {"params": {"w": jnp.ones((1,), jnp.float32)}, "batch_stats": {}}
+
+  def loss(self, params, batch_stats, batch, rng):
+    mse = jnp.mean((batch["image"] * params["w"][0] - 0.5) ** 2)
+    bad = jax.random.bernoulli(rng, 0.5)
+    return jnp.where(bad, jnp.nan, mse), ({"mse": jnp.where(bad, jnp.nan, mse)}, batch_stats)
+
+
+def test_nonfinite_skip_leaves_the_state_untouched_and_continues(tmp_path, monkeypatch, caplog):
+  monkeypatch.setattr(trainer, "get_detector", lambda config: _NaNSometimes())
+  config = digits_pdm.get_config("runlocal")
+  config.total_steps, config.checkpoint_every_steps, config.nonfinite = 6, 1, "skip"
+  config.keep_checkpoints = 10
+  config.optimizer.schedule, config.optimizer.warmup_steps = "constant", 0  # lr > 0 at step 1
+  workdir = str(tmp_path / "run")
+  with caplog.at_level(logging.WARNING, logger="dmad_jax"):
+    trainer.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  nan_steps = [r["step"] for r in rows if not np.isfinite(float(r["loss"]))]  # "nan" in JSON
+  assert 0 < len(nan_steps) < 6 and rows[-1]["skipped_updates"] == len(nan_steps)
+  for step in nan_steps:
+    assert f"step {step}: non-finite" in caplog.text and "'mse': nan" in caplog.text
+
+  mngr = checkpoint.manager(workdir, read_only=True)
+  sample = {"image": np.zeros((1, 32, 32, 1), np.float32)}
+  abstract = jax.eval_shape(lambda: trainer.make_state(config, _NaNSometimes(), sample, 6))
+  w = {s: float(checkpoint.restore(mngr, s, abstract).params["w"][0]) for s in range(1, 7)}
+  w[0] = 1.0
+  for step in range(1, 7):
+    if step in nan_steps:
+      assert w[step] == w[step - 1], f"step {step} was skipped but changed w"
+    else:
+      assert w[step] != w[step - 1], f"step {step} was finite but did not change w"
