@@ -97,7 +97,9 @@ def test_processes_read_disjoint_slices_of_the_one_process_batches():
   src = _source(10)
   single = _take(make_train_iterator(src, global_batch_size=4, seed=0), 6)
   per_process = [
-    _take(make_train_iterator(src, global_batch_size=4, seed=0, process_index=p, process_count=2), 6)
+    _take(
+      make_train_iterator(src, global_batch_size=4, seed=0, process_index=p, process_count=2), 6
+    )
     for p in range(2)
   ]
   for k in range(6):
