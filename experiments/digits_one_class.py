@@ -1,14 +1,21 @@
 """One-class AUROC on scikit-learn's handwritten digits, every digit as the normal class.
 
   python experiments/digits_one_class.py [--steps 300] [--digits 0,1,...] [--odd_even]
+  python experiments/digits_one_class.py --model daad --steps 150
+  python experiments/digits_one_class.py --model daad_plus --steps 150
 
-For each digit k: train DMAD-PDM (configs/digits_pdm.py, protocol one_class=k) on the normal
-training images of the seeded stratified split, evaluate on the whole test part (all ten digits,
-label 1 unless the digit is k) with the separate eval job, and record the image AUROCs. With
-``--odd_even`` the paper's toy protocol (normal = 1,3,5,7,9) is run too.
+For each digit k: train the model (``--model``: ``pdm`` = DMAD-PDM, configs/digits_pdm.py; or a
+DAAD row of configs/digits_daad.py: ``ae``, ``memae``, ``ae_skip``, ``daad``, ``daad_plus``) with
+protocol one_class=k on the normal training images of the seeded stratified split, evaluate on
+the whole test part (all ten digits, label 1 unless the digit is k) with the separate eval job,
+and record the image AUROCs. With ``--odd_even`` the paper's toy protocol (normal = 1,3,5,7,9)
+is run too.
 
-Writes ``experiments/results/digits_one_class.json`` (every metric of every run, the config
-overrides and the machine) and prints a Markdown table with the mean over the ten digits.
+Writes ``experiments/results/digits_one_class.json`` for pdm and
+``experiments/results/digits_one_class_<model>.json`` otherwise (every metric of every run, the
+config overrides and the machine) and prints a Markdown table with the mean over the ten digits.
+Compiled programs are cached under ``<workroot>/jax_cache``, so the runs after the first of a
+model skip most of XLA's compile time.
 """
 
 from __future__ import annotations
@@ -26,22 +33,41 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from configs import digits_pdm  # noqa: E402
+import jax  # noqa: E402
+
+from configs import digits_daad, digits_pdm  # noqa: E402
 from dmad_jax.evaluation import job  # noqa: E402
 from dmad_jax.train import train_and_evaluate  # noqa: E402
 
+MODELS = ("pdm", *digits_daad.VARIANTS)
+# Score columns of the printed table per model: (metric key, header).
+COLUMNS = {
+  "pdm": (("image_AUROC_rec", "AUROC (rec only)"), ("image_AUROC_df", "AUROC (deformation only)")),
+  "daad_plus": (("image_AUROC_rec", "AUROC (R only)"), ("image_AUROC_ali", "AUROC (L only)")),
+}
 
-def run(protocol: str, steps: int | None, workroot: str) -> dict:
-  config = digits_pdm.get_config(f"protocol={protocol}")
+
+def get_config(model: str, protocol: str):
+  """The digits config of ``model`` for ``protocol``."""
+  if model == "pdm":
+    return digits_pdm.get_config(f"protocol={protocol}")
+  return digits_daad.get_config(f"variant={model};protocol={protocol}")
+
+
+def run(protocol: str, steps: int | None, workroot: str, model: str = "pdm") -> dict:
+  config = get_config(model, protocol)
   if steps:
     config.total_steps = steps
     config.checkpoint_every_steps = steps
-  workdir = os.path.join(workroot, protocol.replace("=", "_").replace(",", ""))
+  name = protocol.replace("=", "_").replace(",", "")
+  workdir = os.path.join(workroot, name if model == "pdm" else f"{model}_{name}")
   shutil.rmtree(workdir, ignore_errors=True)  # every run of this script trains from scratch
   t0 = time.time()
   train_and_evaluate(config, workdir)
   result = job.evaluate(config, workdir)
   result["protocol"] = protocol
+  if model != "pdm":
+    result["model"] = model
   result["total_steps"] = int(config.total_steps)
   result["wall_seconds"] = time.time() - t0
   return result
@@ -49,12 +75,18 @@ def run(protocol: str, steps: int | None, workroot: str) -> dict:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--model", default="pdm", choices=MODELS, help="detector (config row)")
   parser.add_argument("--steps", type=int, default=None, help="override config.total_steps")
   parser.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9")
   parser.add_argument("--odd_even", action="store_true", help="also run normal=1,3,5,7,9")
   parser.add_argument("--workroot", default=os.path.join(ROOT, "runs", "digits_one_class"))
-  parser.add_argument("--out", default=os.path.join(HERE, "results", "digits_one_class.json"))
+  parser.add_argument("--out", default=None, help="results JSON (default: see above)")
   args = parser.parse_args()
+  if args.out is None:
+    suffix = "" if args.model == "pdm" else f"_{args.model}"
+    args.out = os.path.join(HERE, "results", f"digits_one_class{suffix}.json")
+  jax.config.update("jax_compilation_cache_dir", os.path.join(args.workroot, "jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   # force: TensorFlow/absl may already have configured the root logger at import time.
   logging.basicConfig(
     level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True
@@ -65,10 +97,11 @@ def main():
   protocols = [f"one_class={d}" for d in args.digits.split(",")]
   if args.odd_even:
     protocols.append("normal=1,3,5,7,9")
-  results = [run(p, args.steps, args.workroot) for p in protocols]
+  results = [run(p, args.steps, args.workroot, args.model) for p in protocols]
   one_class = [r for r in results if r["protocol"].startswith("one_class=")]
   summary = {
     "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+    "model": args.model,
     "command": " ".join(sys.argv),
     "runs": results,
   }
@@ -80,15 +113,15 @@ def main():
   with open(args.out, "w") as f:
     json.dump(summary, f, indent=2)
 
-  print("| protocol | image AUROC | AUROC (rec only) | AUROC (deformation only) | steps |")
-  print("|---|---|---|---|---|")
+  columns = COLUMNS.get(args.model, ())
+  print("| protocol | image AUROC | " + "".join(f"{h} | " for _, h in columns) + "steps |")
+  print("|---|---|" + "---|" * len(columns) + "---|")
   for r in results:
-    print(
-      f"| {r['protocol']} | {r['image_AUROC']:.4f} | {r['image_AUROC_rec']:.4f} | "
-      f"{r['image_AUROC_df']:.4f} | {r['total_steps']} |"
-    )
+    cells = "".join(f"{r[k]:.4f} | " for k, _ in columns)
+    print(f"| {r['protocol']} | {r['image_AUROC']:.4f} | {cells}{r['total_steps']} |")
   if one_class:
-    print(f"| **mean of one_class=0..9** | **{summary['mean_image_AUROC_one_class']:.4f}** | | | |")
+    mean = summary["mean_image_AUROC_one_class"]
+    print(f"| **mean of one_class=0..9** | **{mean:.4f}** | " + "| " * len(columns) + "|")
   print(f"written: {args.out}")
 
 

@@ -88,7 +88,9 @@ def _unit(x: jax.Array, eps: float) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
-def hard_shrink(weights: jax.Array, threshold: float, *, eps: float = 1e-12) -> jax.Array:
+def hard_shrink(
+  weights: jax.Array, threshold: float, *, eps: float = 1e-12, renormalize: bool = True
+) -> jax.Array:
   """MemAE hard shrinkage with L1 re-normalisation along the last axis.
 
   ``w' = relu(w - lam) * w / (|w - lam| + eps)`` (continuous form of "keep w if w > lam, else 0",
@@ -99,6 +101,8 @@ def hard_shrink(weights: jax.Array, threshold: float, *, eps: float = 1e-12) -> 
     weights: ``(..., N)`` non-negative addressing weights.
     threshold: ``lam``.
     eps: numerical guard of both divisions.
+    renormalize: divide by the sum of the kept weights (MemAE); False keeps them as they are
+      (they then sum to less than 1).
 
   Returns:
     Shrunk weights of the same shape.
@@ -109,6 +113,8 @@ def hard_shrink(weights: jax.Array, threshold: float, *, eps: float = 1e-12) -> 
   # ulp; a ratio relu(s) / |s| of two such copies is then off by ulp(w) / s, which was 3e-5
   # relative under jit(grad) for s ~ 1e-4, whereas this form is insensitive to it.
   kept = weights * (1.0 - eps / (jax.nn.relu(weights - threshold) + eps))
+  if not renormalize:
+    return kept
   return kept / jnp.maximum(jnp.sum(kept, axis=-1, keepdims=True), eps)
 
 
@@ -119,13 +125,15 @@ def block_memory_read(
   rates: Sequence[int],
   shrink: bool = True,
   shrink_threshold: float | None = None,
+  renormalize: bool = True,
+  temperature: float = 1.0,
   eps: float = 1e-12,
 ) -> tuple[jax.Array, jax.Array]:
   """Reads a memory bank with one query per block of ``f`` (DAAD block-wise memory).
 
   For each block query ``q`` (length D, flattened in ``(h, w, c)`` row-major order)::
 
-    w_i  = softmax_i(cos(q, m_i))                          # temperature 1, over the N items
+    w_i  = softmax_i(cos(q, m_i) / T)                      # T = temperature (DAAD: 1)
     w'_i = hard_shrink(w, lam)_i     if shrink, else w_i   # lam = 1/N unless overridden
     read = sum_i w'_i m_i                                  # reshaped back into the block
 
@@ -138,6 +146,9 @@ def block_memory_read(
     rates: ``(r_h, r_w, r_c)`` number of blocks along H, W and C (static Python ints).
     shrink: apply hard shrinkage and L1 re-normalisation.
     shrink_threshold: shrinkage threshold; ``None`` means ``1/N``.
+    renormalize: L1 re-normalise the weights kept by the shrinkage (MemAE); DAAD does not say.
+    temperature: softmax temperature T of the cosine similarities; 1 is DAAD's Eq. 1, a small T
+      approaches a hard nearest-item read.
     eps: guard in the cosine norms and in the shrinkage divisions.
 
   Returns:
@@ -171,10 +182,12 @@ def block_memory_read(
     _unit(items, eps),
     precision=jax.lax.Precision.HIGHEST,
   )
-  weights = jax.nn.softmax(cos, axis=-1)
+  if temperature <= 0:
+    raise ValueError(f"temperature must be positive, got {temperature}")
+  weights = jax.nn.softmax(cos / temperature if temperature != 1.0 else cos, axis=-1)
   if shrink:
     lam = 1.0 / num_items if shrink_threshold is None else shrink_threshold
-    weights = hard_shrink(weights, lam, eps=eps)
+    weights = hard_shrink(weights, lam, eps=eps, renormalize=renormalize)
   read_blocks = jnp.einsum("...n,nd->...d", weights, items, precision=jax.lax.Precision.HIGHEST)
   read = _from_blocks(read_blocks, f.shape, rates).astype(f.dtype)
   return read, weights

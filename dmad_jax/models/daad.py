@@ -1,0 +1,600 @@
+"""DAAD / DAAD+: a UNet-like autoencoder whose encoder-to-decoder paths read block-wise memories.
+
+Divide-and-Assemble Anomaly Detection (Hou et al., ICCV 2021; facts in shared/spec/seed_systems.md
+Sec. 3; the authors released no code, so the paper is the reference):
+
+* the encoder is ``[ConvBNReLU 3x3] x 2 + maxpool 2x2`` per level (widths 64, 128, 256, 512);
+* after each pooling, level ``l`` divides its map into ``r_h x r_w x r_c`` blocks, each block
+  queries that level's own bank of N items (softmax over cosine similarities, hard shrinkage at
+  1/N) and the read blocks are assembled into ``m_l`` (:class:`dmad_jax.nn.BlockMemory`);
+* the decoder starts from ``m_L`` and concatenates ``m_{l}`` at every scale (paper Tab. 7), so no
+  path from the encoder to the decoder avoids a memory;
+* DAAD+ adds a DCGAN discriminator (paper Tab. 8): adversarial and alignment losses during
+  training, and the distance of its 100-d features of ``x`` and ``x_hat`` as a second score,
+  fused with the reconstruction error as ``gamma R(x) + (1 - gamma) L(x)``.
+
+The ablation rows of the paper's Table 3 are settings of the same model: AE (no skips, no
+memory), MemAE (no skips, one per-pixel memory at the deepest level), AE+Skip (skips, no memory),
+DAAD (skips through memories at every level) and DAAD+ (DAAD with the discriminator;
+``model_name="daad_plus"``).
+
+Choices the paper leaves open are :class:`DAAD` attributes (config ``model.*``), with the spec's
+recommendation as default: re-normalisation of the shrunk weights (``renormalize=True``, MemAE),
+memory initialisation (``memory_init="uniform"``, MemAE's ``U(-1/sqrt(D), 1/sqrt(D))``) and the
+output activation (``output_activation="tanh"``, matching inputs in [-1, 1]).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dmad_jax.nn.init import torch_default_bias_init, torch_default_kernel_init
+from dmad_jax.nn.layers import Conv, batch_norm, max_pool2
+from dmad_jax.nn.memory import BlockMemory
+
+GRANULARITIES = ("block", "pixel")
+OUTPUT_ACTIVATIONS = ("tanh", "none")
+SCALINGS = ("train", "none")
+_STATS = ("r_min", "r_max", "l_min", "l_max")
+
+
+# ---------------------------------------------------------------------------------------------
+# Generator: the memory-augmented UNet.
+# ---------------------------------------------------------------------------------------------
+class ConvBNReLU(nn.Module):
+  """conv3 (no bias: a BatchNorm follows) - BN - ReLU.
+
+  Attributes:
+    features: output channels.
+  """
+
+  features: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    """(N, H, W, C) -> (N, H, W, features)."""
+    return nn.relu(batch_norm(train)(Conv(self.features, 3, use_bias=False)(x)))
+
+
+def _up(features: int, name: str) -> nn.ConvTranspose:
+  """``torch.nn.ConvTranspose2d(k=2, s=2)``: exactly doubles H and W."""
+  return nn.ConvTranspose(
+    features,
+    (2, 2),
+    strides=(2, 2),
+    padding="VALID",
+    transpose_kernel=True,
+    kernel_init=torch_default_kernel_init,
+    bias_init=torch_default_bias_init(4 * features),  # torch's fan_in of a transposed conv
+    name=name,
+  )
+
+
+def _per_level(value, levels: int, name: str, shared) -> list:
+  """``value`` once for every level (when ``shared(value)``) or one entry per level, as a list."""
+  if shared(value):
+    return [value] * levels
+  value = list(value)
+  if len(value) != levels:
+    raise ValueError(f"DAAD.{name} needs one value or {levels} (one per level), got {value}")
+  return value
+
+
+def _is_triple(v) -> bool:
+  return len(v) == 3 and all(isinstance(r, int) for r in v)
+
+
+class DAAD(nn.Module):
+  """The DAAD generator (paper Tab. 7), with every ablation of Tab. 3 as a setting.
+
+  Attributes:
+    channels: encoder widths per level, shallow to deep (paper: 64, 128, 256, 512). The input
+      size must be divisible by ``2 ** len(channels)``.
+    bottleneck: width of the two convolutions on the deepest read (paper: 1024).
+    out_channels: channels of the reconstruction.
+    skips: concatenate level ``l``'s (read) features into the decoder at its scale (UNet).
+    memory_levels: levels (1 = shallowest) whose encoder-to-decoder path reads a memory; the
+      other paths pass the encoder features unchanged.
+    rates: ``(r_h, r_w, r_c)`` division rates, shared by all levels (the paper) or one triple
+      per level. Ignored along H and W with ``granularity="pixel"``.
+    granularity: "block" (the rates above) or "pixel" (one query per pixel, the MemAE read of
+      the paper's reimplementation; ``r_c`` still splits the channels).
+    num_items: N, the items of each level's bank (one value or one per level).
+    shrink: hard shrinkage of the addressing weights at 1/N (paper Sec. 3.1.2).
+    renormalize: re-normalise the kept weights to sum 1 (not stated in the paper; MemAE does).
+    temperature: softmax temperature of the cosine similarities (paper Eq. 1: 1).
+    memory_init: "uniform" (MemAE), "normal" or "unit_positive" (MNAD); see ``BlockMemory``.
+    output_activation: "tanh" (outputs in [-1, 1], like the inputs) or "none" (linear).
+  """
+
+  channels: Sequence[int] = (64, 128, 256, 512)
+  bottleneck: int = 1024
+  out_channels: int = 3
+  skips: bool = True
+  memory_levels: Sequence[int] = (1, 2, 3, 4)
+  rates: Sequence[Any] = (8, 8, 1)
+  granularity: str = "block"
+  num_items: Any = 500
+  shrink: bool = True
+  renormalize: bool = True
+  temperature: float = 1.0
+  memory_init: str = "uniform"
+  output_activation: str = "tanh"
+
+  def _check(self, x: jax.Array) -> None:
+    levels = len(self.channels)
+    if x.ndim != 4:
+      raise ValueError(f"DAAD: input must be (B, H, W, C), got shape {x.shape}")
+    if x.shape[1] % 2**levels or x.shape[2] % 2**levels:
+      raise ValueError(
+        f"DAAD: input size {x.shape[1:3]} must be divisible by 2**{levels} "
+        f"(one 2x2 pooling per level of channels={tuple(self.channels)})"
+      )
+    bad = [lv for lv in self.memory_levels if not 1 <= lv <= levels]
+    if bad:
+      raise ValueError(f"DAAD: memory_levels {tuple(self.memory_levels)} not in 1..{levels}")
+    if self.granularity not in GRANULARITIES:
+      raise ValueError(f"DAAD.granularity must be one of {GRANULARITIES}: {self.granularity!r}")
+    if self.output_activation not in OUTPUT_ACTIVATIONS:
+      raise ValueError(
+        f"DAAD.output_activation must be one of {OUTPUT_ACTIVATIONS}: {self.output_activation!r}"
+      )
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> dict[str, Any]:
+    """Reconstructs ``x``.
+
+    Args:
+      x: ``(B, H, W, C)`` images in [-1, 1].
+      train: BatchNorm with batch statistics (True) or running averages.
+
+    Returns:
+      dict with ``reconstruction`` ``(B, H, W, out_channels)`` and ``weights``: {level: the
+      ``(B, r_h, r_w, r_c, N)`` addressing weights of that level's memory}.
+    """
+    self._check(x)
+    levels = len(self.channels)
+    rates = _per_level(self.rates, levels, "rates", _is_triple)
+    items = _per_level(self.num_items, levels, "num_items", lambda v: isinstance(v, int))
+    reads, weights = [], {}
+    h = x
+    for i, c in enumerate(self.channels):
+      h = ConvBNReLU(c, name=f"enc{i + 1}_1")(h, train)
+      h = ConvBNReLU(c, name=f"enc{i + 1}_2")(h, train)
+      h = max_pool2(h)
+      level = i + 1
+      if level in self.memory_levels:
+        r_h, r_w, r_c = (int(r) for r in rates[i])
+        if self.granularity == "pixel":
+          r_h, r_w = h.shape[1], h.shape[2]
+        read, w = BlockMemory(
+          num_items=int(items[i]),
+          rates=(r_h, r_w, r_c),
+          shrink=self.shrink,
+          renormalize=self.renormalize,
+          temperature=self.temperature,
+          memory_init=self.memory_init,
+          name=f"memory{level}",
+        )(h)
+        weights[level] = w
+        reads.append(read)
+      else:
+        reads.append(h)
+      # The encoder goes on from its own features; only the decoder sees the reads.
+
+    y = ConvBNReLU(self.bottleneck, name="dec_bottleneck_1")(reads[-1], train)
+    y = ConvBNReLU(self.bottleneck, name="dec_bottleneck_2")(y, train)
+    for i in reversed(range(levels)):
+      y = _up(self.channels[i], name=f"up{i + 1}")(y)
+      if i == 0:
+        break
+      if self.skips:
+        y = jnp.concatenate([y, reads[i - 1]], axis=-1)
+      y = ConvBNReLU(self.channels[i], name=f"dec{i}_1")(y, train)
+      y = ConvBNReLU(self.channels[i], name=f"dec{i}_2")(y, train)
+    y = ConvBNReLU(self.channels[0], name="head_1")(y, train)
+    y = ConvBNReLU(self.channels[0], name="head_2")(y, train)
+    y = Conv(self.out_channels, 1, name="head_out")(y)
+    if self.output_activation == "tanh":
+      y = jnp.tanh(y)
+    return {"reconstruction": y, "weights": weights}
+
+
+# ---------------------------------------------------------------------------------------------
+# DAAD+ discriminator (DCGAN).
+# ---------------------------------------------------------------------------------------------
+_dcgan_init = nn.initializers.normal(0.02)
+
+
+class Discriminator(nn.Module):
+  """The DCGAN discriminator of DAAD+ (paper supp. Tab. 8), generic in the input size.
+
+  ``conv4x4 s2`` layers (the first without BatchNorm; widths ``features * 2**i``), each followed
+  by LeakyReLU(0.2), halve the map until it is at most 4x4 (six layers, 64..2048, at 256x256);
+  a conv covering the whole remaining map (4x4 at 256) gives the ``feature_dim`` = 100-d feature
+  f_D; a 3x3 conv on it gives the real/fake logit (the paper's Sigmoid is applied in the loss).
+  Weights are DCGAN's N(0, 0.02); convolutions followed by a BatchNorm have no bias.
+
+  Attributes:
+    features: width of the first layer.
+    feature_dim: dimension of f_D.
+  """
+
+  features: int = 64
+  feature_dim: int = 100
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
+    """Returns ``(logits (B,), features (B, feature_dim))`` of images ``x`` (B, H, W, C)."""
+    i = 0
+    while x.shape[1] > 4 or x.shape[2] > 4:
+      x = nn.Conv(
+        self.features * 2**i,
+        (4, 4),
+        strides=2,
+        padding=1,
+        use_bias=i == 0,
+        kernel_init=_dcgan_init,
+        name=f"conv{i + 1}",
+      )(x)
+      if i:
+        x = batch_norm(train, name=f"bn{i + 1}")(x)
+      x = nn.leaky_relu(x, 0.2)
+      i += 1
+    f = nn.Conv(
+      self.feature_dim, x.shape[1:3], padding="VALID", kernel_init=_dcgan_init, name="feature"
+    )(x)
+    logits = nn.Conv(1, (3, 3), padding=1, kernel_init=_dcgan_init, name="classifier")(f)
+    return logits.reshape(x.shape[0]), f.reshape(x.shape[0], -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses and scores (pure functions).
+# ---------------------------------------------------------------------------------------------
+def random_flips(rng: jax.Array, x: jax.Array, *, horizontal: bool, vertical: bool) -> jax.Array:
+  """Flips each image of ``x`` (B, H, W, C) left-right and/or up-down with probability 1/2."""
+  k_h, k_v = jax.random.split(rng)
+  shape = (x.shape[0], 1, 1, 1)
+  if horizontal:
+    x = jnp.where(jax.random.bernoulli(k_h, 0.5, shape), x[:, :, ::-1], x)
+  if vertical:
+    x = jnp.where(jax.random.bernoulli(k_v, 0.5, shape), x[:, ::-1], x)
+  return x
+
+
+def reconstruction_error(x: jax.Array, x_hat: jax.Array) -> jax.Array:
+  """R(x): the per-sample mean squared pixel error (paper Eq. 4 and 7), shape (B,)."""
+  return jnp.mean((x - x_hat) ** 2, axis=tuple(range(1, x.ndim)))
+
+
+def alignment_error(f: jax.Array, f_hat: jax.Array) -> jax.Array:
+  """L(x): the per-sample mean squared distance of discriminator features (Eq. 6 and 7), (B,)."""
+  return jnp.mean((f - f_hat) ** 2, axis=-1)
+
+
+def min_max_scale(value: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
+  """``(value - lo) / (hi - lo)``: [lo, hi] onto [0, 1] (a zero-width range divides by 1)."""
+  width = hi - lo
+  return (value - lo) / jnp.where(width > 0, width, 1.0)
+
+
+def fused_score(rec: jax.Array, ali: jax.Array, stats: dict, gamma: float) -> jax.Array:
+  """Paper Eq. 7: ``gamma R + (1 - gamma) L``, each min-max scaled with ``stats``."""
+  r_s = min_max_scale(rec, stats["r_min"], stats["r_max"])
+  l_s = min_max_scale(ali, stats["l_min"], stats["l_max"])
+  return gamma * r_s + (1.0 - gamma) * l_s
+
+
+def _bce(logits: jax.Array, target: float) -> jax.Array:
+  """Mean binary cross entropy of sigmoid(logits) against a constant label."""
+  return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, jnp.full_like(logits, target)))
+
+
+def _kept_fraction(weights: dict) -> dict[str, jax.Array]:
+  """Diagnostics: the mean fraction of items each level's shrinkage keeps."""
+  return {f"kept_items_l{lv}": jnp.mean(w > 0) for lv, w in weights.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Detectors: what the trainer and the eval job call.
+# ---------------------------------------------------------------------------------------------
+class DAADDetector:
+  """DAAD trained with the reconstruction loss only (AE, MemAE, AE+Skip and DAAD rows).
+
+  Variables: ``params = {"generator": ...}``, ``batch_stats = {"generator": ...}``. The training
+  loss is ``loss.rec * mean (x - x_hat)^2`` on randomly flipped inputs; the image score is R(x).
+
+  Config keys read: ``model`` (:class:`DAAD` attributes), ``loss.rec``, ``augment``
+  (``hflip``, ``vflip``).
+  """
+
+  figure_rows = ("input", "reconstruction")
+
+  def __init__(self, config):
+    self.generator = DAAD(**_plain(config.model))
+    loss = _plain(config.get("loss", {}))
+    self.w_rec = float(loss.get("rec", 50.0))
+    self.w_adv = float(loss.get("adv", 0.5))
+    self.w_ali = float(loss.get("ali", 0.5))
+    augment = _plain(config.get("augment", {}))
+    self.hflip = bool(augment.get("hflip", True))
+    self.vflip = bool(augment.get("vflip", True))
+
+  def _augment(self, rng, x):
+    return random_flips(rng, x, horizontal=self.hflip, vertical=self.vflip)
+
+  def init(self, rng, batch):
+    """Variables ({"params", "batch_stats"}) for a batch of the training format."""
+    # One compiled initialisation instead of op-by-op dispatch, with the classic (not the
+    # partitionable) threefry: XLA:CPU compiled the default one's ~60 differently shaped draws
+    # about 5x slower (11 s vs 2.4 s for the test-sized generator). The parameters are drawn
+    # replicated, so nothing is lost; the values are as deterministic, just different ones.
+    if getattr(self, "_jit_init", None) is None:
+      self._jit_init = jax.jit(self._init)
+    with jax.threefry_partitionable(False):
+      return self._jit_init(rng, batch["image"])
+
+  def _init(self, rng, x):
+    v = self.generator.init(rng, x, train=False)
+    return {"params": {"generator": v["params"]}, "batch_stats": {"generator": v["batch_stats"]}}
+
+  def loss(self, params, batch_stats, batch, rng):
+    """Training loss; returns (loss, (terms, new_batch_stats)). ``rng`` draws the flips."""
+    x = self._augment(rng, batch["image"])
+    out, upd = self.generator.apply(
+      {"params": params["generator"], "batch_stats": batch_stats["generator"]},
+      x,
+      train=True,
+      mutable=["batch_stats"],
+    )
+    mse = jnp.mean((out["reconstruction"] - x) ** 2)
+    terms = {"rec": self.w_rec * mse, "mse": mse, **_kept_fraction(out["weights"])}
+    return terms["rec"], (terms, {**batch_stats, "generator": upd["batch_stats"]})
+
+  def _reconstruct(self, variables, x):
+    g_vars = {
+      "params": variables["params"]["generator"],
+      "batch_stats": variables["batch_stats"]["generator"],
+    }
+    return self.generator.apply(g_vars, x, train=False)["reconstruction"]
+
+  def predict(self, variables, batch):
+    """Scores (higher = more anomalous) and the pictures of the eval figure.
+
+    Returns:
+      dict with ``scores`` {``score`` = ``rec`` = R(x)}, ``maps`` {``rec``: channel-mean squared
+      error (B, H, W)} and ``images`` {``input``, ``reconstruction``}.
+    """
+    x = batch["image"]
+    x_hat = self._reconstruct(variables, x)
+    r = reconstruction_error(x, x_hat)
+    return {
+      "scores": {"score": r, "rec": r},
+      "maps": {"rec": jnp.mean((x - x_hat) ** 2, axis=-1)},
+      "images": {"input": x, "reconstruction": x_hat},
+    }
+
+
+class DAADPlusDetector(DAADDetector):
+  """DAAD+: DAAD with a DCGAN discriminator, trained adversarially in the same jitted step.
+
+  Variables: ``params = {"generator", "discriminator"}``; ``batch_stats = {"generator",
+  "discriminator", "score_stats"}``, where ``score_stats`` holds the min and max of R and L over
+  the training split (:meth:`calibrate`, run by the trainer before every checkpoint), which scale
+  both scores to [0, 1] before the fusion of Eq. 7. No test data is involved.
+
+  One step computes, with ``x`` the flipped input and ``x_hat = G(x)``:
+
+  * discriminator loss ``adv * [BCE(D(x), 1) + BCE(D(sg(x_hat)), 0)]`` (Eq. 5 maximised by D);
+  * generator loss ``rec * MSE(x, x_hat) + adv * BCE(D(x_hat), 1) + ali * MSE(f_D(x),
+    f_D(x_hat))`` with D's parameters held fixed (the non-saturating form of Eq. 5, and Eq. 6);
+
+  and :meth:`value_and_grad` returns the generator gradients of the generator loss and the
+  discriminator gradients of the discriminator loss in one tree, which :meth:`make_optimizer`'s
+  two optax states apply, each to its own parameter group (simultaneous updates).
+
+  Config keys read, besides DAAD's: ``discriminator`` (:class:`Discriminator` attributes),
+  ``loss.adv``, ``loss.ali``, ``score.gamma``, ``score.scaling`` ("train": min-max over the
+  training split; "none": unscaled) and ``discriminator_optimizer`` (default: ``optimizer``).
+  """
+
+  figure_rows = ("input", "reconstruction")
+
+  def __init__(self, config):
+    super().__init__(config)
+    self.discriminator = Discriminator(**_plain(config.get("discriminator", {})))
+    score = _plain(config.get("score", {}))
+    self.gamma = float(score.get("gamma", 0.9))
+    self.scaling = score.get("scaling", "train")
+    if self.scaling not in SCALINGS:
+      raise ValueError(f"score.scaling must be one of {SCALINGS}, got {self.scaling!r}")
+    self.d_optimizer = config.get("discriminator_optimizer", None) or config.optimizer
+
+  # -- variables ---------------------------------------------------------------------------
+  def _init(self, rng, x):
+    g_rng, d_rng = jax.random.split(rng)
+    v = super()._init(g_rng, x)
+    d = self.discriminator.init(d_rng, x, train=False)
+    # Identity scaling until the first calibration.
+    stats = {k: jnp.asarray(s, jnp.float32) for k, s in zip(_STATS, (0, 1, 0, 1), strict=True)}
+    stats["calibrated"] = jnp.zeros((), jnp.float32)
+    return {
+      "params": {**v["params"], "discriminator": d["params"]},
+      "batch_stats": {
+        **v["batch_stats"],
+        "discriminator": d["batch_stats"],
+        "score_stats": stats,
+      },
+    }
+
+  def make_optimizer(self, cfg, total_steps: int, params_shape) -> optax.GradientTransformation:
+    """One optimizer (own optax state) per parameter group: ``cfg`` for the generator and
+    ``discriminator_optimizer`` for the discriminator."""
+    from dmad_jax.train.optim import make_optimizer
+
+    return optax.multi_transform(
+      {
+        "generator": make_optimizer(cfg, total_steps, params_shape["generator"]),
+        "discriminator": make_optimizer(
+          self.d_optimizer, total_steps, params_shape["discriminator"]
+        ),
+      },
+      {"generator": "generator", "discriminator": "discriminator"},
+    )
+
+  # -- training ----------------------------------------------------------------------------
+  def _objective(self, params, batch_stats, batch, rng):
+    """Generator loss + discriminator loss, each blind to the other's parameters.
+
+    The gradient of the sum w.r.t. the generator is that of the generator loss (D's loss only
+    sees ``sg(x_hat)``), and w.r.t. the discriminator that of D's loss (the generator loss uses
+    ``sg`` of D's parameters and of ``f_D(x)``), so one backward pass gives both.
+    """
+    x = self._augment(rng, batch["image"])
+    out, g_upd = self.generator.apply(
+      {"params": params["generator"], "batch_stats": batch_stats["generator"]},
+      x,
+      train=True,
+      mutable=["batch_stats"],
+    )
+    x_hat = out["reconstruction"]
+    d_vars = {"params": params["discriminator"], "batch_stats": batch_stats["discriminator"]}
+
+    def disc(variables, images):
+      return self.discriminator.apply(variables, images, train=True, mutable=["batch_stats"])
+
+    (logit_real, f_real), upd = disc(d_vars, x)
+    (logit_fake, _), upd = disc({**d_vars, **upd}, jax.lax.stop_gradient(x_hat))
+    (logit_gen, f_gen), _ = disc(jax.lax.stop_gradient(d_vars), x_hat)
+
+    d_loss = self.w_adv * (_bce(logit_real, 1.0) + _bce(logit_fake, 0.0))
+    mse = jnp.mean((x_hat - x) ** 2)
+    terms = {
+      "rec": self.w_rec * mse,
+      "adv": self.w_adv * _bce(logit_gen, 1.0),
+      "ali": self.w_ali * jnp.mean((jax.lax.stop_gradient(f_real) - f_gen) ** 2),
+    }
+    g_loss = terms["rec"] + terms["adv"] + terms["ali"]
+    terms.update(
+      generator_loss=g_loss,
+      discriminator_loss=d_loss,
+      mse=mse,
+      d_real=jnp.mean(jax.nn.sigmoid(logit_real)),
+      d_fake=jnp.mean(jax.nn.sigmoid(logit_fake)),
+      **_kept_fraction(out["weights"]),
+    )
+    new_stats = {
+      **batch_stats,
+      "generator": g_upd["batch_stats"],
+      "discriminator": upd["batch_stats"],
+    }
+    return g_loss + d_loss, (terms, new_stats)
+
+  @staticmethod
+  def _reported(terms):
+    # The generator loss is what is logged; adding 0 * D's loss makes it non-finite when either
+    # is, so the trainer's NaN guard covers both players.
+    return terms["generator_loss"] + 0.0 * terms["discriminator_loss"]
+
+  def loss(self, params, batch_stats, batch, rng):
+    """(generator loss, (terms, new_batch_stats)); the terms include the discriminator loss."""
+    _, (terms, stats) = self._objective(params, batch_stats, batch, rng)
+    return self._reported(terms), (terms, stats)
+
+  def value_and_grad(self, params, batch_stats, batch, rng):
+    """``((loss, (terms, batch_stats)), grads)`` with ``grads = {"generator": dL_G/dG,
+    "discriminator": dL_D/dD}``."""
+    (_, (terms, stats)), grads = jax.value_and_grad(self._objective, has_aux=True)(
+      params, batch_stats, batch, rng
+    )
+    return (self._reported(terms), (terms, stats)), grads
+
+  # -- scores ------------------------------------------------------------------------------
+  def _raw_scores(self, variables, x):
+    x_hat = self._reconstruct(variables, x)
+    d_vars = {
+      "params": variables["params"]["discriminator"],
+      "batch_stats": variables["batch_stats"]["discriminator"],
+    }
+    (_, f), (_, f_hat) = (
+      self.discriminator.apply(d_vars, x, train=False),
+      self.discriminator.apply(d_vars, x_hat, train=False),
+    )
+    return x_hat, reconstruction_error(x, x_hat), alignment_error(f, f_hat)
+
+  def _minmax_fn(self):
+    """Jitted ``(variables, x, mask) -> [min R, max R, min L, max L]`` over unmasked rows."""
+    if getattr(self, "_minmax", None) is None:
+
+      def minmax(variables, x, mask):
+        _, rec, ali = self._raw_scores(variables, x)
+        inf = jnp.float32(jnp.inf)
+        return jnp.stack(
+          [
+            jnp.min(jnp.where(mask, rec, inf)),
+            jnp.max(jnp.where(mask, rec, -inf)),
+            jnp.min(jnp.where(mask, ali, inf)),
+            jnp.max(jnp.where(mask, ali, -inf)),
+          ]
+        )
+
+      self._minmax = jax.jit(minmax)
+    return self._minmax
+
+  def calibrate(self, variables, batches: Iterable[dict]) -> dict:
+    """New ``batch_stats`` whose ``score_stats`` are the min and max of R and L over
+    ``batches`` (the training split; a boolean ``"_mask"`` entry marks padding rows).
+
+    With ``score.scaling == "none"`` the batches are not read and nothing changes.
+    """
+    if self.scaling == "none":
+      return variables["batch_stats"]
+    minmax = self._minmax_fn()
+    acc = np.array([np.inf, -np.inf, np.inf, -np.inf])
+    for batch in batches:
+      mask = batch.get("_mask", jnp.ones(batch["image"].shape[0], bool))
+      m = np.asarray(jax.device_get(minmax(variables, batch["image"], mask)), np.float64)
+      acc = np.array([min(acc[0], m[0]), max(acc[1], m[1]), min(acc[2], m[2]), max(acc[3], m[3])])
+    if not np.all(np.isfinite(acc)):
+      raise ValueError(f"calibrate: no (finite) training scores to scale with, got {acc}")
+    stats = {k: jnp.asarray(v, jnp.float32) for k, v in zip(_STATS, acc, strict=True)}
+    stats["calibrated"] = jnp.ones((), jnp.float32)
+    return {**variables["batch_stats"], "score_stats": stats}
+
+  def predict(self, variables, batch):
+    """Scores (higher = more anomalous) and the pictures of the eval figure.
+
+    Returns:
+      dict with ``scores`` {``score`` (Eq. 7 fusion), ``rec`` = R(x), ``ali`` = L(x)},
+      ``maps`` {``rec``} and ``images`` {``input``, ``reconstruction``}.
+    """
+    x = batch["image"]
+    x_hat, rec, ali = self._raw_scores(variables, x)
+    stats = variables["batch_stats"]["score_stats"]
+    if self.scaling == "none":
+      stats = dict(zip(_STATS, (0.0, 1.0, 0.0, 1.0), strict=True))
+    return {
+      "scores": {"score": fused_score(rec, ali, stats, self.gamma), "rec": rec, "ali": ali},
+      "maps": {"rec": jnp.mean((x - x_hat) ** 2, axis=-1)},
+      "images": {"input": x, "reconstruction": x_hat},
+    }
+
+
+def _plain(cfg) -> dict:
+  """A ConfigDict / dict as a plain dict of plain values (tuples for lists, recursively)."""
+  if cfg is None:
+    return {}
+  if hasattr(cfg, "to_dict"):
+    cfg = cfg.to_dict()
+
+  def tup(v):
+    return tuple(tup(i) for i in v) if isinstance(v, list | tuple) else v
+
+  return {k: tup(v) for k, v in dict(cfg).items()}

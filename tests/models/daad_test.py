@@ -1,0 +1,171 @@
+"""DAAD / DAAD+: the ablation variants train, the GAN players are updated apart, and DAAD+'s
+score scaling comes from the training split and is stored with the checkpoint."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import digits_daad
+from dmad_jax.evaluation import job
+from dmad_jax.models import daad, get_detector
+from dmad_jax.train import checkpoint, trainer
+from dmad_jax.train.optim import learning_rate_schedule
+
+
+def _config(variant, **optimizer):
+  c = digits_daad.get_config(f"variant={variant};protocol=one_class=3;runlocal")
+  for k, v in optimizer.items():
+    setattr(c.optimizer, k, v)
+  return c
+
+
+@functools.cache
+def _detector(variant):
+  """One detector per variant for the whole module: its jitted init compiles once."""
+  config = _config(variant, lr=3e-3)
+  return config, get_detector(config)
+
+
+def _batch(n=4, seed=0):
+  x = np.random.default_rng(seed).uniform(-1, 1, size=(n, 32, 32, 1)).astype(np.float32)
+  return {"image": jnp.asarray(x)}
+
+
+def _memories(params):
+  g = params["generator"]
+  return {k: g[k]["memory"].shape for k in sorted(g) if k.startswith("memory")}
+
+
+# Which memories each row of the paper's Table 3 has (runlocal: two levels, maps 16x16x4 and
+# 8x8x8, rates 2x2x1, N = 10), and whether the decoder's level-1 convolution sees a skip.
+_STRUCTURE = {
+  "ae": ({}, False),
+  "memae": ({"memory2": (10, 8)}, False),  # per pixel at the deepest level: D = C
+  "ae_skip": ({}, True),
+  "daad": ({"memory1": (10, 8 * 8 * 4), "memory2": (10, 4 * 4 * 8)}, True),
+  "daad_plus": ({"memory1": (10, 8 * 8 * 4), "memory2": (10, 4 * 4 * 8)}, True),
+}
+
+
+@pytest.mark.parametrize("variant", list(digits_daad.VARIANTS))
+def test_each_variant_trains_a_few_steps(variant):
+  config, detector = _detector(variant)
+  batch = _batch()
+  state = trainer.make_state(config, detector, batch, total_steps=4)
+  memories, skip = _STRUCTURE[variant]
+  assert _memories(state.params) == memories
+  # dec1_1 reads the up-sampled deepest features (8 channels), plus the level-1 skip (4).
+  dec_in = state.params["generator"]["dec1_1"]["Conv_0"]["Conv_0"]["kernel"].shape[2]
+  assert dec_in == (12 if skip else 8)
+  assert ("discriminator" in state.params) == (variant == "daad_plus")
+
+  step = jax.jit(
+    functools.partial(
+      trainer.train_step,
+      detector=detector,
+      lr_schedule=learning_rate_schedule(config.optimizer, 4),
+    )
+  )
+  mse = []
+  for _ in range(4):
+    state, metrics = step(state, batch)
+    assert bool(metrics["finite"]), metrics
+    mse.append(float(metrics["mse"]))
+  assert int(state.step) == 4
+  assert mse[-1] < mse[0], mse  # the same batch four times: the reconstruction improves
+
+
+def test_generator_and_discriminator_change_only_through_their_own_optimizer():
+  config, detector = _detector("daad_plus")
+  batch = _batch()
+  state = trainer.make_state(config, detector, batch, total_steps=4)  # same init as above
+  params, stats = state.params, state.batch_stats
+  rng = jax.random.key(1)
+
+  # The hook's gradients: each player's gradient is that of its own loss only. The gradient of
+  # D's loss alone has no generator part and equals the hook's discriminator gradients; as the
+  # hook differentiates the sum of both losses, its generator part is then the generator loss's.
+  @jax.jit
+  def grads_of_hook_and_of_disc_loss(params):
+    _, grads = detector.value_and_grad(params, stats, batch, rng)
+    d_grads = jax.grad(lambda p: detector.loss(p, stats, batch, rng)[1][0]["discriminator_loss"])
+    return grads, d_grads(params)
+
+  grads, d_grads = grads_of_hook_and_of_disc_loss(params)
+  assert all(not np.any(g) for g in jax.tree.leaves(d_grads["generator"]))
+  jax.tree.map(
+    functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7),
+    grads["discriminator"],
+    d_grads["discriminator"],
+  )
+  assert all(np.any(g) for g in jax.tree.leaves(grads))
+
+  # One optax state per player; a zero learning rate for one freezes exactly that player.
+  def changed(lr_gen, lr_disc):
+    cfg = _config("daad_plus", lr=lr_gen)
+    cfg.discriminator_optimizer.lr = lr_disc
+    tx = get_detector(cfg).make_optimizer(cfg.optimizer, 10, params)
+    opt_state = tx.init(params)
+    assert set(opt_state.inner_states) == {"generator", "discriminator"}
+    new = jax.jit(lambda p, g: optax.apply_updates(p, tx.update(g, opt_state, p)[0]))(params, grads)
+    return {
+      k: any(
+        np.any(a != b) for a, b in zip(*map(jax.tree.leaves, (new[k], params[k])), strict=True)
+      )
+      for k in params
+    }
+
+  assert changed(1e-3, 0.0) == {"generator": True, "discriminator": False}
+  assert changed(0.0, 1e-3) == {"generator": False, "discriminator": True}
+
+
+@pytest.mark.slow  # trains, calibrates and evaluates: compiles DAAD+'s init, step and scores.
+def test_score_scaling_comes_from_the_training_split_and_is_checkpointed(tmp_path):
+  config = _config("daad_plus")
+  config.total_steps = 2
+  config.checkpoint_every_steps = 2
+  workdir = str(tmp_path / "run")
+  trainer.train_and_evaluate(config, workdir)
+
+  detector = get_detector(config)
+  sources = trainer.data_lib.get_sources(config.data)
+  abstract = job._abstract_state(config, detector, trainer._sample_batch(sources["train"]))
+  state = checkpoint.restore(checkpoint.manager(workdir, read_only=True), 2, abstract)
+  stats = {k: float(v) for k, v in state.batch_stats["score_stats"].items()}
+  assert stats["calibrated"] == 1.0
+
+  # The stored range is exactly the range of R and L over the training split (no test data).
+  train = sources["train"]
+  images = np.stack([train[i]["image"] for i in range(len(train))])
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  scores = jax.jit(detector.predict)(variables, {"image": jnp.asarray(images)})["scores"]
+  rec, ali = np.asarray(scores["rec"]), np.asarray(scores["ali"])
+  np.testing.assert_allclose(
+    [stats["r_min"], stats["r_max"], stats["l_min"], stats["l_max"]],
+    [rec.min(), rec.max(), ali.min(), ali.max()],
+    rtol=1e-5,
+  )
+  fused = 0.9 * (rec - rec.min()) / np.ptp(rec) + 0.1 * (ali - ali.min()) / np.ptp(ali)
+  np.testing.assert_allclose(np.asarray(scores["score"]), fused, rtol=1e-4, atol=1e-6)
+
+  # The eval job reads them from the checkpoint and reports both parts' AUROC.
+  result = job.evaluate(config, workdir)
+  for key in ("image_AUROC", "image_AUROC_rec", "image_AUROC_ali"):
+    assert 0.0 <= result[key] <= 1.0
+
+
+def test_fused_score_and_flips():
+  stats = {"r_min": 1.0, "r_max": 3.0, "l_min": 0.0, "l_max": 10.0}
+  s = daad.fused_score(jnp.array([1.0, 3.0, 2.0]), jnp.array([0.0, 10.0, 5.0]), stats, 0.9)
+  np.testing.assert_allclose(np.asarray(s), [0.0, 1.0, 0.5], rtol=1e-6)
+  x = jnp.arange(2 * 3 * 3).reshape(2, 3, 3, 1).astype(jnp.float32)
+  flipped = daad.random_flips(jax.random.key(0), x, horizontal=True, vertical=True)
+  for a, b in zip(np.asarray(flipped), np.asarray(x), strict=True):
+    assert any(np.array_equal(a, f(b)) for f in (lambda t: t, np.fliplr, np.flipud, np.flip))
+  assert np.array_equal(
+    daad.random_flips(jax.random.key(0), x, horizontal=False, vertical=False), x
+  )
