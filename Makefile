@@ -22,7 +22,7 @@ $(VENV)/.installed-runtime: pyproject.toml | $(PY)
 
 $(VENV)/.installed-test: pyproject.toml | $(PY)
 	$(PIP) install -e '.[test,tfds,tensorboard]' $(QUIET)
-	$(PY) -c "import dmad_jax, torch, pytest, hypothesis, chex, tensorflow_datasets; import importlib.util as u; assert u.find_spec('torchvision')"
+	$(PY) -c "import dmad_jax, torch, pytest, xdist, hypothesis, chex, tensorflow_datasets; import importlib.util as u; assert u.find_spec('torchvision')"
 	touch $@ $(VENV)/.installed-runtime
 
 # The main job on real data that ships with scikit-learn: train DMAD-PDM on odd digits, run the
@@ -33,7 +33,7 @@ demo: $(VENV)/.installed-runtime
 	$(PY) -m dmad_jax eval --config configs/digits_pdm.py --workdir runs/demo
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n auto --durations=15 $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .

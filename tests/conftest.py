@@ -3,6 +3,12 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent XLA compilation cache for the session and its subprocesses: many tests compile
+# the same tiny models (in process, through the CLI, on fake devices).
+os.environ.setdefault(
+  "JAX_COMPILATION_CACHE_DIR",
+  os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax"),
+)
 
 from hypothesis import settings  # noqa: E402
 
