@@ -10,6 +10,21 @@ every checkpoint, e.g. DAAD+'s score scaling).
 
 from __future__ import annotations
 
+
+def plain(cfg) -> dict:
+  """A ConfigDict / dict as a plain dict of plain values (tuples for lists, recursively), for
+  building Flax modules and dataclasses from config sections. None gives {}."""
+  if cfg is None:
+    return {}
+  if hasattr(cfg, "to_dict"):
+    cfg = cfg.to_dict()
+
+  def tup(v):
+    return tuple(tup(i) for i in v) if isinstance(v, list | tuple) else v
+
+  return {k: tup(v) for k, v in dict(cfg).items()}
+
+
 MODEL_NAMES = ("pdm", "daad", "daad_plus", "ppdm", "rd")
 
 

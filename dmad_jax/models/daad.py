@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dmad_jax.models import plain as _plain
 from dmad_jax.nn.init import torch_default_bias_init, torch_default_kernel_init
 from dmad_jax.nn.layers import Conv, batch_norm, max_pool2
 from dmad_jax.nn.memory import BlockMemory
@@ -585,16 +586,3 @@ class DAADPlusDetector(DAADDetector):
       "maps": {"rec": jnp.mean((x - x_hat) ** 2, axis=-1)},
       "images": {"input": x, "reconstruction": x_hat},
     }
-
-
-def _plain(cfg) -> dict:
-  """A ConfigDict / dict as a plain dict of plain values (tuples for lists, recursively)."""
-  if cfg is None:
-    return {}
-  if hasattr(cfg, "to_dict"):
-    cfg = cfg.to_dict()
-
-  def tup(v):
-    return tuple(tup(i) for i in v) if isinstance(v, list | tuple) else v
-
-  return {k: tup(v) for k, v in dict(cfg).items()}

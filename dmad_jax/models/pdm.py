@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dmad_jax.models import plain as _plain
 from dmad_jax.nn.coordconv import CoordConv
 from dmad_jax.nn.layers import Basic, Conv, Head, ResBlock, Upsample, batch_norm, max_pool2
 from dmad_jax.nn.quantize import VectorQuantizer
@@ -717,10 +718,3 @@ class PDMDetector:
     if extra:
       result["host_maps"] = extra
     return result
-
-
-def _plain(cfg) -> dict:
-  """A ConfigDict / dict as a plain dict of plain values (tuples for lists)."""
-  if hasattr(cfg, "to_dict"):
-    cfg = cfg.to_dict()
-  return {k: tuple(v) if isinstance(v, list) else v for k, v in dict(cfg).items()}

@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dmad_jax.models import plain as _plain
 from dmad_jax.models.pdm import OffsetNet, _safe_norm
 from dmad_jax.nn import resnet
 from dmad_jax.nn.quantize import VectorQuantizer
@@ -721,16 +722,3 @@ def _display(x: jax.Array) -> jax.Array:
   mean = jnp.asarray(resnet.IMAGENET_MEAN, x.dtype)
   std = jnp.asarray(resnet.IMAGENET_STD, x.dtype)
   return jnp.clip((x * std + mean) * 2.0 - 1.0, -1.0, 1.0)
-
-
-def _plain(cfg) -> dict:
-  """A ConfigDict / dict as a plain dict of plain values (tuples for lists, recursively)."""
-  if cfg is None:
-    return {}
-  if hasattr(cfg, "to_dict"):
-    cfg = cfg.to_dict()
-
-  def tup(v):
-    return tuple(tup(i) for i in v) if isinstance(v, list | tuple) else v
-
-  return {k: tup(v) for k, v in dict(cfg).items()}
