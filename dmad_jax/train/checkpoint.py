@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 
 import grain
@@ -188,6 +189,30 @@ def _mismatch_message(step_dir: str, lines: list[str], config_lines: list[str]) 
   return msg + " Use a new --workdir for this config, or the workdir's own config to resume it."
 
 
+def check_process_count(step_dir: str, process_count: int) -> None:
+  """Raises when the data positions in ``step_dir`` were saved by another number of processes.
+
+  Each process saves its own grain iterator position (``data/process_<i>-of-<n>.json``), so
+  resuming training needs the process count that wrote the checkpoint; restoring the model
+  alone (the eval job, ``dmad predict``) works with any.
+  """
+  data_dir = os.path.join(step_dir, DATA)
+  if not os.path.isdir(data_dir):
+    return
+  counts = set()
+  for name in os.listdir(data_dir):
+    m = re.fullmatch(r"process_\d+-of-(\d+)\.json", name)
+    if m:
+      counts.add(int(m.group(1)))
+  if counts and counts != {process_count}:
+    raise ValueError(
+      f"{step_dir} was saved by {sorted(counts)[0]} processes and this run has "
+      f"{process_count}: resuming training needs the same process count (each process saved its "
+      "own data position). Rerun with that many processes; the eval job and `dmad predict` "
+      "restore this checkpoint on any number."
+    )
+
+
 def restore(mngr, step: int, abstract_state, data_iter=None, *, config=None):
   """Restores ``step`` into the structure of ``abstract_state`` (and ``data_iter`` in place).
 
@@ -229,6 +254,7 @@ def restore(mngr, step: int, abstract_state, data_iter=None, *, config=None):
   abstract_state = jax.tree.map(place, abstract_state)
   items = {STATE: ocp.args.StandardRestore(abstract_state)}
   if data_iter is not None:
+    check_process_count(step_dir, jax.process_count())
     items[DATA] = grain.checkpoint.CheckpointRestore(data_iter)
   try:
     restored = mngr.restore(step, args=ocp.args.Composite(**items))

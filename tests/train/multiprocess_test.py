@@ -96,6 +96,12 @@ def test_two_processes_match_one_process(tmp_path):
   data_files = sorted(f for f in os.listdir(data_dir) if f.startswith("process_"))
   assert data_files == ["process_0-of-2.json", "process_1-of-2.json"], data_files
 
+  # Resuming training needs the process count that saved the data positions; the model alone
+  # restores anywhere.
+  with pytest.raises(ValueError, match="saved by 2 processes and this run has 1"):
+    checkpoint.check_process_count(os.path.join(two, "checkpoints", "5"), 1)
+  checkpoint.check_process_count(os.path.join(two, "checkpoints", "5"), 2)
+
   # The two-process checkpoint restores in this single (one-device) process.
   config = digits_pdm.get_config("runlocal")
   config.batch_size, config.total_steps = 16, 5
