@@ -34,10 +34,10 @@ spec's.
 """
 
 import os
-import re
 
 import ml_collections
 
+from configs import args as args_lib
 from configs import digits_pdm
 
 TRAIN_CLIPS = 15264  # Avenue training frames (15328) minus 4 per video (16 videos)
@@ -54,32 +54,8 @@ HEAD_STRIDES = {"code": ((2, 2, 1), (1, 1)), "spec": ((1, 2, 1), (2, 1))}
 
 
 def parse_arg(arg: str) -> dict:
-  out = {
-    "root": None,
-    "labels": None,
-    "bkg": "official",
-    "epochs": 60,
-    "heads": "code",
-    "runlocal": False,
-  }
-  for item in filter(None, re.split(r"[;,]", arg or "")):
-    key, _, value = item.partition("=")
-    if key == "runlocal":
-      out["runlocal"] = True
-    elif key in ("root", "labels", "bkg", "heads"):
-      out[key] = value
-    elif key == "epochs":
-      out[key] = int(value)
-    else:
-      raise ValueError(
-        f"avenue_pdm: unknown config arg {item!r} (root, labels, bkg, epochs, heads, runlocal)"
-      )
-  if not out["root"]:
-    raise ValueError("avenue_pdm: give the data root, e.g. configs/avenue_pdm.py:root=/data/avenue")
-  if out["heads"] not in HEAD_STRIDES:
-    raise ValueError(
-      f"avenue_pdm: heads must be one of {sorted(HEAD_STRIDES)}, got {out['heads']!r}"
-    )
+  defaults = {"root": None, "labels": None, "bkg": "official", "epochs": 60, "heads": "code"}
+  out = args_lib.parse("avenue_pdm", arg, defaults, choices={"heads": HEAD_STRIDES})
   if out["bkg"] == "official":
     out["bkg"] = os.path.normpath(OFFICIAL_BKG) if os.path.isfile(OFFICIAL_BKG) else "median"
   return out

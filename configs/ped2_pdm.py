@@ -18,26 +18,15 @@ epoch 5), and the checkpoint is the last one rather than the best on the test se
 
 import ml_collections
 
+from configs import args as args_lib
 from configs import digits_pdm
 
 TRAIN_CLIPS = 2486  # Ped2 training frames (2550) minus 4 per video (16 videos)
 
 
 def parse_arg(arg: str) -> dict:
-  out = {"root": None, "labels": None, "bkg": "median", "epochs": 60, "runlocal": False}
-  for item in filter(None, (arg or "").split(",")):
-    key, _, value = item.partition("=")
-    if key == "runlocal":
-      out["runlocal"] = True
-    elif key in ("root", "labels", "bkg"):
-      out[key] = value
-    elif key == "epochs":
-      out[key] = int(value)
-    else:
-      raise ValueError(f"ped2_pdm: unknown config arg {item!r} (root, labels, bkg, epochs)")
-  if not out["root"]:
-    raise ValueError("ped2_pdm: give the data root, e.g. configs/ped2_pdm.py:root=/data/ped2")
-  return out
+  defaults = {"root": None, "labels": None, "bkg": "median", "epochs": 60}
+  return args_lib.parse("ped2_pdm", arg, defaults)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -42,53 +42,20 @@ error finds objects with scipy connected components (contour area by Pick's theo
 OpenCV contours.
 """
 
-import re
-
 import ml_collections
 
+from configs import args as args_lib
 from configs import digits_pdm
-from dmad_jax.data.video import TEMPLATE_MODES, count_templates
+from dmad_jax.data.video import count_templates
 
 TRAIN_CLIPS = 273195  # ShanghaiTech training frames (274,515) minus 4 per video (330 videos)
 HEAD_STRIDES = {"code": ((2, 2, 1), (1, 1)), "spec": ((1, 2, 1), (2, 1))}
 
 
 def parse_arg(arg: str) -> dict:
-  out = {
-    "root": None,
-    "labels": None,
-    "templates": "scene",
-    "epochs": 10,
-    "heads": "code",
-    "runlocal": False,
-  }
-  for item in filter(None, re.split(r"[;,]", arg or "")):
-    key, _, value = item.partition("=")
-    if key == "runlocal":
-      out["runlocal"] = True
-    elif key in ("root", "labels", "templates", "heads"):
-      out[key] = value
-    elif key == "epochs":
-      out[key] = int(value)
-    else:
-      raise ValueError(
-        f"shanghai_pdm: unknown config arg {item!r} (root, labels, templates, epochs, heads, "
-        "runlocal)"
-      )
-  if not out["root"]:
-    raise ValueError(
-      "shanghai_pdm: give the data root, e.g. configs/shanghai_pdm.py:root=/data/shanghai"
-    )
-  if out["templates"] not in ("scene", "video_transductive"):
-    raise ValueError(
-      f"shanghai_pdm: templates must be 'scene' or 'video_transductive' (of {TEMPLATE_MODES}), "
-      f"got {out['templates']!r}"
-    )
-  if out["heads"] not in HEAD_STRIDES:
-    raise ValueError(
-      f"shanghai_pdm: heads must be one of {sorted(HEAD_STRIDES)}, got {out['heads']!r}"
-    )
-  return out
+  defaults = {"root": None, "labels": None, "templates": "scene", "epochs": 10, "heads": "code"}
+  choices = {"templates": ("scene", "video_transductive"), "heads": HEAD_STRIDES}
+  return args_lib.parse("shanghai_pdm", arg, defaults, choices=choices)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
