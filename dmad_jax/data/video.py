@@ -285,21 +285,21 @@ def load_frame_labels(
   if os.path.isdir(path):
     per_video = []
     ucsd, avenue = _ucsd_mask_dirs(path), _avenue_mask_files(path)
+    # anomalib's raw layouts: UCSD per-frame mask folders, Avenue per-video volLabel files.
+    layout = None
     if ucsd:
-      found = _match_videos(videos, ucsd, path, "*_gt mask folder")
+      unit = "mask images for video {v!r} in {f!r}"
+      layout = (ucsd, "*_gt mask folder", _ucsd_frame_labels, unit)
+    elif avenue:
+      unit = "masks in 'volLabel' of {f!r} for video {v!r}"
+      layout = (avenue, "<n>_label.mat file", _avenue_frame_labels, unit)
+    if layout is not None:
+      items, kind, read, unit = layout
+      found = _match_videos(videos, items, path, kind)
       for video, n in zip(videos, counts, strict=True):
-        lab = _ucsd_frame_labels(found[video])
+        lab = read(found[video])
         if lab.size != n:
-          what = f"{lab.size} mask images for video {video!r} in {found[video]!r}"
-          raise _mismatch(path, what, videos, counts, skip_first)
-        per_video.append(lab)
-      return trim(per_video)
-    if avenue:
-      found = _match_videos(videos, avenue, path, "<n>_label.mat file")
-      for video, n in zip(videos, counts, strict=True):
-        lab = _avenue_frame_labels(found[video])
-        if lab.size != n:
-          what = f"{lab.size} masks in 'volLabel' of {found[video]!r} for video {video!r}"
+          what = f"{lab.size} {unit.format(f=found[video], v=video)}"
           raise _mismatch(path, what, videos, counts, skip_first)
         per_video.append(lab)
       return trim(per_video)
