@@ -1,0 +1,165 @@
+"""Hand-written CPU kernels, compiled on first use and called through XLA's FFI.
+
+XLA:CPU runs some of dmad_jax's ops far slower than PyTorch's hand-written CPU kernels: the
+image gradient of ``grid_sample`` is a scatter-add that XLA runs single-threaded, several times
+slower than torch (``experiments/bench_ops.py`` measures both; README has the numbers). The C++
+sources live in ``dmad_jax/ops/_cpu/``; each is a custom call registered with ``jax.ffi`` for the
+CPU platform only, so GPU and TPU programs never see it.
+
+The shared library is built the first time it is needed, with the C++ compiler in ``$CXX``
+(else ``c++``/``g++``/``clang++``) and XLA's FFI headers from jaxlib, into
+``$DMAD_JAX_CACHE_DIR`` (default ``~/.cache/dmad_jax``) under a name that hashes the sources, the
+compiler flags, the jaxlib version and this CPU's model, so a build is never reused where it does
+not belong. Concurrent first uses (pytest-xdist workers, several processes of one job) are safe:
+each compiles into a temporary file and renames it into place.
+
+Without a compiler, or with ``DMAD_JAX_CPU_KERNELS=0``, ``available()`` is False and the ops use
+their pure-XLA formulation (same results to float32 rounding); the reason is logged once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jaxlib
+from absl import logging
+
+__all__ = ["available", "build", "unavailable_reason"]
+
+_SOURCES = ("grid_sample.cc",)
+# Handler symbol in the library -> FFI target name.
+_TARGETS = {
+  "DmadGridSampleFwd": "dmad_grid_sample_fwd",
+  "DmadGridSampleBwd": "dmad_grid_sample_bwd",
+}
+# -ffp-contract=off: no fused multiply-adds, so the arithmetic rounds like the XLA formulation.
+# -fno-math-errno and -fno-trapping-math change no value; they let floor/nearbyint and the
+# coordinate selects vectorise.
+_FLAGS = (
+  "-O3",
+  "-march=native",
+  "-ffp-contract=off",
+  "-fno-math-errno",
+  "-fno-trapping-math",
+  "-fPIC",
+  "-shared",
+  "-std=c++17",
+  "-w",
+)
+_ENV_SWITCH = "DMAD_JAX_CPU_KERNELS"
+
+_state: dict[str, str | None] = {}
+
+
+def _source_dir() -> Path:
+  return Path(__file__).resolve().parent / "_cpu"
+
+
+def _compiler() -> str | None:
+  for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+    if name and shutil.which(name):
+      return shutil.which(name)
+  return None
+
+
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith(("model name", "flags")):
+          return line
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def _library_path(compiler: str) -> Path:
+  h = hashlib.sha256()
+  for name in _SOURCES:
+    h.update((_source_dir() / name).read_bytes())
+  for part in (compiler, " ".join(_FLAGS), jaxlib.__version__, _cpu_model()):
+    h.update(part.encode())
+  root = Path(os.environ.get("DMAD_JAX_CACHE_DIR", Path.home() / ".cache" / "dmad_jax"))
+  return root / f"libdmad_cpu_{h.hexdigest()[:16]}.so"
+
+
+def build() -> Path:
+  """Compiles the kernels (unless already built) and returns the shared library's path.
+
+  Raises:
+    RuntimeError: no C++ compiler, or the compiler failed (its output is in the message).
+  """
+  compiler = _compiler()
+  if compiler is None:
+    raise RuntimeError("no C++ compiler found (set $CXX, or install g++ or clang++)")
+  path = _library_path(compiler)
+  if path.exists():
+    return path
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+  os.close(fd)
+  cmd = [
+    compiler,
+    *_FLAGS,
+    f"-I{jax.ffi.include_dir()}",
+    *(str(_source_dir() / name) for name in _SOURCES),
+    "-o",
+    tmp,
+  ]
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+      raise RuntimeError(f"compiling {_SOURCES} failed:\n$ {' '.join(cmd)}\n{proc.stderr[-4000:]}")
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return path
+
+
+def _load() -> str | None:
+  """Builds, loads and registers the kernels once; returns None or why they are unavailable."""
+  if "reason" in _state:
+    return _state["reason"]
+  reason = None
+  if os.environ.get(_ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+    reason = f"disabled by {_ENV_SWITCH}"
+  else:
+    try:
+      lib = ctypes.cdll.LoadLibrary(str(build()))
+      for symbol, target in _TARGETS.items():
+        capsule = jax.ffi.pycapsule(getattr(lib, symbol))
+        jax.ffi.register_ffi_target(target, capsule, platform="cpu")
+    except (RuntimeError, OSError, AttributeError) as e:
+      reason = str(e)
+  if reason is not None:
+    logging.warning("dmad_jax CPU kernels unavailable, using XLA formulations: %s", reason)
+  _state["reason"] = reason
+  return reason
+
+
+def available() -> bool:
+  """True when the CPU kernels are built and registered (building them on the first call)."""
+  return _load() is None
+
+
+def unavailable_reason() -> str | None:
+  """Why ``available()`` is False, or None when it is True."""
+  return _load()
+
+
+@functools.cache
+def target(symbol: str) -> str:
+  """FFI target name of a kernel symbol (after making sure the kernels are registered)."""
+  if not available():
+    raise RuntimeError(f"dmad_jax CPU kernels unavailable: {unavailable_reason()}")
+  return _TARGETS[symbol]
