@@ -1,6 +1,7 @@
 """Times dmad_jax's core ops against PyTorch in the same process, on this machine's CPU.
 
   python experiments/bench_ops.py [--repeats 30] [--json]
+  DMAD_JAX_CPU_KERNELS=0 python experiments/bench_ops.py   # grid_sample without the C++ kernels
 
 * grid_sample (bilinear, zeros, align_corners=True), forward and forward+backward (gradients
   with respect to the image and the grid), at (4, 256, 256, 3) and (8, 64, 64, 64), for two
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 from timing import median_seconds
 
+from dmad_jax.ops import cpu_kernels
 from dmad_jax.ops.quantize import vector_quantize
 from dmad_jax.ops.sampling import grid_sample, identity_grid
 
@@ -140,6 +142,8 @@ def main():
     "jax": jax.__version__,
     "torch": torch.__version__,
     "torch_threads": torch.get_num_threads(),
+    # False with DMAD_JAX_CPU_KERNELS=0 (or without a C++ compiler): the pure-XLA grid_sample.
+    "grid_sample_cpu_kernels": cpu_kernels.available(),
   }
   if args.json:
     print(json.dumps({"machine": machine, "results": rows}))
