@@ -30,10 +30,14 @@ import tempfile
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import jaxlib
 from absl import logging
+from jax.custom_batching import custom_vmap
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
 
-__all__ = ["available", "build", "unavailable_reason"]
+__all__ = ["available", "batch_parallel", "build", "unavailable_reason"]
 
 _SOURCES = ("grid_sample.cc",)
 # Handler symbol in the library -> FFI target name.
@@ -163,3 +167,65 @@ def target(symbol: str) -> str:
   if not available():
     raise RuntimeError(f"dmad_jax CPU kernels unavailable: {unavailable_reason()}")
   return _TARGETS[symbol]
+
+
+def batch_parallel(fn, sharding_rule: str):
+  """Wraps a kernel call whose outputs for image i depend only on image i of its inputs.
+
+  XLA's partitioner cannot see into a custom call, so by default it gathers the whole batch onto
+  every device before one. Declaring the call batch-parallel (``custom_partitioning`` with a
+  Shardy ``sharding_rule`` whose first factor is the batch) keeps a batch-sharded call local to
+  each device. ``custom_partitioning`` has no vmap rule, so ``custom_vmap`` supplies one: mapped
+  axes are folded into the batch, which is exact for a per-image kernel.
+
+  Args:
+    fn: ``fn(*arrays) -> array or tuple of arrays``, every array with the batch first.
+    sharding_rule: e.g. ``"b h w c, b p q t -> b p q c"``; ``b`` must be the first factor of
+      every operand and result.
+
+  Returns:
+    A function with the signature of ``fn``.
+  """
+
+  def batch_sharding(mesh, arg_shapes):
+    spec = arg_shapes[0].sharding.spec
+    return NamedSharding(mesh, PartitionSpec(spec[0] if len(spec) else None))
+
+  def like_results(sharding, result_shape):
+    if isinstance(result_shape, (tuple, list)):
+      return tuple(sharding for _ in result_shape)
+    return sharding
+
+  def infer(mesh, arg_shapes, result_shape):
+    return like_results(batch_sharding(mesh, arg_shapes), result_shape)
+
+  def partition(mesh, arg_shapes, result_shape):
+    sharding = batch_sharding(mesh, arg_shapes)
+    args = tuple(sharding for _ in arg_shapes)
+    return mesh, fn, like_results(sharding, result_shape), args
+
+  partitioned = custom_partitioning(fn)
+  partitioned.def_partition(
+    infer_sharding_from_operands=infer, partition=partition, sharding_rule=sharding_rule
+  )
+
+  @custom_vmap
+  def call(*args):
+    return partitioned(*args)
+
+  @call.def_vmap
+  def _vmap(axis_size, in_batched, *args):
+    args = [
+      a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
+      for a, batched in zip(args, in_batched, strict=True)
+    ]
+    out = call(*(a.reshape(-1, *a.shape[2:]) for a in args))
+
+    def unfold(o):
+      return o.reshape(axis_size, -1, *o.shape[1:])
+
+    if isinstance(out, tuple):
+      return tuple(unfold(o) for o in out), tuple(True for _ in out)
+    return unfold(out), True
+
+  return call

@@ -40,10 +40,21 @@ def _jax_grid_sample(x, grid, g, **kw):
   return np.asarray(out), np.asarray(gx), np.asarray(gg)
 
 
+@pytest.fixture(params=["cpu_kernels", "xla"])
+def formulation(request, monkeypatch):
+  """Runs a test with the C++ CPU kernels (the default here) and with the pure-XLA formulation
+  that GPUs and TPUs use."""
+  if request.param == "xla":
+    monkeypatch.setattr(sampling.cpu_kernels, "available", lambda: False)
+  else:
+    assert sampling.cpu_kernels.available(), sampling.cpu_kernels.unavailable_reason()
+  return request.param
+
+
 @pytest.mark.parametrize(
   "mode,padding_mode,align_corners", list(itertools.product(MODES, PADDINGS, [True, False]))
 )
-def test_grid_sample_matches_torch(mode, padding_mode, align_corners):
+def test_grid_sample_matches_torch(mode, padding_mode, align_corners, formulation):
   rng = np.random.default_rng(0)
   x = rng.standard_normal((2, 7, 9, 3)).astype(np.float32)
   # Points well outside [-1, 1] exercise zero padding, clipping and repeated reflection.
@@ -57,7 +68,7 @@ def test_grid_sample_matches_torch(mode, padding_mode, align_corners):
 
 
 @pytest.mark.parametrize("padding_mode", PADDINGS)
-def test_grid_sample_matches_torch_at_feature_map_size(padding_mode):
+def test_grid_sample_matches_torch_at_feature_map_size(padding_mode, formulation):
   """A DMAD-sized case (64x64x16, upsampled 2x): grid gradients grow with the image size, so
   compare relative to their scale."""
   rng = np.random.default_rng(1)
@@ -71,7 +82,7 @@ def test_grid_sample_matches_torch_at_feature_map_size(padding_mode):
     np.testing.assert_allclose(a / scale, b / scale, rtol=0, atol=1e-5, err_msg=name)
 
 
-def test_grid_sample_on_exact_pixel_borders_matches_torch():
+def test_grid_sample_on_exact_pixel_borders_matches_torch(formulation):
   """Grid values exactly on -1, +1 and on pixel centres: torch's tie conventions."""
   x = np.arange(2 * 4 * 5 * 2, dtype=np.float32).reshape(2, 4, 5, 2) / 10
   vals = np.array([-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, -1.5], np.float32)
