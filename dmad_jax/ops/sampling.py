@@ -170,19 +170,21 @@ def _corners(x_shape, grid, mode, padding_mode, align_corners):
   return rows, weights, (tx, ty, mx, my)
 
 
-def _use_cpu_kernels(*arrays) -> bool:
-  return all(a.dtype == jnp.float32 for a in arrays) and cpu_kernels.available()
+def _formulation(cpu_kernel, xla, options, *arrays):
+  """``cpu_kernel(*options, *arrays)`` when compiled for CPU with float32 arrays and the kernels
+  built, else ``xla(*options, *arrays)``."""
+  if all(a.dtype == jnp.float32 for a in arrays) and cpu_kernels.available():
+    return jax.lax.platform_dependent(
+      *arrays,
+      cpu=functools.partial(cpu_kernel, *options),
+      default=functools.partial(xla, *options),
+    )
+  return xla(*options, *arrays)
 
 
 def _sample_fwd(x, grid, mode, padding_mode, align_corners):
-  if _use_cpu_kernels(x, grid):
-    return jax.lax.platform_dependent(
-      x,
-      grid,
-      cpu=functools.partial(_cpu_kernel_fwd, mode, padding_mode, align_corners),
-      default=functools.partial(_xla_fwd, mode, padding_mode, align_corners),
-    )
-  return _xla_fwd(mode, padding_mode, align_corners, x, grid)
+  options = (mode, padding_mode, align_corners)
+  return _formulation(_cpu_kernel_fwd, _xla_fwd, options, x, grid)
 
 
 @functools.cache
@@ -246,14 +248,8 @@ def _grid_sample_fwd(x, grid, mode, padding_mode, align_corners):
 
 def _grid_sample_bwd(mode, padding_mode, align_corners, residuals, g):
   x, grid = residuals
-  args = (mode, padding_mode, align_corners, x, grid, g)
-  if _use_cpu_kernels(x, grid, g):
-    return jax.lax.platform_dependent(
-      *args[3:],
-      cpu=functools.partial(_cpu_kernel_bwd, *args[:3]),
-      default=functools.partial(_xla_bwd, *args[:3]),
-    )
-  return _xla_bwd(*args)
+  options = (mode, padding_mode, align_corners)
+  return _formulation(_cpu_kernel_bwd, _xla_bwd, options, x, grid, g)
 
 
 def _cpu_kernel_bwd(mode, padding_mode, align_corners, x, grid, g):
