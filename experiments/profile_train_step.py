@@ -1,0 +1,179 @@
+"""Where a DMAD-PDM training step at Ped2 size spends its time on this CPU (issue 3's target).
+
+  python experiments/profile_train_step.py [--batch 4] [--json]
+
+1. Profiles one jitted train step (the bench_train.py case) with ``jax.profiler`` and sums the
+   execution time of every XLA op by what it computes, read from the op's source metadata:
+   convolution forward, convolution input gradient, convolution weight gradient, grid_sample
+   (the C++ kernels), everything else. The times are thread-seconds: XLA runs independent ops
+   on both cores at once, so they add up to more than the step's wall time.
+2. Times the same step with every convolution's weight gradient replaced by zeros, which bounds
+   what any faster weight gradient could give.
+
+Writes experiments/results/profile_train_step.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+OUT = os.path.join(HERE, "results", "profile_train_step.json")
+
+
+def _step(batch):
+  from configs import ped2_pdm
+  from dmad_jax.models import get_detector
+  from dmad_jax.train.optim import learning_rate_schedule
+  from dmad_jax.train.trainer import make_state, train_step
+
+  config = ped2_pdm.get_config("root=unused")
+  detector = get_detector(config)
+  rng = np.random.default_rng(0)
+  data = {"frames": rng.uniform(-1, 1, (batch, 256, 256, 15)).astype(np.float32)}
+  state = make_state(config, detector, data, 1000)
+  schedule = learning_rate_schedule(config.optimizer, 1000)
+  fn = jax.jit(
+    functools.partial(train_step, detector=detector, lr_schedule=schedule), donate_argnums=0
+  )
+  return fn, state, data
+
+
+def _median_step_s(fn, state, data, repeats):
+  times = []
+  for _ in range(repeats + 1):
+    t0 = time.perf_counter()
+    state = fn(state, data)[0]
+    jax.block_until_ready(state)
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times[1:])), state
+
+
+def _categories(hlo_text: str, batch: int) -> dict[str, str]:
+  """HLO instruction name -> category, from its op_name metadata and output shape."""
+  out = {}
+  pattern = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\S+?)\[([\d,]*)\].*?op_name=\"([^\"]*)\"")
+  for line in hlo_text.splitlines():
+    m = pattern.match(line)
+    if not m:
+      continue
+    name, _, dims, op_name = m.groups()
+    leading = int(dims.split(",")[0]) if dims else -1
+    if "dmad_grid_sample" in line or "grid_sample" in op_name:
+      out[name] = "grid_sample"
+    elif "conv_general_dilated" in op_name or "conv_transpose" in op_name:
+      if "transpose(jvp" not in op_name:
+        out[name] = "conv forward"
+      elif leading == batch:
+        out[name] = "conv input gradient"
+      else:
+        out[name] = "conv weight gradient"
+    else:
+      out[name] = "other"
+  return out
+
+
+def profile(batch: int) -> dict:
+  fn, state, data = _step(batch)
+  hlo = fn.lower(state, data).compile().as_text()
+  step_s, state = _median_step_s(fn, state, data, 3)
+  cats = _categories(hlo, batch)
+  with tempfile.TemporaryDirectory() as logdir:
+    jax.profiler.start_trace(logdir, create_perfetto_trace=True)
+    state = fn(state, data)[0]
+    jax.block_until_ready(state)
+    jax.profiler.stop_trace()
+    (trace,) = glob.glob(os.path.join(logdir, "**", "*.trace.json.gz"), recursive=True)
+    with gzip.open(trace) as f:
+      events = json.load(f)["traceEvents"]
+  seconds = collections.Counter()
+  ops = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e.get("name") in cats:
+      seconds[cats[e["name"]]] += e["dur"] / 1e6
+      ops[e["name"]] += e["dur"] / 1e6
+  total = sum(seconds.values())
+  return {
+    "batch": batch,
+    "step_s": step_s,
+    "op_thread_seconds": dict(seconds.most_common()),
+    "op_share": {k: v / total for k, v in seconds.most_common()},
+    "top_ops": [
+      {"op": k, "category": cats[k], "thread_seconds": v} for k, v in ops.most_common(12)
+    ],
+  }
+
+
+def _zero_weight_gradient_conv():
+  """lax.conv_general_dilated with an exact input gradient and a zero weight gradient."""
+  original = lax.conv_general_dilated
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=tuple(range(2, 11)))
+  def conv(x, w, *rest):
+    return original(x, w, *rest)
+
+  def fwd(x, w, *rest):
+    return original(x, w, *rest), (x, w)
+
+  def bwd(*args):
+    rest, (x, w), g = args[:-2], args[-2], args[-1]
+    return jax.vjp(lambda x: original(x, w, *rest), x)[1](g)[0], jnp.zeros_like(w)
+
+  conv.defvjp(fwd, bwd)
+
+  def patched(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+              dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+              precision=None, preferred_element_type=None):  # fmt: skip
+    pad = padding if isinstance(padding, str) else tuple(map(tuple, padding))
+    dil = lambda d: None if d is None else tuple(d)  # noqa: E731
+    return conv(
+      lhs, rhs, tuple(window_strides), pad, dil(lhs_dilation), dil(rhs_dilation),
+      dimension_numbers, feature_group_count, batch_group_count, precision,
+      preferred_element_type,
+    )  # fmt: skip
+
+  return patched
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--batch", type=int, default=4)
+  parser.add_argument("--json", action="store_true")
+  args = parser.parse_args()
+  result = {"machine": {"cores": os.cpu_count()}, "profile": profile(args.batch)}
+  # The same step without weight gradients (flax's nn.Conv calls lax.conv_general_dilated).
+  lax.conv_general_dilated = _zero_weight_gradient_conv()
+  fn, state, data = _step(args.batch)
+  result["step_s_without_conv_weight_gradients"] = _median_step_s(fn, state, data, 3)[0]
+  os.makedirs(os.path.dirname(OUT), exist_ok=True)
+  with open(OUT, "w") as f:
+    json.dump(result, f, indent=2)
+  if args.json:
+    print(json.dumps(result))
+    return
+  p = result["profile"]
+  print(f"train step, batch {p['batch']}: {p['step_s']:.2f} s")
+  for k, v in p["op_thread_seconds"].items():
+    print(f"  {k:22s} {v:6.2f} thread-s  {p['op_share'][k]:6.1%}")
+  print(f"without any conv weight gradient: {result['step_s_without_conv_weight_gradients']:.2f} s")
+  print(f"written: {OUT}")
+
+
+if __name__ == "__main__":
+  main()
