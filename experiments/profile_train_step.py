@@ -4,9 +4,11 @@
 
 1. Profiles one jitted train step (the bench_train.py case) with ``jax.profiler`` and sums the
    execution time of every XLA op by what it computes, read from the op's source metadata:
-   convolution forward, convolution input gradient, convolution weight gradient, grid_sample
-   (the C++ kernels), everything else. The times are thread-seconds: XLA runs independent ops
-   on both cores at once, so they add up to more than the step's wall time.
+   convolution forward, convolution input gradient, convolution weight gradient (the C++
+   kernel of dmad_jax.ops.conv on CPU), grid_sample (its C++ kernels), everything else. The
+   times are thread-seconds of op execution: ops may run on both cores at once, and time
+   between ops (buffer allocation, scheduling) is not counted, so they need not add up to the
+   step's wall time.
 2. Times the same step with every convolution's weight gradient replaced by zeros, which bounds
    what any faster weight gradient could give.
 
@@ -77,6 +79,8 @@ def _categories(hlo_text: str, batch: int) -> dict[str, str]:
     leading = int(dims.split(",")[0]) if dims else -1
     if "dmad_grid_sample" in line or "grid_sample" in op_name:
       out[name] = "grid_sample"
+    elif "dmad_conv_weight_grad" in line:
+      out[name] = "conv weight gradient"
     elif "conv_general_dilated" in op_name or "conv_transpose" in op_name:
       if "transpose(jvp" not in op_name:
         out[name] = "conv forward"
@@ -157,7 +161,11 @@ def main():
   parser.add_argument("--json", action="store_true")
   args = parser.parse_args()
   result = {"machine": {"cores": os.cpu_count()}, "profile": profile(args.batch)}
-  # The same step without weight gradients (flax's nn.Conv calls lax.conv_general_dilated).
+  # The same step without weight gradients: dmad_jax's convolutions (ops.conv) fall back to
+  # lax.conv_general_dilated, which computes none.
+  from dmad_jax.ops import conv
+
+  conv._kernel_case = lambda *args: None
   lax.conv_general_dilated = _zero_weight_gradient_conv()
   fn, state, data = _step(args.batch)
   result["step_s_without_conv_weight_gradients"] = _median_step_s(fn, state, data, 3)[0]

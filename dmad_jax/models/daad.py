@@ -36,6 +36,7 @@ import numpy as np
 import optax
 
 from dmad_jax.models import plain as _plain
+from dmad_jax.nn.fast_conv import FastConv
 from dmad_jax.nn.init import torch_default_bias_init, torch_default_kernel_init
 from dmad_jax.nn.layers import Conv, batch_norm, max_pool2
 from dmad_jax.nn.memory import BlockMemory
@@ -236,7 +237,7 @@ class Discriminator(nn.Module):
     """Returns ``(logits (B,), features (B, feature_dim))`` of images ``x`` (B, H, W, C)."""
     i = 0
     while x.shape[1] > 4 or x.shape[2] > 4:
-      x = nn.Conv(
+      x = FastConv(
         self.features * 2**i,
         (4, 4),
         strides=2,
@@ -249,10 +250,10 @@ class Discriminator(nn.Module):
         x = batch_norm(train, name=f"bn{i + 1}")(x)
       x = nn.leaky_relu(x, 0.2)
       i += 1
-    f = nn.Conv(
+    f = FastConv(
       self.feature_dim, x.shape[1:3], padding="VALID", kernel_init=_dcgan_init, name="feature"
     )(x)
-    logits = nn.Conv(1, (3, 3), padding=1, kernel_init=_dcgan_init, name="classifier")(f)
+    logits = FastConv(1, (3, 3), padding=1, kernel_init=_dcgan_init, name="classifier")(f)
     return logits.reshape(x.shape[0]), f.reshape(x.shape[0], -1)
 
 

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dmad_jax.nn.fast_conv import FastConv
 from dmad_jax.nn.init import Initializer, torch_default_bias_init, torch_default_kernel_init
 from dmad_jax.ops import filters
 
@@ -71,7 +72,7 @@ class CoordConv(nn.Module):
     bias_init = self.bias_init
     if bias_init is None:
       bias_init = torch_default_bias_init(math.prod(self.kernel_size) * x.shape[-1])
-    return nn.Conv(
+    return FastConv(
       features=self.features,
       kernel_size=tuple(self.kernel_size),
       strides=self.strides,

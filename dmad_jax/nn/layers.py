@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from dmad_jax.nn.coordconv import CoordConv
+from dmad_jax.nn.fast_conv import FastConv
 from dmad_jax.nn.init import torch_default_bias_init, torch_default_kernel_init
 
 
@@ -42,7 +43,7 @@ class Conv(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """(N, H, W, C) -> (N, H / strides, W / strides, features)."""
     k = self.kernel_size
-    return nn.Conv(
+    return FastConv(
       self.features,
       (k, k),
       strides=self.strides,

@@ -41,6 +41,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dmad_jax.nn.fast_conv import FastConv
+
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -97,7 +99,7 @@ def conv(
 ) -> nn.Conv:
   """``nn.Conv2d(bias=False)`` with torch's zero padding ``kernel_size // 2`` on each side."""
   p = kernel_size // 2
-  return nn.Conv(
+  return FastConv(
     features,
     (kernel_size, kernel_size),
     strides=strides,

@@ -4,6 +4,7 @@ Every function is jit-, vmap- and grad-safe and matches the PyTorch semantics of
 DMAD code where one exists (see the tests for the parity checks).
 """
 
+from dmad_jax.ops.conv import conv_general_dilated
 from dmad_jax.ops.filters import (
   add_coords,
   box_filter_max,
@@ -42,6 +43,7 @@ __all__ = [
   "block_memory_read",
   "box_filter_max",
   "clamp_grid",
+  "conv_general_dilated",
   "coord_channels",
   "ema_codebook_update",
   "ema_init",

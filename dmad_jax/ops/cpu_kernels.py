@@ -1,10 +1,12 @@
 """Hand-written CPU kernels, compiled on first use and called through XLA's FFI.
 
 XLA:CPU runs some of dmad_jax's ops far slower than PyTorch's hand-written CPU kernels: the
-image gradient of ``grid_sample`` is a scatter-add that XLA runs single-threaded, several times
-slower than torch (``experiments/bench_ops.py`` measures both; README has the numbers). The C++
-sources live in ``dmad_jax/ops/_cpu/``; each is a custom call registered with ``jax.ffi`` for the
-CPU platform only, so GPU and TPU programs never see it.
+image gradient of ``grid_sample`` is a scatter-add that XLA runs single-threaded, and a
+convolution's weight gradient is a convolution with an image-sized window (``experiments/
+bench_ops.py`` and ``experiments/profile_train_step.py`` measure both; README has the numbers).
+The C++ sources live in ``dmad_jax/ops/_cpu/``; each is a custom call registered with ``jax.ffi``
+for the CPU platform only, so GPU and TPU programs never see it. ``batch_parallel`` and
+``batch_summed`` tell XLA's partitioner how a call splits over a sharded batch.
 
 The shared library is built the first time it is needed, with the C++ compiler in ``$CXX``
 (else ``c++``/``g++``/``clang++``) and XLA's FFI headers from jaxlib, into
@@ -39,11 +41,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 __all__ = ["available", "batch_parallel", "build", "unavailable_reason"]
 
-_SOURCES = ("grid_sample.cc",)
+_SOURCES = ("grid_sample.cc", "conv_weight_grad.cc")
+_HEADERS = ("parallel.h",)
 # Handler symbol in the library -> FFI target name.
 _TARGETS = {
   "DmadGridSampleFwd": "dmad_grid_sample_fwd",
   "DmadGridSampleBwd": "dmad_grid_sample_bwd",
+  "DmadConvWeightGrad": "dmad_conv_weight_grad",
 }
 # -ffp-contract=off: no fused multiply-adds, so the arithmetic rounds like the XLA formulation.
 # -fno-math-errno and -fno-trapping-math change no value; they let floor/nearbyint and the
@@ -88,7 +92,7 @@ def _cpu_model() -> str:
 
 def _library_path(compiler: str) -> Path:
   h = hashlib.sha256()
-  for name in _SOURCES:
+  for name in _SOURCES + _HEADERS:
     h.update((_source_dir() / name).read_bytes())
   for part in (compiler, " ".join(_FLAGS), jaxlib.__version__, _cpu_model()):
     h.update(part.encode())
@@ -227,5 +231,61 @@ def batch_parallel(fn, sharding_rule: str):
     if isinstance(out, tuple):
       return tuple(unfold(o) for o in out), tuple(True for _ in out)
     return unfold(out), True
+
+  return call
+
+
+def batch_summed(fn, sharding_rule: str):
+  """Wraps a kernel call whose result is a sum over the batch (first dimension) of its inputs.
+
+  With a batch-sharded input each device runs the kernel on its own rows and the partial
+  results are added with ``psum`` (``custom_partitioning``; the batch is a reduction factor of
+  the Shardy ``sharding_rule``), instead of every device gathering the whole batch. Under vmap
+  the call is made once per mapped element (``custom_vmap`` with ``lax.map``).
+
+  Args:
+    fn: ``fn(*arrays) -> array``, every array with the batch first.
+    sharding_rule: e.g. ``"b h w i, b p q o -> k l i o"``, with ``b`` the batch.
+
+  Returns:
+    A function with the signature of ``fn``.
+  """
+
+  def batch_axes(arg_shapes):
+    spec = arg_shapes[0].sharding.spec
+    return spec[0] if len(spec) else None
+
+  def infer(mesh, arg_shapes, result_shape):
+    return NamedSharding(mesh, PartitionSpec())
+
+  def partition(mesh, arg_shapes, result_shape):
+    axes = batch_axes(arg_shapes)
+    args = tuple(NamedSharding(mesh, PartitionSpec(axes)) for _ in arg_shapes)
+
+    def lower(*arrays):
+      out = fn(*arrays)
+      return out if axes is None else jax.lax.psum(out, axes)
+
+    return mesh, lower, NamedSharding(mesh, PartitionSpec()), args
+
+  partitioned = custom_partitioning(fn)
+  partitioned.def_partition(
+    infer_sharding_from_operands=infer,
+    partition=partition,
+    sharding_rule=sharding_rule,
+    reduction_factors=("b",),
+  )
+
+  @custom_vmap
+  def call(*args):
+    return partitioned(*args)
+
+  @call.def_vmap
+  def _vmap(axis_size, in_batched, *args):
+    args = tuple(
+      a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
+      for a, batched in zip(args, in_batched, strict=True)
+    )
+    return jax.lax.map(lambda xs: call(*xs), args), True
 
   return call

@@ -1,7 +1,8 @@
-"""The C++ CPU kernels of grid_sample: built here, used by default, equal to the XLA formulation.
+"""The C++ CPU kernels: built here, and grid_sample's used by default and equal to XLA's.
 
 The torch parity tests in sampling_test.py run through these kernels too (float32 on CPU);
-this file checks what is specific to them: that they really are compiled and called, that
+this file checks what is specific to grid_sample's kernels (the convolution weight-gradient
+kernel has conv_test.py): that they really are compiled and called, that
 their forward pass is bit-identical to the XLA formulation and their backward pass equal to
 rounding (including under vmap, which adds leading batch dimensions), the fallback when they
 are switched off, and how a failed build reports itself.
@@ -132,4 +133,4 @@ def test_concurrent_first_builds_share_one_library(tmp_path, monkeypatch):
   assert paths[0] == paths[1] and paths[0].parent == tmp_path
   assert [p.name for p in tmp_path.iterdir()] == [paths[0].name]
   lib = ctypes.cdll.LoadLibrary(str(paths[0]))
-  assert lib.DmadGridSampleFwd and lib.DmadGridSampleBwd
+  assert lib.DmadGridSampleFwd and lib.DmadGridSampleBwd and lib.DmadConvWeightGrad

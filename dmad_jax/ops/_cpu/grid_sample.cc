@@ -16,18 +16,17 @@
 // dgrid like grid.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
-#include <memory>
-#include <mutex>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using dmad_cpu::ParallelFor;
 
 constexpr int32_t kBilinear = 0;
 constexpr int32_t kNearest = 1;
@@ -244,41 +243,6 @@ void BackwardImage(const Shape& s, const float* __restrict x, const float* __res
       dgrid[2 * p + 1] = d_iy * b.my[i];
     }
   }
-}
-
-// Runs fn(0) .. fn(n - 1) on the caller and the pool's threads. A task that starts after all
-// items are claimed returns at once without touching fn, so fn may live on the caller's stack.
-struct ForState {
-  std::atomic<int64_t> next{0};
-  int64_t done = 0;
-  std::mutex mu;
-  std::condition_variable cv;
-};
-
-template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& fn) {
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
-  if (helpers <= 0) {
-    for (int64_t i = 0; i < n; ++i) fn(i);
-    return;
-  }
-  auto state = std::make_shared<ForState>();
-  auto work = [state, n, &fn]() {
-    int64_t mine = 0;
-    for (int64_t i = state->next++; i < n; i = state->next++) {
-      fn(i);
-      ++mine;
-    }
-    if (mine > 0) {
-      std::lock_guard<std::mutex> lock(state->mu);
-      state->done += mine;
-      if (state->done == n) state->cv.notify_all();
-    }
-  };
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work]() { work(); });
-  work();
-  std::unique_lock<std::mutex> lock(state->mu);
-  state->cv.wait(lock, [&]() { return state->done == n; });
 }
 
 // Reads the shapes of x and grid (any leading batch dims) and checks the attributes.

@@ -1,10 +1,11 @@
-"""grid_sample with the batch sharded over 8 CPU devices: local to each device, same numbers.
+"""grid_sample and ops.conv with the batch sharded over 8 CPU devices: no batch all-gather.
 
 XLA's partitioner gathers the whole batch onto every device in front of an op it cannot see
-into (a custom call, or a gather whose indices span the flattened batch). Both formulations of
-grid_sample avoid that: the C++ kernels are declared batch-parallel and the XLA formulation
-gathers and scatters per image. The compiled 8-device program therefore has no all-gather, and
-its gradients equal the single-device ones (bit for bit with the kernels).
+into (a custom call, or a gather whose indices span the flattened batch). grid_sample avoids
+that in both formulations: its C++ kernels are declared batch-parallel and the XLA formulation
+gathers and scatters per image; its gradients then equal the single-device ones (bit for bit
+with the kernels). The convolution weight-gradient kernel is declared a sum over the batch: each
+device sums its own rows and one all-reduce adds the partial sums.
 """
 
 import json
@@ -47,6 +48,23 @@ SCRIPT = textwrap.dedent(
       "loss_rel": loss_rel,
       "grad_sharding": str(sharded[1][0].sharding.spec),
     }
+  from dmad_jax.ops import conv
+  w = rng.standard_normal((3, 3, 5, 6)).astype(np.float32)
+  dn = ("NHWC", "HWIO", "NHWC")
+  def f(a, b):
+    return jnp.sum(jnp.sin(conv.conv_general_dilated(a, b, (2, 2), "SAME", dimension_numbers=dn)))
+  fn = jax.jit(jax.grad(f, (0, 1)))
+  xs = jax.device_put(x, batch)
+  hlo = fn.lower(xs, w).compile().as_text()
+  sharded, single = fn(xs, w), fn(x, w)
+  out["conv"] = {
+    "all_gathers": hlo.count("all-gather("),
+    "kernel_calls": hlo.count("dmad_conv_weight_grad"),
+    "dx_max_abs_diff": float(np.max(np.abs(np.asarray(sharded[0]) - np.asarray(single[0])))),
+    "dw_max_rel_diff": float(
+      np.max(np.abs(np.asarray(sharded[1]) - np.asarray(single[1]))) / np.max(np.abs(single[1]))
+    ),
+  }
   print("RESULT" + json.dumps(out))
   """
 )
@@ -54,7 +72,7 @@ SCRIPT = textwrap.dedent(
 
 @pytest.mark.multidevice
 @pytest.mark.parametrize("kernels", ["1", "0"])
-def test_sharded_grid_sample_stays_local_and_matches_one_device(kernels):
+def test_sharded_kernels_stay_local_and_match_one_device(kernels):
   env = dict(
     os.environ,
     XLA_FLAGS="--xla_force_host_platform_device_count=8",
@@ -76,3 +94,7 @@ def test_sharded_grid_sample_stays_local_and_matches_one_device(kernels):
     # compiles a 2-image and a 16-image program, which may order their sums differently.
     assert r["grad_max_rel_diff"] <= (0.0 if kernels == "1" else 1e-5), r
     assert "data" in r["grad_sharding"], r
+  c = res["conv"]
+  assert c["all_gathers"] == 0, c
+  assert (c["kernel_calls"] > 0) is (kernels == "1"), c
+  assert c["dx_max_abs_diff"] < 1e-6 and c["dw_max_rel_diff"] < 1e-5, c
