@@ -1,7 +1,7 @@
 """``conv_general_dilated`` for Flax's ``nn.Conv``, with a fast weight gradient on CPU.
 
 XLA:CPU computes a convolution's weight gradient as a convolution with an image-sized window;
-in a DMAD-PDM training step at Ped2 size that takes 56% of the op time
+in a DMAD-PDM training step at Ped2 size that took 56% of the op time before this kernel
 (``experiments/profile_train_step.py``). This drop-in for ``jax.lax.conv_general_dilated``
 (pass it as ``nn.Conv(..., conv_general_dilated=ops.conv_general_dilated)``) computes the same
 forward pass and input gradient with XLA, and the weight gradient with a C++ kernel
