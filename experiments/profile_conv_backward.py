@@ -5,7 +5,8 @@ forward pass, its input gradient and its weight gradient, in JAX (XLA:CPU) and i
 
 The layer is 64 -> 64 channels at 256 x 256, batch 4 (the OffsetNet trunk and the first encoder
 and decoder levels of PDM are of this kind). It also times the weight gradient written as nine
-shifted matmuls, and one plain (64 x 262144) @ (262144 x 64) matmul, the core of that gradient.
+shifted matmuls, one plain (64 x 262144) @ (262144 x 64) matmul, the core of that gradient, and
+dmad_jax's C++ weight-gradient kernel (dmad_jax/ops/conv.py), which the package uses on CPU.
 Each number is the median of 5 calls after a warm-up call.
 """
 
@@ -19,6 +20,9 @@ import jax.numpy as jnp
 import torch
 from jax import lax
 from timing import median_seconds
+
+from dmad_jax.ops import conv as dmad_conv
+from dmad_jax.ops import cpu_kernels
 
 
 def _median_s(fn, *args, repeats=5):
@@ -66,6 +70,11 @@ def main():
     "jax_grad_weight_as_9_matmuls_s": _median_s(jax.jit(grad_w_matmuls), x, g),
     "jax_one_matmul_64x262144x64_s": _median_s(jax.jit(lambda a, b: a.T @ b), a, a),
   }
+  if cpu_kernels.available():  # dmad_jax's C++ weight gradient (what the package uses on CPU)
+    kernel = jax.jit(
+      lambda x, g: dmad_conv._kernel_weight_grad(w.shape, (1, 1), ((1, 1), (1, 1)), x, g)
+    )
+    res["dmad_kernel_grad_weight_s"] = _median_s(kernel, x, g)
   xt = torch.randn(n, c, s, s)
   conv_t = torch.nn.Conv2d(c, c, 3, padding=1, bias=False)
   gt = torch.randn(n, c, s, s)
