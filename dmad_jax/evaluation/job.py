@@ -55,6 +55,18 @@ def _pick_figure_rows(labels, n_per_class):
   return np.concatenate([normal, anomalous])
 
 
+def _rows_still_needed(kept_labels, batch_labels, n_per_class):
+  """Rows of a batch that the figure still needs, given the labels of the rows kept so far:
+  in order, while their class has fewer than ``n_per_class`` kept rows."""
+  have = {c: int((kept_labels == c).sum()) for c in (0, 1)}
+  rows = []
+  for i, c in enumerate(np.asarray(batch_labels).tolist()):
+    if c in have and have[c] < n_per_class:
+      have[c] += 1
+      rows.append(i)
+  return np.asarray(rows, np.int64)
+
+
 def _video_errors(eval_cfg, scores):
   """Per-frame errors for the video recipe: the model's official errors for the dmad_* recipes
   (scores named with ``video.ERROR_PREFIX``, e.g. "ped2_*"), the fused image score for "none"."""
@@ -182,18 +194,20 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict:
           f"detector pixel map {pixel_key!r} has shape {pixel_maps[-1].shape[1:]} but the "
           f"ground-truth masks have {gt_masks[-1].shape[1:]}"
         )
-    # Keep pictures only until the figure has its first samples of each class.
+    # Keep pictures only of the rows the figure shows (the first samples of each class), so
+    # memory stays flat however long the test set runs before its first anomalies.
     kept = np.concatenate(fig_labels) if fig_labels else np.zeros((0,), np.int32)
-    if min((kept == 0).sum(), (kept == 1).sum()) < n_fig:
-      fig_labels.append(labels[-1])
-      fig_scores.append(scores["score"][-1])
+    rows = _rows_still_needed(kept, labels[-1], n_fig)
+    if rows.size:
+      fig_labels.append(labels[-1][rows])
+      fig_scores.append(scores["score"][-1][rows])
       for k, v in out["images"].items():
-        fig_images.setdefault(k, []).append(np.asarray(v)[mask])
+        fig_images.setdefault(k, []).append(np.asarray(v)[mask][rows])
       for k, v in out["maps"].items():
-        fig_maps.setdefault(k, []).append(np.asarray(v)[mask])
+        fig_maps.setdefault(k, []).append(np.asarray(v)[mask][rows])
       if "mask" in batch:
-        fig_inputs.append(batch["image"][mask])
-        fig_masks.append(batch["mask"][mask])
+        fig_inputs.append(batch["image"][mask][rows])
+        fig_masks.append(batch["mask"][mask][rows])
   labels = np.concatenate(labels)
   indices = np.concatenate(indices)
   scores = {k: np.concatenate(v) for k, v in scores.items()}

@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from dmad_jax.evaluation.figures import deformation_panel, score_histogram
@@ -132,3 +134,25 @@ def test_histogram_validates(tmp_path):
     score_histogram(tmp_path / "x.png", [0.1, 0.2], [0])
   with pytest.raises(ValueError, match="0 \\(normal\\) or 1"):
     score_histogram(tmp_path / "x.png", [0.1, 0.2], [0, 2])
+
+
+@settings(max_examples=50)
+@given(
+  labels=st.lists(st.integers(0, 1), max_size=60),
+  batch=st.integers(1, 9),
+  n=st.integers(0, 5),
+)
+def test_figure_rows_kept_per_batch_are_the_rows_the_figure_picks(labels, batch, n):
+  from dmad_jax.evaluation import job
+
+  labels = np.asarray(labels, np.int32)
+  kept = np.zeros((0,), np.int32)
+  kept_positions = []
+  for start in range(0, len(labels), batch):
+    rows = job._rows_still_needed(kept, labels[start : start + batch], n)
+    kept = np.concatenate([kept, labels[start : start + batch][rows]])
+    kept_positions.extend((start + rows).tolist())
+  # Only the figure's rows are held, and picking from them equals picking from all rows.
+  assert len(kept) <= 2 * n
+  picked = np.asarray(kept_positions, np.int64)[job._pick_figure_rows(kept, n)]
+  np.testing.assert_array_equal(picked, job._pick_figure_rows(labels, n))
