@@ -29,6 +29,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = parse_arg(arg)
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # "float64" (with JAX_ENABLE_X64=1) runs the model in double precision, for numerics checks:
+  # tests/train/sharding_test.py shows with it that a sharded run computes what one device does.
+  c.param_dtype = "float32"
   c.model_name = "pdm"
   c.t_length = 1  # image mode: reconstruct the input
 

@@ -6,11 +6,15 @@ both ways and lists the entries where Adam's normalised update g / (|g| + eps) d
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python experiments/data_parallel_drift.py
 
-Writes experiments/results/data_parallel_drift.json.
+Writes experiments/results/data_parallel_drift.json. With ``--param_dtype float64`` (and
+JAX_ENABLE_X64=1 in the environment) the same runs compute in float64, which shows whether the
+float32 drift is rounding or a difference in the computation: writes
+experiments/results/data_parallel_drift_float64.json.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -26,30 +30,34 @@ from configs import digits_pdm  # noqa: E402
 from dmad_jax.evaluation import job  # noqa: E402
 from dmad_jax.train import checkpoint, sharding, trainer  # noqa: E402
 
-OUT = os.path.join(
-  os.path.dirname(os.path.abspath(__file__)), "results", "data_parallel_drift.json"
-)
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def config(devices: int):
+def config(devices: int, param_dtype: str):
   c = digits_pdm.get_config("runlocal")
   c.batch_size, c.total_steps, c.keep_checkpoints = 16, 5, 10
   c.mesh = [("data", devices)]
+  c.param_dtype = param_dtype
   return c
 
 
 def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--param_dtype", default="float32", choices=("float32", "float64"))
+  args = parser.parse_args()
   if jax.device_count() < 8:
     raise SystemExit("run with XLA_FLAGS=--xla_force_host_platform_device_count=8")
+  suffix = "" if args.param_dtype == "float32" else "_" + args.param_dtype
+  out = os.path.join(RESULTS, f"data_parallel_drift{suffix}.json")
   root = tempfile.mkdtemp()
-  c = config(1)
+  c = config(1, args.param_dtype)
   detector = trainer.get_detector(c)
   source = trainer.data_lib.get_sources(c.data)["train"]
   abstract = job._abstract_state(c, detector, trainer._sample_batch(source))
   runs = {}
   for n in (8, 1):
     work = os.path.join(root, str(n))
-    trainer.train_and_evaluate(config(n), work)
+    trainer.train_and_evaluate(config(n, args.param_dtype), work)
     with open(os.path.join(work, "metrics.jsonl")) as f:
       losses = [json.loads(line)["loss"] for line in f]
     mngr = checkpoint.manager(work, read_only=True)
@@ -100,13 +108,14 @@ def main():
   rows.sort(key=lambda r: -r["max_update_direction_diff"])
   result = dict(
     machine="2-core CPU, 8 fake XLA host devices",
+    param_dtype=args.param_dtype,
     loss_relative_difference_per_step=loss_rel,
     param_max_abs_difference_per_step=param_abs,
     adam_eps=eps,
     worst_gradient_entries=rows[:8],
   )
-  os.makedirs(os.path.dirname(OUT), exist_ok=True)
-  with open(OUT, "w") as f:
+  os.makedirs(RESULTS, exist_ok=True)
+  with open(out, "w") as f:
     json.dump(result, f, indent=2)
   print(json.dumps(result, indent=2))
   shutil.rmtree(root, ignore_errors=True)

@@ -2,7 +2,8 @@
 
 A typo or an impossible value should fail in the first second with a message naming the key,
 the value and what would be accepted, not after the data validation pass or hours into a run.
-Checked here: the loop's integers (batch size, step counts, seed), ``nonfinite``, sizes that
+Checked here: the loop's integers (batch size, step counts, seed), ``nonfinite``,
+``param_dtype`` (float64 needs 64-bit JAX), sizes that
 must agree between ``config.data`` and ``config.model``, and unknown keys in the config
 sections a detector turns into constructor arguments (``config.model``, ``config.loss``, ...).
 
@@ -23,6 +24,7 @@ import re
 import sys
 
 NONFINITE_MODES = ("stop", "skip")
+PARAM_DTYPES = ("float32", "float64")
 
 _UNEXPECTED = re.compile(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'")
 
@@ -91,6 +93,12 @@ def _check_detector(config) -> None:
     package_log.setLevel(level)
 
 
+def _x64_enabled() -> bool:
+  import jax
+
+  return bool(jax.config.jax_enable_x64)
+
+
 def check_config(config) -> None:
   """Raises a :class:`ConfigError` listing every problem found in ``config``.
 
@@ -112,6 +120,13 @@ def check_config(config) -> None:
   mode = config.get("nonfinite", "stop")
   if mode not in NONFINITE_MODES:
     problems.append(f"config.nonfinite must be one of {NONFINITE_MODES}, got {mode!r}")
+  dtype = config.get("param_dtype", "float32")
+  if dtype not in PARAM_DTYPES:
+    problems.append(f"config.param_dtype must be one of {PARAM_DTYPES}, got {dtype!r}")
+  elif dtype == "float64" and not _x64_enabled():
+    problems.append(
+      "config.param_dtype 'float64' needs 64-bit JAX: run with JAX_ENABLE_X64=1 in the environment"
+    )
   data, model = config.get("data", None), config.get("model", None)
   if data is None:
     problems.append("config.data is missing")

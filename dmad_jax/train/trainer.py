@@ -150,7 +150,9 @@ def make_state(config, detector, sample_batch, total_steps):
   # A detector may bring its own optimizer (e.g. one optax state per player of a GAN).
   make_tx = getattr(detector, "make_optimizer", make_optimizer)
   tx = make_tx(config.optimizer, total_steps, params_shape)
-  return create_train_state(detector, tx, init_rng, train_rng, sample_batch)
+  return create_train_state(
+    detector, tx, init_rng, train_rng, sample_batch, param_dtype=config.get("param_dtype", None)
+  )
 
 
 def initial_state(config, detector, sample_batch, total_steps, template=None):

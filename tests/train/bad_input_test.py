@@ -166,7 +166,9 @@ def test_unknown_data_key_is_named(folder_run, folder_data):
 
 
 def test_impossible_values_are_all_listed(digits_run):
-  config = _digits(batch_size=0, seed=-1, nonfinite="ignore", **{"data.image_size": 64})
+  config = _digits(
+    batch_size=0, seed=-1, nonfinite="ignore", param_dtype="float16", **{"data.image_size": 64}
+  )
   with pytest.raises(preflight.ConfigError) as info:
     trainer.train_and_evaluate(config, digits_run.workdir)
   msg = str(info.value)
@@ -174,9 +176,17 @@ def test_impossible_values_are_all_listed(digits_run):
     "config.batch_size must be an int >= 1, got 0",
     "config.seed must be an int in [0, 2**32), got -1",
     "config.nonfinite must be one of ('stop', 'skip'), got 'ignore'",
+    "config.param_dtype must be one of ('float32', 'float64'), got 'float16'",
     "config.data.image_size (64) and config.model.image_size (32) differ",
   ):
     assert part in msg
+  digits_run.assert_intact()
+
+
+def test_float64_without_64_bit_jax(digits_run):
+  assert not jax.config.jax_enable_x64  # the test session runs in JAX's default 32-bit mode
+  with pytest.raises(preflight.ConfigError, match="param_dtype 'float64' needs 64-bit JAX"):
+    trainer.train_and_evaluate(_digits(param_dtype="float64"), digits_run.workdir)
   digits_run.assert_intact()
 
 

@@ -26,6 +26,7 @@ SCRIPT = textwrap.dedent(
     c = digits_pdm.get_config("runlocal")
     c.batch_size, c.total_steps, c.keep_checkpoints, c.mesh = 16, 5, 10, mesh
     c.fsdp_min_size = 1024  # so that the tiny model has FSDP-split arrays
+    c.param_dtype = {param_dtype!r}
     return c
 
   def state_at(c, work, step):
@@ -36,8 +37,9 @@ SCRIPT = textwrap.dedent(
     return [np.asarray(p).tolist() for p in jax.tree.leaves((state.params, state.batch_stats))]
 
   out = {{}}
-  meshes = (("eight", [("data", -1)]), ("fsdp", [("data", 2), ("fsdp", 4)]), ("one", [("data", 1)]))
-  for name, mesh in meshes:
+  meshes = dict(eight=[("data", -1)], fsdp=[("data", 2), ("fsdp", 4)], one=[("data", 1)])
+  for name in {runs!r}:
+    mesh = meshes[name]
     c, work = config(mesh), {tmp!r} + "/" + name
     state = trainer.train_and_evaluate(c, work)
     with open(work + "/metrics.jsonl") as f:
@@ -45,6 +47,7 @@ SCRIPT = textwrap.dedent(
     shardings = [str(x.sharding.spec) for x in jax.tree.leaves(state.params)]
     out[name] = dict(losses=[r["loss"] for r in rows], perplexity=[r["perplexity"] for r in rows],
                      state1=state_at(c, work, 1), state5=state_at(c, work, 5),
+                     dtypes=sorted({{str(x.dtype) for x in jax.tree.leaves(state.params)}}),
                      sharding=str(jax.tree.leaves(state.params)[0].sharding),
                      split=sum("fsdp" in x for x in shardings), leaves=len(shardings))
   # The eval job on the same checkpoint, sharded over 8 devices and on one.
@@ -63,48 +66,82 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.multidevice
-def test_eight_devices_match_one_device(tmp_path):
+def _run_on_eight_devices(tmp_path, param_dtype, runs):
   env = dict(
     os.environ,
     XLA_FLAGS="--xla_force_host_platform_device_count=8",
     JAX_PLATFORMS="cpu",
+    JAX_ENABLE_X64="1" if param_dtype == "float64" else "0",
     PYTHONPATH=ROOT,
   )
   proc = subprocess.run(
-    [sys.executable, "-c", SCRIPT.format(root=ROOT, tmp=str(tmp_path))],
+    [
+      sys.executable,
+      "-c",
+      SCRIPT.format(root=ROOT, tmp=str(tmp_path), param_dtype=param_dtype, runs=runs),
+    ],
     env=env,
     capture_output=True,
     text=True,
     timeout=900,
   )
   assert proc.returncode == 0, proc.stderr[-4000:]
-  res = json.loads(proc.stdout.split("RESULT", 1)[1])
-  one = res["one"]
-  assert "'data': 8" in res["eight"]["sharding"] and "'data': 1" in one["sharding"]
-  assert 0 < res["fsdp"]["split"] < res["fsdp"]["leaves"]  # big arrays split, small replicated
-  for name in ("eight", "fsdp"):
-    run = res[name]
-    # The first step sees the same batch and parameters: BatchNorm statistics and VQ usage are
-    # computed over the global batch, so the sharded loss, code-usage perplexity and BatchNorm
-    # running statistics equal the single-device ones (the warmup's first learning rate is 0).
-    assert run["losses"][0] == pytest.approx(one["losses"][0], rel=1e-6)
-    assert run["perplexity"][0] == pytest.approx(one["perplexity"][0], rel=1e-6)
-    for a, b in zip(run["state1"], one["state1"], strict=True):
-      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-    # Later steps differ by float summation order only (the cross-device reductions add in
-    # another order). The loss barely moves (measured: 1e-7..6e-7 relative for steps 2-4, up to
-    # 1.8e-5 at step 5), but Adam's normalised update g / (|g| + eps) turns roundoff-level
-    # gradients of some weights into lr-sized steps: after 5 steps parameters differ by up to
-    # 2.6e-4 (measured), at a learning rate of 1e-4..4e-4 per step (warmup).
-    np.testing.assert_allclose(run["losses"][:4], one["losses"][:4], rtol=1e-5)
-    np.testing.assert_allclose(run["losses"], one["losses"], rtol=5e-5)
-    diffs = [
-      np.max(np.abs(np.asarray(a) - np.asarray(b)), initial=0.0)
-      for a, b in zip(run["state5"], one["state5"], strict=True)
-    ]
-    assert max(diffs) < 1e-3, max(diffs)
+  return json.loads(proc.stdout.split("RESULT", 1)[1])
+
+
+@pytest.mark.multidevice
+def test_eight_devices_match_one_device(tmp_path):
+  res = _run_on_eight_devices(tmp_path, "float32", ("eight", "one"))
+  one, run = res["one"], res["eight"]
+  assert one["dtypes"] == run["dtypes"] == ["float32"]
+  assert "'data': 8" in run["sharding"] and "'data': 1" in one["sharding"]
+  # The first step sees the same batch and parameters: BatchNorm statistics and VQ usage are
+  # computed over the global batch, so the sharded loss, code-usage perplexity and BatchNorm
+  # running statistics equal the single-device ones (the warmup's first learning rate is 0).
+  assert run["losses"][0] == pytest.approx(one["losses"][0], rel=1e-6)
+  assert run["perplexity"][0] == pytest.approx(one["perplexity"][0], rel=1e-6)
+  for a, b in zip(run["state1"], one["state1"], strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  # Later steps differ by float32 summation order only (the cross-device reductions add in
+  # another order; the float64 test below shows the computations are otherwise the same). The
+  # loss barely moves (measured: 1e-7..6e-7 relative for steps 2-4, up to 1.9e-5 at step 5), but
+  # Adam's normalised update g / (|g| + eps) turns roundoff-level gradients of some weights (~1e-9,
+  # against eps 1e-8) into lr-sized steps: after 5 steps parameters differ by up to 2.6e-4
+  # (measured; experiments/results/data_parallel_drift.json lists the entries).
+  np.testing.assert_allclose(run["losses"][:4], one["losses"][:4], rtol=1e-5)
+  np.testing.assert_allclose(run["losses"], one["losses"], rtol=5e-5)
+  diffs = [
+    np.max(np.abs(np.asarray(a) - np.asarray(b)), initial=0.0)
+    for a, b in zip(run["state5"], one["state5"], strict=True)
+  ]
+  assert max(diffs) < 1e-3, max(diffs)
   # Eval: the same checkpoint scored on 8 devices and on 1 gives the same scores and AUROC.
   np.testing.assert_allclose(res["eval_eight"]["scores"], res["eval_one"]["scores"], rtol=1e-5)
   assert res["eval_eight"]["auroc"] == res["eval_one"]["auroc"]
   assert "batch_size 12 is not divisible by the number of devices 8" in res["error"]
+
+
+@pytest.mark.multidevice
+def test_in_float64_a_sharded_run_computes_what_one_device_computes(tmp_path):
+  """The same runs with ``config.param_dtype="float64"``: rounding is then ~1e-16, far below
+  Adam's eps, so nothing amplifies it, and a difference in the computation itself (a statistic
+  over the local instead of the global batch, a dropped or doubled row, a wrong FSDP split)
+  would show. Here on a 2 x 4 data x fsdp mesh (measured: losses 4.9e-16 relative apart,
+  parameters and BatchNorm statistics after 5 steps 1.0e-12); 8-way data parallelism in float64
+  is measured by experiments/data_parallel_drift.py --param_dtype float64 (5e-16 and 7e-13)."""
+  res = _run_on_eight_devices(tmp_path, "float64", ("fsdp", "one"))
+  one, run = res["one"], res["fsdp"]
+  assert one["dtypes"] == run["dtypes"] == ["float64"]
+  assert 0 < run["split"] < run["leaves"]  # big arrays split over "fsdp", small ones replicated
+  loss_rel = np.max(np.abs(np.subtract(run["losses"], one["losses"])) / np.abs(one["losses"]))
+  param_abs = max(
+    np.max(np.abs(np.asarray(a) - np.asarray(b)), initial=0.0)
+    for step in ("state1", "state5")
+    for a, b in zip(run[step], one[step], strict=True)
+  )
+  print(f"float64, 2x4 data x fsdp against 1 device: losses {loss_rel:.1e} relative, "
+        f"parameters and BatchNorm statistics {param_abs:.1e} absolute")  # fmt: skip
+  assert loss_rel < 1e-12 and param_abs < 1e-10, (loss_rel, param_abs)
+  np.testing.assert_allclose(run["perplexity"], one["perplexity"], rtol=1e-12)
+  np.testing.assert_allclose(res["eval_eight"]["scores"], res["eval_one"]["scores"], rtol=1e-12)
+  assert res["eval_eight"]["auroc"] == res["eval_one"]["auroc"]
