@@ -70,12 +70,16 @@ def _median_step_s(fn, state, data, repeats):
 def _categories(hlo_text: str, batch: int) -> dict[str, str]:
   """HLO instruction name -> category, from its op_name metadata and output shape."""
   out = {}
-  pattern = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\S+?)\[([\d,]*)\].*?op_name=\"([^\"]*)\"")
+  # Array- and tuple-shaped results alike: the first shape after "=" gives the leading dimension.
+  pattern = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = [^\[]*\[([\d,]*)\]")
+  op_pattern = re.compile(r"op_name=\"([^\"]*)\"")
   for line in hlo_text.splitlines():
     m = pattern.match(line)
     if not m:
       continue
-    name, _, dims, op_name = m.groups()
+    name, dims = m.groups()
+    o = op_pattern.search(line)
+    op_name = o.group(1) if o else ""
     leading = int(dims.split(",")[0]) if dims else -1
     if "dmad_grid_sample" in line or "grid_sample" in op_name:
       out[name] = "grid_sample"
@@ -91,6 +95,53 @@ def _categories(hlo_text: str, batch: int) -> dict[str, str]:
     else:
       out[name] = "other"
   return out
+
+
+def _union_seconds(intervals) -> float:
+  """Length of the union of (start, duration) intervals in microseconds, in seconds."""
+  total, end = 0.0, -np.inf
+  for start, dur in sorted(intervals):
+    if start + dur > end:
+      total += start + dur - max(start, end)
+      end = start + dur
+  return total / 1e6
+
+
+def _thread_summary(events, cats) -> list[dict]:
+  """Per trace thread that ran XLA ops: the span from its first to its last event, the time
+  covered by any event (busy), by the program's ops (HLO instructions) and by other events
+  (runtime work such as buffer allocation), and its longest non-op events."""
+  names = {
+    (e["pid"], e["tid"]): e["args"]["name"]
+    for e in events
+    if e.get("ph") == "M" and e.get("name") == "thread_name"
+  }
+  by_thread = collections.defaultdict(list)
+  for e in events:
+    if e.get("ph") == "X":
+      by_thread[(e["pid"], e["tid"])].append(e)
+  rows = []
+  for key, evs in by_thread.items():
+    ops = [(e["ts"], e["dur"]) for e in evs if e["name"] in cats]
+    if not ops:
+      continue
+    other = collections.Counter()
+    for e in evs:
+      if e["name"] not in cats:
+        other[e["name"]] += e["dur"] / 1e6
+    start = min(e["ts"] for e in evs)
+    end = max(e["ts"] + e["dur"] for e in evs)
+    rows.append(
+      {
+        "thread": names.get(key, str(key)),
+        "span_s": (end - start) / 1e6,
+        "busy_s": _union_seconds((e["ts"], e["dur"]) for e in evs),
+        "op_s": _union_seconds(ops),
+        "other_event_s": _union_seconds((e["ts"], e["dur"]) for e in evs if e["name"] not in cats),
+        "top_other_events": [{"name": k, "s": v} for k, v in other.most_common(6)],
+      }
+    )
+  return sorted(rows, key=lambda r: -r["op_s"])
 
 
 def profile(batch: int) -> dict:
@@ -114,6 +165,7 @@ def profile(batch: int) -> dict:
       ops[e["name"]] += e["dur"] / 1e6
   total = sum(seconds.values())
   return {
+    "threads": _thread_summary(events, cats),
     "batch": batch,
     "step_s": step_s,
     "op_thread_seconds": dict(seconds.most_common()),
@@ -179,6 +231,11 @@ def main():
   print(f"train step, batch {p['batch']}: {p['step_s']:.2f} s")
   for k, v in p["op_thread_seconds"].items():
     print(f"  {k:22s} {v:6.2f} thread-s  {p['op_share'][k]:6.1%}")
+  for t in p["threads"][:4]:
+    print(
+      f"  thread {t['thread']}: span {t['span_s']:.2f} s, busy {t['busy_s']:.2f} s, "
+      f"ops {t['op_s']:.2f} s, other events {t['other_event_s']:.2f} s"
+    )
   print(f"without any conv weight gradient: {result['step_s_without_conv_weight_gradients']:.2f} s")
   print(f"written: {OUT}")
 

@@ -39,6 +39,22 @@ _MODEL_KEYS = ("model_name", "model", "t_length", "optimizer", "data.image_size"
 _MAX_LISTED = 8
 
 
+# Replica-parallel saving splits a replicated array into one slice per replica, so that every
+# device writes a part. Each slice is an eagerly dispatched `lax.slice`, compiled once per shape;
+# for the many small arrays of a model (biases, BatchNorm statistics) that costs far more than it
+# saves (measured: 5.4 s of a 4-device run's first save, against 0.3 s for the write itself).
+# Arrays whose slices would be smaller than this are written whole by one replica; big ones
+# (memory banks, a WideResNet teacher) are still split.
+MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL = 1 << 20
+ocp.type_handlers.register_type_handler(
+  jax.Array,
+  ocp.type_handlers.ArrayHandler(
+    min_slice_bytes_for_replica_parallel=MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL
+  ),
+  override=True,
+)
+
+
 class CheckpointMismatchError(ValueError):
   """A checkpoint does not fit the model of the config (another model, other sizes)."""
 
