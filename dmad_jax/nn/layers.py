@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from dmad_jax.nn.coordconv import CoordConv
-from dmad_jax.nn.fast_conv import FastConv
+from dmad_jax.nn.fast_conv import FastConv, FastConvTranspose
 from dmad_jax.nn.init import torch_default_bias_init, torch_default_kernel_init
 
 
@@ -104,14 +104,14 @@ class Upsample(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """(N, H, W, C) -> (N, 2H, 2W, features)."""
-    x = nn.ConvTranspose(
+    x = FastConvTranspose(
       self.features,
       (3, 3),
       strides=(2, 2),
       padding=((1, 2), (1, 2)),
       use_bias=False,
-      transpose_kernel=True,
       kernel_init=torch_default_kernel_init,
+      name="ConvTranspose_0",  # the parameter path of nn.ConvTranspose (checkpoints, convert)
     )(x)
     return nn.relu(batch_norm(train)(x))
 

@@ -28,7 +28,7 @@ from jax import lax
 
 from dmad_jax.ops import cpu_kernels
 
-__all__ = ["conv_general_dilated"]
+__all__ = ["conv_general_dilated", "conv_transpose", "lhs_dilated_conv"]
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -96,7 +96,9 @@ def _conv_bwd(strides, pads, precision, residuals, g):
       x, w, strides, pads, dimension_numbers=_NHWC, precision=precision
     )
 
-  dx = jax.vjp(lambda x: conv(x, w), x)[1](g)[0]
+  dx = _input_grad(x.shape, w, strides, pads, precision, g)
+  if dx is None:
+    dx = jax.vjp(lambda x: conv(x, w), x)[1](g)[0]
   dw = jax.lax.platform_dependent(
     x,
     g,
@@ -127,3 +129,100 @@ def _weight_grad_call(w_shape, strides, low_pads):
     return jax.ffi.ffi_call(cpu_kernels.target("DmadConvWeightGrad"), out)(x, g, **attrs)
 
   return cpu_kernels.batch_summed(call, "b h w i, b p q o -> k l i o")
+
+
+# ---------------------------------------------------------------------------------------------
+# Convolutions of a zero-interleaved input (transposed convolutions, strided-conv gradients).
+# ---------------------------------------------------------------------------------------------
+def _dim_phases(size: int, k: int, s: int, lo: int, hi: int):
+  """One spatial axis of ``lhs_dilated_conv``: (outputs per phase, [(first tap, taps, pad_lo,
+  pad_hi) per output phase r]), or None when the phases do not all have the same length.
+
+  Output o = s*m + r sums w[k] * x[(o + k - lo) / s] over the taps with (o + k - lo) divisible
+  by s: k = k0 + s*t with k0 = (lo - r) mod s, reading x[m + c + t] with c = (r + k0 - lo) / s.
+  That is a stride-1 convolution of x with the sub-kernel w[k0::s] and padding (-c, ...).
+  """
+  out = (size - 1) * s + 1 + lo + hi - k + 1
+  if lo < 0 or hi < 0 or out <= 0 or out % s:
+    return None
+  m = out // s
+  phases = []
+  for r in range(s):
+    k0 = (lo - r) % s
+    taps = max(0, -(-(k - k0) // s))
+    c = (r + k0 - lo) // s
+    phases.append((k0, taps, -c, m + c + taps - 1 - size))
+  return m, phases
+
+
+def lhs_dilated_conv(x, w, dilation: Sequence[int], pads, precision=None):
+  """``lax.conv_general_dilated(x, w, (1, 1), pads, lhs_dilation=dilation)`` for NHWC ``x`` and
+  HWIO ``w``, computed as one stride-1 convolution per output phase.
+
+  A convolution of an input with ``s - 1`` zeros between its pixels (a transposed convolution,
+  or the input gradient of a stride-``s`` convolution) spends ``(s**2 - 1) / s**2`` of its
+  multiply-adds on those zeros, and XLA:CPU runs it as a generic loop nest rather than its fast
+  convolution library (it took 60-80% of a DMAD-PDM training step at Ped2 size on CPU,
+  ``experiments/profile_train_step.py``). Output pixel ``o = s*m + r`` only meets the taps
+  ``k = (lo - r) mod s + s*t``, so each output phase ``r`` is a stride-1 convolution of the
+  un-dilated input with a sub-kernel; the phases are interleaved into the output. Same values up
+  to float summation order; every platform. Falls back to ``lax`` where the phases differ in
+  length (an output size not divisible by the dilation) or a padding is negative.
+  """
+  dilation = tuple(int(d) for d in dilation)
+  pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+  plans = [_dim_phases(x.shape[1 + i], w.shape[i], dilation[i], *pads[i]) for i in range(2)]
+  if any(p is None for p in plans) or x.ndim != 4 or w.ndim != 4:
+    return lax.conv_general_dilated(
+      x, w, (1, 1), pads, lhs_dilation=dilation, dimension_numbers=_NHWC, precision=precision
+    )
+  (mh, ph), (mw, pw) = plans
+  rows = []
+  for k0h, th, loh, hih in ph:
+    row = []
+    for k0w, tw, low, hiw in pw:
+      if th == 0 or tw == 0:
+        row.append(jnp.zeros((x.shape[0], mh, mw, w.shape[3]), jnp.result_type(x, w)))
+        continue
+      sub = w[
+        k0h : k0h + dilation[0] * th : dilation[0], k0w : k0w + dilation[1] * tw : dilation[1]
+      ]
+      # Negative pads crop the input; the positive ones go to the convolution.
+      xi = x[:, max(0, -loh) : x.shape[1] - max(0, -hih), max(0, -low) : x.shape[2] - max(0, -hiw)]
+      conv_pads = ((max(0, loh), max(0, hih)), (max(0, low), max(0, hiw)))
+      row.append(
+        conv_general_dilated(
+          xi, sub, (1, 1), conv_pads, dimension_numbers=_NHWC, precision=precision
+        )
+      )
+    rows.append(jnp.stack(row, axis=3))  # (N, Mh, Mw, s_w, C)
+  out = jnp.stack(rows, axis=2)  # (N, Mh, s_h, Mw, s_w, C)
+  n, _, _, _, _, c = out.shape
+  return out.reshape(n, mh * dilation[0], mw * dilation[1], c)
+
+
+def conv_transpose(x, kernel, strides: Sequence[int], pads, precision=None):
+  """``lax.conv_transpose(x, kernel, strides, pads, transpose_kernel=True)`` (Flax's
+  ``ConvTranspose(transpose_kernel=True)``, torch's ``ConvTranspose2d``) for NHWC ``x`` and a
+  kernel of shape ``(kh, kw, out_features, in_features)``, by ``lhs_dilated_conv``."""
+  w = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
+  return lhs_dilated_conv(x, w, strides, pads, precision)
+
+
+def _input_grad(x_shape, w, strides, pads, precision, g):
+  """The input gradient of a strided ``_conv`` as ``lhs_dilated_conv`` of ``g``, or None where
+  that does not apply (stride 1: XLA's own transpose is already a plain convolution)."""
+  if all(s == 1 for s in strides):
+    return None
+  grad_pads = []
+  for i in range(2):
+    size, k, s, (lo, _) = x_shape[1 + i], w.shape[i], strides[i], pads[i]
+    n_out = g.shape[1 + i]
+    grad_pads.append((k - 1 - lo, size - 1 + lo - (n_out - 1) * s))
+  if any(p < 0 for pair in grad_pads for p in pair):
+    return None
+  if any(_dim_phases(g.shape[1 + i], w.shape[i], strides[i], *grad_pads[i]) is None
+         for i in range(2)):  # fmt: skip
+    return None
+  w_t = jnp.swapaxes(w[::-1, ::-1], 2, 3)
+  return lhs_dilated_conv(g, w_t, strides, grad_pads, precision)
