@@ -1,7 +1,7 @@
 """Flax linen layers over dmad_jax.ops (NHWC, torch-default initialisation)."""
 
 from dmad_jax.nn.coordconv import CoordConv
-from dmad_jax.nn.fast_conv import FastConv
+from dmad_jax.nn.fast_conv import FastConv, FastConvTranspose
 from dmad_jax.nn.layers import Basic, Conv, Head, ResBlock, Upsample
 from dmad_jax.nn.memory import BlockMemory
 from dmad_jax.nn.quantize import VectorQuantizer
@@ -12,6 +12,7 @@ __all__ = [
   "Conv",
   "CoordConv",
   "FastConv",
+  "FastConvTranspose",
   "Head",
   "ResBlock",
   "Upsample",

@@ -4,7 +4,7 @@ Every function is jit-, vmap- and grad-safe and matches the PyTorch semantics of
 DMAD code where one exists (see the tests for the parity checks).
 """
 
-from dmad_jax.ops.conv import conv_general_dilated
+from dmad_jax.ops.conv import conv_general_dilated, conv_transpose, lhs_dilated_conv
 from dmad_jax.ops.filters import (
   add_coords,
   box_filter_max,
@@ -44,6 +44,7 @@ __all__ = [
   "box_filter_max",
   "clamp_grid",
   "conv_general_dilated",
+  "conv_transpose",
   "coord_channels",
   "ema_codebook_update",
   "ema_init",
@@ -52,6 +53,7 @@ __all__ = [
   "grid_sample",
   "hard_shrink",
   "identity_grid",
+  "lhs_dilated_conv",
   "memory_init",
   "offsets_to_grid",
   "reseed_dead_codes",
