@@ -10,6 +10,7 @@ convolving over inserted zeros (``ops.conv.conv_transpose``), on every platform.
 
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -35,6 +36,7 @@ class FastConvTranspose(nn.Module):
     use_bias: add a bias.
     kernel_init: kernel initialiser.
     bias_init: bias initialiser.
+    dtype: computation dtype (None: that of the input and parameters, as in Flax).
   """
 
   features: int
@@ -44,6 +46,7 @@ class FastConvTranspose(nn.Module):
   use_bias: bool = True
   kernel_init: Callable = nn.initializers.lecun_normal()
   bias_init: Callable = nn.initializers.zeros_init()
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -51,7 +54,7 @@ class FastConvTranspose(nn.Module):
     shape = tuple(self.kernel_size) + (self.features, x.shape[-1])
     kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
     x, kernel = jnp.asarray(x), jnp.asarray(kernel)
-    dtype = jnp.result_type(x, kernel)
+    dtype = self.dtype or jnp.result_type(x, kernel)
     y = conv.conv_transpose(x.astype(dtype), kernel.astype(dtype), self.strides, self.padding)
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(dtype)

@@ -32,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dmad_jax.nn.fast_conv import FastConvTranspose
 from dmad_jax.nn.init import torch_default_kernel_init
 from dmad_jax.nn.resnet import EXPANSION, ResStage, batch_norm, check_arch, conv
 
@@ -44,20 +45,19 @@ OCBE_BLOCKS = {"resnet18": 2, "resnet34": 3, "resnet50": 3, "wide_resnet50_2": 3
 DECODER_TARGET = {"layer1": "layer3", "layer2": "layer2", "layer3": "layer1"}
 
 
-def deconv2x2(features: int, name: str | None = None, dtype: Any = jnp.float32) -> nn.ConvTranspose:
+def deconv2x2(features: int, name: str | None = None, dtype: Any = jnp.float32) -> nn.Module:
   """``nn.ConvTranspose2d(kernel 2, stride 2, bias=False)``: exactly doubles H and W.
 
   Torch's transposed convolution is Flax's ``ConvTranspose`` with ``transpose_kernel=True`` and
   padding k - 1 - p = 1 on each side; the kernel is (2, 2, out, in), torch's (in, out, 2, 2)
-  transposed by (2, 3, 1, 0).
+  transposed by (2, 3, 1, 0). Computed by output phases (``FastConvTranspose``).
   """
-  return nn.ConvTranspose(
+  return FastConvTranspose(
     features,
     (2, 2),
     strides=(2, 2),
     padding=((1, 1), (1, 1)),
     use_bias=False,
-    transpose_kernel=True,
     kernel_init=torch_default_kernel_init,
     dtype=dtype,
     name=name,
