@@ -7,6 +7,12 @@ Cases: train step at batch 1 and 4 (AdamW, donated state, the official Ped2 loss
 FLOPs per step from XLA's cost analysis, achieved GFLOP/s, its ratio to a float32 matmul peak
 measured in the same run, and the peak resident memory of a process that ran only that case.
 Each case runs in its own subprocess so that peak RSS is per case.
+
+The same cases also run on the PyTorch twin of the model (experiments/torch_pdm.py, whose
+outputs, loss and gradients tests/models/pdm_torch_twin_test.py checks against this one), in the
+same run, so that the speed ratio does not depend on how fast the machine is that day;
+``--no-torch`` skips it. The official PyTorch model's times from the issue tracker are kept next
+to them for reference (``torch_reference_s``).
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CASES = {"train_b1": ("train", 1), "train_b4": ("train", 4), "eval_b1": ("eval", 1)}
-# The official PyTorch model measured on this machine (2 CPU cores), from the issue tracker.
+# The official PyTorch model measured on this machine (2 CPU cores), from the issue tracker, on a
+# day when its float32 matmul peak measured about 475 GFLOP/s.
 TORCH_REFERENCE_S = {"train_b1": 0.69, "train_b4": 4.34, "eval_b1": 0.28}
 
 
@@ -121,47 +128,103 @@ def run_case(name, repeats):
   }
 
 
+def run_torch_case(name, repeats):
+  """The case on experiments/torch_pdm.py: median seconds, FLOPs (torch's counter), peak RSS."""
+  import torch
+  from torch.utils.flop_counter import FlopCounterMode
+
+  sys.path.insert(0, HERE)
+  import torch_pdm
+
+  kind, batch = CASES[name]
+  torch.manual_seed(0)
+  model = torch_pdm.TorchPDM()
+  optimizer = torch_pdm.make_optimizer(model)
+  rng = np.random.default_rng(0)
+  frames = torch.from_numpy(rng.uniform(-1, 1, (batch, 15, 256, 256)).astype(np.float32))
+  if kind == "train":
+    step = lambda: torch_pdm.train_step(model, optimizer, frames)  # noqa: E731
+  else:
+    step = lambda: torch_pdm.eval_step(model, frames)  # noqa: E731
+  with FlopCounterMode(display=False) as counter:
+    step()
+  times = []
+  for _ in range(repeats + 1):
+    t0 = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t0)
+  median = float(np.median(times[1:]))
+  flops = counter.get_total_flops()
+  return {
+    "case": name,
+    "median_s": median,
+    "gflop_per_step": flops / 1e9,
+    "gflops_per_s": flops / median / 1e9,
+    "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    "threads": torch.get_num_threads(),
+    "version": torch.__version__,
+  }
+
+
+def _child(name, repeats, framework):
+  out = subprocess.run(
+    [sys.executable, __file__, "--case", name, "--repeats", str(repeats), "--framework", framework],
+    capture_output=True,
+    text=True,
+    check=True,
+  )
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--json", action="store_true")
+  parser.add_argument("--no-torch", dest="torch", action="store_false")
   parser.add_argument("--case", choices=sorted(CASES), help=argparse.SUPPRESS)
+  parser.add_argument(
+    "--framework", choices=("jax", "torch"), default="jax", help=argparse.SUPPRESS
+  )
   args = parser.parse_args()
   if args.case:  # child process: one case, one JSON line
-    print(json.dumps(run_case(args.case, args.repeats)))
+    run = run_case if args.framework == "jax" else run_torch_case
+    print(json.dumps(run(args.case, args.repeats)))
     return
   peak = _matmul_peak_gflops()
   rows = []
   for name in CASES:
-    out = subprocess.run(
-      [sys.executable, __file__, "--case", name, "--repeats", str(args.repeats)],
-      capture_output=True,
-      text=True,
-      check=True,
-    )
-    row = json.loads(out.stdout.strip().splitlines()[-1])
+    row = _child(name, args.repeats, "jax")
     row["fraction_of_matmul_peak"] = row["gflops_per_s"] / peak
+    if args.torch:
+      row["torch_twin"] = _child(name, args.repeats, "torch")
+      row["speedup_vs_torch_twin"] = row["torch_twin"]["median_s"] / row["median_s"]
     row["torch_reference_s"] = TORCH_REFERENCE_S[name]
-    row["speedup_vs_torch"] = TORCH_REFERENCE_S[name] / row["median_s"]
+    row["speedup_vs_torch_reference"] = TORCH_REFERENCE_S[name] / row["median_s"]
     rows.append(row)
   result = {
     "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
     "matmul_peak_gflops": peak,
+    "matmul_peak_gflops_after": _matmul_peak_gflops(),
     "results": rows,
   }
   if args.json:
     print(json.dumps(result))
     return
-  print(f"machine: {result['machine']}  float32 matmul peak: {peak:.1f} GFLOP/s")
+  print(
+    f"machine: {result['machine']}  float32 matmul peak: {peak:.1f} GFLOP/s before, "
+    f"{result['matmul_peak_gflops_after']:.1f} after"
+  )
   print(
     f"{'case':9s} {'s/step':>8s} {'compile s':>9s} {'GFLOP':>8s} {'GFLOP/s':>8s} "
-    f"{'of peak':>7s} {'RSS GiB':>7s} {'torch s':>7s} {'speedup':>7s}"
+    f"{'of peak':>7s} {'RSS GiB':>7s} {'twin s':>7s} {'twin RSS':>8s} {'speedup':>7s}"
   )
   for r in rows:
+    twin = r.get("torch_twin", {})
     print(
       f"{r['case']:9s} {r['median_s']:8.3f} {r['compile_s']:9.1f} {r['gflop_per_step']:8.1f} "
       f"{r['gflops_per_s']:8.1f} {r['fraction_of_matmul_peak']:7.2f} {r['peak_rss_gib']:7.2f} "
-      f"{r['torch_reference_s']:7.2f} {r['speedup_vs_torch']:7.2f}"
+      f"{twin.get('median_s', float('nan')):7.3f} {twin.get('peak_rss_gib', float('nan')):8.2f} "
+      f"{r.get('speedup_vs_torch_twin', float('nan')):7.2f}"
     )
 
 

@@ -328,8 +328,12 @@ def grid_sample(
 # Resize.
 # ---------------------------------------------------------------------------------------------
 def _interp_matrix(in_size: int, out_size: int, align_corners: bool, dtype) -> jax.Array:
-  """(out, in) matrix of 1-D linear interpolation weights, torch's source-index convention."""
-  i = jnp.arange(out_size, dtype=jnp.float32)
+  """(out, in) matrix of 1-D linear interpolation weights, torch's source-index convention.
+
+  The weights are computed in float32, or in float64 for float64 inputs (as torch does).
+  """
+  cdt = jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+  i = jnp.arange(out_size, dtype=cdt)
   if align_corners:
     scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
     src = i * scale
@@ -339,8 +343,8 @@ def _interp_matrix(in_size: int, out_size: int, align_corners: bool, dtype) -> j
   i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), in_size - 1)
   i1 = jnp.minimum(i0 + 1, in_size - 1)
   lam = src - i0
-  m = jax.nn.one_hot(i0, in_size, dtype=jnp.float32) * (1 - lam)[:, None]
-  m = m + jax.nn.one_hot(i1, in_size, dtype=jnp.float32) * lam[:, None]
+  m = jax.nn.one_hot(i0, in_size, dtype=cdt) * (1 - lam)[:, None]
+  m = m + jax.nn.one_hot(i1, in_size, dtype=cdt) * lam[:, None]
   return m.astype(dtype)
 
 
