@@ -1,6 +1,6 @@
 """DMAD-PDM at Ped2 size (256x256, 12 -> 3 channels, 200 codes): train and eval step speed.
 
-  python experiments/bench_train.py [--repeats 5] [--json]
+  python experiments/bench_train.py [--repeats 5] [--rounds 3] [--no-torch] [--json]
 
 Cases: train step at batch 1 and 4 (AdamW, donated state, the official Ped2 loss), eval step
 (forward + anomaly maps + scores) at batch 1. For each: median seconds per step, compile seconds,
@@ -176,10 +176,23 @@ def _child(name, repeats, framework):
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _summary(runs):
+  """One row from several runs of a case: the median of their medians, the largest RSS, the
+  first run's other fields, and every run's median as ``round_medians_s``."""
+  row = dict(runs[0])
+  medians = [r["median_s"] for r in runs]
+  row["median_s"] = float(np.median(medians))
+  row["round_medians_s"] = medians
+  row["gflops_per_s"] = row["gflop_per_step"] / row["median_s"]
+  row["peak_rss_gib"] = max(r["peak_rss_gib"] for r in runs)
+  return row
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--json", action="store_true")
+  parser.add_argument("--rounds", type=int, default=3, help="runs of each case per framework")
   parser.add_argument("--no-torch", dest="torch", action="store_false")
   parser.add_argument("--case", choices=sorted(CASES), help=argparse.SUPPRESS)
   parser.add_argument(
@@ -193,10 +206,18 @@ def main():
   peak = _matmul_peak_gflops()
   rows = []
   for name in CASES:
-    row = _child(name, args.repeats, "jax")
+    # Rounds alternate which framework goes first, and each framework's time is the median over
+    # rounds of its per-round medians: the machine's speed drifts over minutes.
+    runs = {"jax": [], "torch": []}
+    for r in range(args.rounds):
+      order = ("jax", "torch") if r % 2 == 0 else ("torch", "jax")
+      for framework in order:
+        if framework == "jax" or args.torch:
+          runs[framework].append(_child(name, args.repeats, framework))
+    row = _summary(runs["jax"])
     row["fraction_of_matmul_peak"] = row["gflops_per_s"] / peak
     if args.torch:
-      row["torch_twin"] = _child(name, args.repeats, "torch")
+      row["torch_twin"] = _summary(runs["torch"])
       row["speedup_vs_torch_twin"] = row["torch_twin"]["median_s"] / row["median_s"]
     row["torch_reference_s"] = TORCH_REFERENCE_S[name]
     row["speedup_vs_torch_reference"] = TORCH_REFERENCE_S[name] / row["median_s"]

@@ -10,7 +10,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
-from jax import lax
 
 from dmad_jax.nn.init import Initializer, torch_default_bias_init, torch_default_kernel_init
 from dmad_jax.ops import conv, filters
@@ -154,7 +153,7 @@ class _SplitConv(nn.Module):
     y = conv.conv_general_dilated(x, kernel[:, :, :c], strides, padding, dimension_numbers=dn)
     coords = jnp.asarray(coords, x.dtype)[None]
     y = _add_to_each(
-      y, lax.conv_general_dilated(coords, kernel[:, :, c:], strides, padding, dimension_numbers=dn)
+      y, conv.conv_general_dilated(coords, kernel[:, :, c:], strides, padding, dimension_numbers=dn)
     )
     if bias is not None:
       y = y + bias
