@@ -379,15 +379,31 @@ def train_step(model, optimizer, frames, out_channels=3):
   return loss.detach()
 
 
+def box_filter_max(x, kh, kw):
+  """(N,) max of the (kh, kw) box average of the channel-summed |x|, zero-padded by the full
+  kernel size on each side (``dmad_jax.ops.filters.box_filter_max``)."""
+  s = F.pad(x.abs().sum(1, keepdim=True), (kw, kw, kh, kh))
+  return F.avg_pool2d(s, (kh, kw), stride=1).flatten(1).amax(1)
+
+
 @torch.no_grad()
 def eval_step(model, frames, out_channels=3):
-  """Forward in eval mode plus per-frame squared-error and deformation scores, (N,) each."""
+  """What ``PDMDetector.predict`` computes with the Ped2 config: the forward pass in eval mode,
+  the Eq. 12-13 maps (``dis`` distance), the Eq. 14 scores (3x3 box max, alpha 1) and the
+  official Ped2 frame errors. Returns {name: (N,) tensor}."""
   model.eval()
   x, target = frames[:, :-out_channels], frames[:, -out_channels:]
   out = model(x)
-  err = ((out["stages"][-1] - target) ** 2).mean(1)
-  deform = sum(o.norm(dim=1) for o in out["offsets"])
-  return err.flatten(1).amax(1), deform.flatten(1).mean(1)
+  pred, offsets = out["stages"][-1], out["offsets"]
+  grad = gradient_difference(target, pred)
+  rec = ((pred - target) ** 2).mean(1, keepdim=True) + grad
+  df = sum(o.norm(dim=1, keepdim=True) for o in offsets)
+  scores = {"rec": box_filter_max(rec, 3, 3), "df": box_filter_max(df, 3, 3)}
+  scores["score"] = scores["rec"] + scores["df"]
+  scores["ped2_deformation"] = box_filter_max(offsets[0][:, 1:2], 7, 18)
+  scores["ped2_reconstruction"] = (pred - target).abs().flatten(1).mean(1)
+  scores["ped2_gradient"] = box_filter_max(grad, 16, 14)
+  return scores
 
 
 # ---------------------------------------------------------------------------------------------

@@ -155,18 +155,48 @@ class ResBlock(nn.Module):
 
 
 def max_pool2(x: jax.Array) -> jax.Array:
-  """2x2 max pooling with stride 2 (torch.nn.MaxPool2d(2): an odd last row or column is dropped).
+  """2x2 max pooling with stride 2, exactly torch.nn.MaxPool2d(2) in value and gradient (an odd
+  last row or column is dropped; on ties the first entry of the window in row-major order gets
+  the gradient).
 
-  A max over a (H/2, 2, W/2, 2) reshape rather than ``nn.max_pool``: the same values, but its
-  gradient is an elementwise mask instead of XLA's select-and-scatter, which XLA:CPU runs as a
-  reduce-window that also tracks argmax indices (measured: ~0.2 s of thread time per batch-4
-  Ped2 train step). On exact ties inside a window the gradient is split between the tied
-  entries (torch gives it to the first one); after a ReLU the only ties are zeros, whose
-  gradient the ReLU drops either way.
+  A max over a (H/2, 2, W/2, 2) reshape with an elementwise backward pass rather than
+  ``nn.max_pool``, whose select-and-scatter gradient XLA:CPU runs as a reduce-window that also
+  tracks argmax indices (measured: ~0.2 s of thread time per batch-4 Ped2 train step).
   """
+  _, h, w, _ = x.shape
+  return _max_pool2_even(x[:, : h - h % 2, : w - w % 2])
+
+
+def _windows(x):
   n, h, w, c = x.shape
-  x = x[:, : h - h % 2, : w - w % 2]
-  return jnp.max(x.reshape(n, h // 2, 2, w // 2, 2, c), axis=(2, 4))
+  return x.reshape(n, h // 2, 2, w // 2, 2, c)
+
+
+@jax.custom_vjp
+def _max_pool2_even(x):
+  return jnp.max(_windows(x), axis=(2, 4))
+
+
+def _max_pool2_fwd(x):
+  y = _max_pool2_even(x)
+  return y, (x, y)
+
+
+def _max_pool2_bwd(residuals, g):
+  x, y = residuals
+  xs = _windows(x)
+  taken = jnp.zeros(y.shape, bool)
+  parts = []
+  for i, j in ((0, 0), (0, 1), (1, 0), (1, 1)):  # torch's scan order inside the window
+    hit = (xs[:, :, i, :, j] == y) & ~taken
+    taken = taken | hit
+    parts.append(jnp.where(hit, g, jnp.zeros_like(g)))
+  top = jnp.stack(parts[:2], axis=3)
+  bottom = jnp.stack(parts[2:], axis=3)
+  return (jnp.stack([top, bottom], axis=2).reshape(x.shape),)
+
+
+_max_pool2_even.defvjp(_max_pool2_fwd, _max_pool2_bwd)
 
 
 def count_params(params) -> int:

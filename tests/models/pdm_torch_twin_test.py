@@ -145,3 +145,18 @@ def test_in_float64_loss_and_every_gradient_match(twins):
     else:
       err = np.abs(g - tg).max() / np.abs(tg).max()
       assert err < 1e-10, (key, err)
+
+
+def test_eval_scores_match(twins):
+  """The twin's eval step computes the scores of ``PDMDetector.predict`` (Ped2 config)."""
+  tmodel, module, variables, frames = twins
+  from dmad_jax.models.pdm import anomaly_maps, frame_errors, image_scores
+
+  out = module.apply(variables, jnp.asarray(frames[..., :CIN]), train=False)
+  target = jnp.asarray(frames[..., CIN:])
+  scores = image_scores(anomaly_maps(out, target, "dis"), kernel_size=(3, 3), alpha=1.0)
+  scores.update({f"ped2_{k}": v for k, v in frame_errors(out, target).items()})
+  tscores = torch_pdm.eval_step(copy.deepcopy(tmodel), _nchw(frames))
+  assert sorted(tscores) == sorted(scores)
+  for k, v in scores.items():
+    np.testing.assert_allclose(v, tscores[k].numpy(), rtol=1e-4, err_msg=k)

@@ -1,4 +1,4 @@
-"""dmad_jax.nn.layers.max_pool2 against torch.nn.MaxPool2d(2): values and gradients."""
+"""dmad_jax.nn.layers.max_pool2 against torch.nn.MaxPool2d(2): values and gradients, ties too."""
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +13,8 @@ from dmad_jax.nn.layers import max_pool2
 def test_max_pool2_matches_torch_values_and_gradients(shape):
   rng = np.random.default_rng(sum(shape))
   x = rng.standard_normal(shape).astype(np.float32)
-  x[0, :2, :2, 0] = 0.0  # a window of ties: its gradient must still sum to the incoming one
+  x[0, :2, :2, 0] = 0.0  # a window of ties: torch gives the gradient to its first entry
+  x[-1, 2:4, 2:4, -1] = [[-1.0, 0.5], [0.5, 0.5]]  # ties after the first entry
   out, vjp = jax.vjp(max_pool2, jnp.asarray(x))
   g = rng.standard_normal(out.shape).astype(np.float32)
   (dx,) = vjp(jnp.asarray(g))
@@ -22,11 +23,7 @@ def test_max_pool2_matches_torch_values_and_gradients(shape):
   tout = torch.nn.MaxPool2d(2)(tx)
   tout.backward(torch.from_numpy(g).permute(0, 3, 1, 2))
   np.testing.assert_array_equal(out, tout.detach().permute(0, 2, 3, 1).numpy())
-  tdx = tx.grad.permute(0, 2, 3, 1).numpy()
-  untied = np.ones(shape, bool)
-  untied[0, :2, :2, 0] = False
-  np.testing.assert_array_equal(np.asarray(dx)[untied], tdx[untied])
-  # The tied window: torch gives everything to one entry, max_pool2 splits it; same total.
-  np.testing.assert_allclose(np.asarray(dx)[0, :2, :2, 0].sum(), tdx[0, :2, :2, 0].sum(), rtol=1e-6)
+  np.testing.assert_array_equal(dx, tx.grad.permute(0, 2, 3, 1).numpy())
+  assert dx[0, 0, 0, 0] == g[0, 0, 0, 0] and not np.asarray(dx)[0, :2, :2, 0].ravel()[1:].any()
   if shape[1] % 2:  # the dropped last row gets no gradient
     assert not np.asarray(dx)[:, -1].any()
