@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dmad_jax.models.pdm import LossWeights  # the Ped2 loss weights (a plain dataclass)
 from dmad_jax.ops import filters as _filters  # the coordinate channels (plain numpy)
 
 
@@ -332,18 +333,12 @@ def smoothness_1d(o, ks):
   return (fx.abs() + fy.abs()).mean()
 
 
-def pdm_loss(
-  out,
-  target,
-  recon=(1.0, 1.0),
-  grad=(0.25, 1.0),
-  vq=1.0,
-  offset=0.25,
-  norm=(0.4, 0.4),
-  smooth_sizes=(7, 3),
-  template=1.0,
-):
-  """The total training loss; ``target`` (N, C, H, W)."""
+def pdm_loss(out, target, weights: LossWeights | None = None):
+  """The total training loss; ``target`` (N, C, H, W). Only the Ped2 terms of ``weights`` are
+  built (no foreground weighting, mask or masked-template terms; 1-D smoothness)."""
+  w_ = weights or LossWeights()
+  recon, grad, vq, offset = w_.recon, w_.grad, w_.vq, w_.offset
+  norm, smooth_sizes, template = w_.norm, w_.smooth_sizes, w_.template
   stages, offsets = out["stages"], out["offsets"]
   total = sum(w * F.mse_loss(s, target) for w, s in zip(recon, stages, strict=True))
   total = total + sum(
