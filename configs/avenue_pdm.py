@@ -37,8 +37,7 @@ import os
 
 import ml_collections
 
-from configs import args as args_lib
-from configs import digits_pdm
+from dmad_jax.configs import common, pdm
 
 TRAIN_CLIPS = 15264  # Avenue training frames (15328) minus 4 per video (16 videos)
 OFFICIAL_BKG = os.path.join(
@@ -50,12 +49,19 @@ OFFICIAL_BKG = os.path.join(
   "dmad_official",
   "bkg_avenue.jpg",
 )
-HEAD_STRIDES = {"code": ((2, 2, 1), (1, 1)), "spec": ((1, 2, 1), (2, 1))}
+HEAD_STRIDES = pdm.HEAD_STRIDES
 
 
-def parse_arg(arg: str) -> dict:
+def parse_arg(arg: str | None) -> dict:
   defaults = {"root": None, "labels": None, "bkg": "official", "epochs": 60, "heads": "code"}
-  out = args_lib.parse("avenue_pdm", arg, defaults, choices={"heads": HEAD_STRIDES})
+  out = common.parse_arg(
+    "avenue_pdm",
+    arg,
+    defaults,
+    choices={"heads": tuple(HEAD_STRIDES)},
+    required=("root",),
+    example="root=/data/avenue;labels=L.npy",
+  )
   if out["bkg"] == "official":
     out["bkg"] = os.path.normpath(OFFICIAL_BKG) if os.path.isfile(OFFICIAL_BKG) else "median"
   return out
@@ -63,28 +69,10 @@ def parse_arg(arg: str) -> dict:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = parse_arg(arg)
-  c = digits_pdm.get_config("runlocal" if a["runlocal"] else "")
-  c.t_length = 5  # 4 frames in, the 5th predicted
-  size = 32 if a["runlocal"] else 256
-  c.data = ml_collections.ConfigDict(
-    dict(
-      name="video",
-      root=a["root"],
-      image_size=size,
-      gray=True,  # DMAD reads Avenue frames with c=1: gray repeated to 3 channels
-      t_length=5,
-      labels=a["labels"] or "",
-      templates="single",
-    )
-  )
-  c.model.image_size = size
-  c.model.in_channels = 12
-  c.model.out_channels = 3
-  c.model.coord_blocks = size // 8
+  # DMAD reads Avenue frames with c=1: gray repeated to 3 channels.
+  c = pdm.video_base(runlocal=a["runlocal"], root=a["root"], labels=a["labels"], gray=True)
   c.model.head_strides = HEAD_STRIDES[a["heads"]]
   c.model.max_offsets = (3.0, 3.0)
-  c.model.mask_source = "encoder"
-  c.model.aggregation = "masked"
   # Avenue's loss: both gradient terms at weight 1, no 0.4 on the offset norms, 2-D smoothness.
   c.loss = ml_collections.ConfigDict(
     dict(
@@ -98,25 +86,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       template=1.0,
     )
   )
-  c.score = ml_collections.ConfigDict(
-    dict(distance="dis", kernel_size=(3, 3), alpha=1.0, reduce="max")
-  )
   c.template_init = a["bkg"]
   c.eval.recipe = "dmad_avenue"
   if a["runlocal"]:
-    c.eval.batch_size = 8
     return c
   c.model.channels = (64, 128, 256, 512)
   c.model.skip_channels = (64, 64)
   c.model.num_codes = 420
   c.model.gen_features = 64
   c.model.offset_features = 64
-  c.optimizer.lr = 2e-4
-  c.optimizer.warmup_steps = 0
   c.optimizer.lr_multipliers = {"template": 50.0}
-  c.batch_size = 8
-  c.total_steps = a["epochs"] * (TRAIN_CLIPS // 8)
-  c.log_every_steps = 100
-  c.checkpoint_every_steps = 1000
-  c.eval.batch_size = 8
+  pdm.full_size_video_run(c, epochs=a["epochs"], train_clips=TRAIN_CLIPS)
   return c

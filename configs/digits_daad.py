@@ -7,155 +7,28 @@
       --workdir runs/daad_plus3
   dmad train --config 'configs/digits_daad.py:variant=memae;runlocal' --workdir /tmp/t   # tests
 
-Args (';'-separated): ``variant`` (one of ``VARIANTS``: ae, memae, ae_skip, daad, daad_plus;
-default daad), ``protocol`` (as configs/digits_pdm.py; default normal=1,3,5,7,9), ``runlocal``.
-
-This module also holds what the DAAD configs share: :func:`paper_config` (the paper's MVTec
-recipe, supp. Tab. 7/8 and Sec. 4.1) and :func:`apply_variant` (the rows of the paper's Tab. 3).
-Every choice the paper leaves open is a named key (``model.renormalize``, ``model.memory_init``,
-``model.output_activation``, ``model.temperature``, ``score.scaling``), defaulting to the
-recommendation of shared/spec/seed_systems.md Sec. 3.
+Args (';'-separated): ``variant`` (ae, memae, ae_skip, daad, daad_plus; default daad),
+``protocol`` (as configs/digits_pdm.py; default normal=1,3,5,7,9), ``runlocal``. The paper's
+recipe, its ablation rows and the test-sized run are in ``dmad_jax.configs.daad``.
 """
 
 import ml_collections
 
-# The rows of the paper's Table 3, as (model_name, model overrides). "all" = every level.
-VARIANTS = {
-  # Vanilla AE: no skips, no memory (down-sampling 2**levels).
-  "ae": ("daad", dict(skips=False, memory_levels=(), granularity="block")),
-  # MemAE as the paper re-implements it: one per-pixel memory at the deepest level, no skips.
-  "memae": ("daad", dict(skips=False, memory_levels="deepest", granularity="pixel")),
-  # AE+Skip: UNet skips, no memory.
-  "ae_skip": ("daad", dict(skips=True, memory_levels=(), granularity="block")),
-  # DAAD: every encoder-to-decoder path reads its own block-wise memory.
-  "daad": ("daad", dict(skips=True, memory_levels="all", granularity="block")),
-  # DAAD+: DAAD with the adversarially learned representation and the fused score.
-  "daad_plus": ("daad_plus", dict(skips=True, memory_levels="all", granularity="block")),
-}
-# Paper Sec. 4.1: Adam lr 1e-4 with the reconstruction loss only, 2e-4 for DAAD+.
-PAPER_LR = {"daad": 1e-4, "daad_plus": 2e-4}
-
-
-def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
-  """Sets ``model_name``, the model's skip / memory switches and the paper's learning rate."""
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown DAAD variant {variant!r}; known: {', '.join(VARIANTS)}")
-  model_name, overrides = VARIANTS[variant]
-  levels = len(c.model.channels)
-  c.variant = variant
-  c.model_name = model_name
-  for key, value in overrides.items():
-    if value == "all":
-      value = tuple(range(1, levels + 1))
-    elif value == "deepest":
-      value = (levels,)
-    setattr(c.model, key, value)
-  c.optimizer.lr = PAPER_LR[model_name]
-  c.discriminator_optimizer.lr = PAPER_LR[model_name]
-  return c
-
-
-def _adam(lr: float) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(
-    dict(
-      name="adam",
-      lr=lr,
-      b1=0.9,
-      b2=0.999,
-      eps=1e-8,
-      weight_decay=0.0,
-      schedule="constant",
-      warmup_steps=0,
-      lr_multipliers={},
-      grad_clip_norm=0.0,
-    )
-  )
-
-
-def paper_config(image_size: int = 256, channels: int = 3) -> ml_collections.ConfigDict:
-  """The paper's MVTec AD recipe for DAAD (apply a variant on top)."""
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.variant = "daad"
-  c.model_name = "daad"
-  c.data = ml_collections.ConfigDict(
-    dict(name="folder", root="", image_size=image_size, channels=channels, validate=True)
-  )
-  c.model = ml_collections.ConfigDict(
-    dict(
-      channels=(64, 128, 256, 512),
-      bottleneck=1024,
-      out_channels=channels,
-      skips=True,
-      memory_levels=(1, 2, 3, 4),
-      rates=(8, 8, 1),  # r_h, r_w, r_c, the same at every level
-      granularity="block",
-      num_items=500,  # N per level
-      shrink=True,  # drop weights below 1/N (Sec. 3.1.2)
-      # Open in the paper; spec defaults: MemAE's L1 re-normalisation of the kept weights, its
-      # U(-1/sqrt(D), 1/sqrt(D)) memory, a tanh output for inputs in [-1, 1], Eq. 1's
-      # temperature 1.
-      renormalize=True,
-      memory_init="uniform",
-      output_activation="tanh",
-      temperature=1.0,
-    )
-  )
-  c.discriminator = ml_collections.ConfigDict(dict(features=64, feature_dim=100))
-  c.loss = ml_collections.ConfigDict(dict(rec=50.0, adv=0.5, ali=0.5))
-  # Eq. 7 with both scores min-max scaled by their range over the TRAINING split ("train"),
-  # recomputed at every checkpoint and stored in it; "none" fuses the raw scores.
-  c.score = ml_collections.ConfigDict(dict(gamma=0.9, scaling="train"))
-  c.augment = ml_collections.ConfigDict(dict(hflip=True, vflip=True))
-  c.optimizer = _adam(1e-4)
-  c.discriminator_optimizer = _adam(1e-4)
-  c.batch_size = 8
-  c.total_steps = 30000  # the paper trains 1000 epochs; configs/mvtec_daad.py counts them
-  c.log_every_steps = 100
-  c.checkpoint_every_steps = 1000
-  c.keep_checkpoints = 3
-  c.nonfinite = "stop"
-  c.eval_at_end = False
-  c.eval = ml_collections.ConfigDict(dict(batch_size=8, figure_samples=6))
-  return c
-
-
-def shrink_for_tests(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The ``runlocal`` sizes: a model and run that train in seconds on a CPU (two levels, so
-  apply the variant afterwards)."""
-  c.model.channels = (4, 8)
-  c.model.bottleneck = 8
-  c.model.rates = (2, 2, 1)
-  c.model.num_items = 10
-  c.discriminator.features = 4
-  c.discriminator.feature_dim = 8
-  c.batch_size = 4
-  c.total_steps = 2
-  c.log_every_steps = 1
-  c.checkpoint_every_steps = 1
-  c.eval.batch_size = 64
-  c.eval.figure_samples = 2
-  return c
+from dmad_jax.configs import common, daad
 
 
 def parse_arg(arg: str | None) -> dict:
-  out = {"protocol": "normal=1,3,5,7,9", "variant": "daad", "runlocal": False}
-  for item in filter(None, (arg or "").split(";")):
-    key, _, value = item.partition("=")
-    if item == "runlocal":
-      out["runlocal"] = True
-    elif key in ("protocol", "variant") and value:
-      out[key] = value
-    else:
-      raise ValueError(
-        f"digits_daad: unknown config arg {item!r} (variant=..., protocol=..., runlocal)"
-      )
-  return out
+  return common.parse_arg(
+    "digits_daad",
+    arg,
+    {"protocol": "normal=1,3,5,7,9", "variant": "daad"},
+    choices={"variant": tuple(daad.VARIANTS)},
+  )
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = parse_arg(arg)
-  c = paper_config(image_size=32, channels=1)
+  c = daad.paper_config(image_size=32, channels=1)
   c.data = ml_collections.ConfigDict(
     dict(
       name="digits", protocol=a["protocol"], image_size=32, channels=1, test_fraction=0.3, seed=0
@@ -178,8 +51,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 200
   c.eval.batch_size = 128
   if a["runlocal"]:
-    shrink_for_tests(c)
-  apply_variant(c, a["variant"])
+    daad.shrink_for_tests(c)
+  daad.apply_variant(c, a["variant"])
   if not a["runlocal"]:
     # The paper's 1e-4 (2e-4 for DAAD+) serve 1000 MVTec epochs; 200 digit steps need more.
     c.optimizer.lr = c.discriminator_optimizer.lr = 1e-3

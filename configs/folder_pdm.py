@@ -14,39 +14,31 @@ runlocal (tiny model and run, for tests).
 
 import ml_collections
 
-from configs import digits_pdm
+from dmad_jax.configs import common, pdm
 
 
-def parse_arg(arg: str) -> dict:
-  out = {"root": None, "image_size": 256, "channels": 3, "runlocal": False}
-  for item in filter(None, (arg or "").split(",")):
-    key, _, value = item.partition("=")
-    if key == "runlocal":
-      out["runlocal"] = True
-    elif key == "root":
-      out["root"] = value
-    elif key in ("image_size", "channels"):
-      out[key] = int(value)
-    else:
-      raise ValueError(f"folder_pdm: unknown config arg {item!r} (root, image_size, channels)")
-  if not out["root"]:
-    raise ValueError("folder_pdm: give the data root, e.g. configs/folder_pdm.py:root=/data/x")
-  if out["image_size"] % 8:
-    raise ValueError(f"folder_pdm: image_size {out['image_size']} must be divisible by 8")
-  return out
+def parse_arg(arg: str | None) -> dict:
+  a = common.parse_arg(
+    "folder_pdm",
+    arg,
+    {"root": None, "image_size": 256, "channels": 3},
+    choices={"channels": (1, 3)},
+    required=("root",),
+    example="root=/data/bottle,image_size=256",
+  )
+  if a["image_size"] % 8:
+    raise ValueError(f"configs/folder_pdm.py: image_size {a['image_size']} must be divisible by 8")
+  return a
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = parse_arg(arg)
-  c = digits_pdm.get_config("runlocal" if a["runlocal"] else "")
+  c = pdm.base(a["runlocal"])
   size, ch = a["image_size"], a["channels"]
   c.data = ml_collections.ConfigDict(
     dict(name="folder", root=a["root"], image_size=size, channels=ch, validate=True)
   )
-  c.model.image_size = size
-  c.model.in_channels = ch
-  c.model.out_channels = ch
-  c.model.coord_blocks = size // 8
+  pdm.set_image_size(c, size, in_channels=ch, out_channels=ch)
   # The decision threshold `dmad predict` uses, fitted by the eval job (or `dmad calibrate`) and
   # stored with the checkpoint (dmad_jax.evaluation.calibration): the 0.99 quantile of the
   # scores of normal images. split="validation" (<root>/validation/good/*, normal images held out

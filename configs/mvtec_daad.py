@@ -19,27 +19,10 @@ import math
 
 import ml_collections
 
-from configs import digits_daad, folder_daad
+from dmad_jax.configs import daad, mvtec
 
-# Training images per category of MVTec AD (train/good), to turn epochs into steps.
-TRAIN_COUNTS = {
-  "bottle": 209,
-  "cable": 224,
-  "capsule": 219,
-  "carpet": 280,
-  "grid": 264,
-  "hazelnut": 391,
-  "leather": 245,
-  "metal_nut": 220,
-  "pill": 267,
-  "screw": 320,
-  "tile": 230,
-  "toothbrush": 60,
-  "transistor": 213,
-  "wood": 247,
-  "zipper": 240,
-}
-CATEGORIES = tuple(TRAIN_COUNTS)
+CATEGORIES = mvtec.CATEGORIES
+TRAIN_COUNTS = mvtec.TRAIN_COUNTS
 # DAAD+ image AUROC per category, paper Tab. 1 / Tab. 3 (not yet reproduced by dmad_jax).
 PAPER_AUROC = {
   "carpet": 0.866,
@@ -60,19 +43,28 @@ PAPER_AUROC = {
 }
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  a = folder_daad.parse_arg(
-    arg, name="mvtec_daad", keys=("root", "category"), ints=("image_size", "channels", "epochs")
+def parse_arg(arg: str | None) -> dict:
+  return daad.parse_folder_arg(
+    "mvtec_daad",
+    arg,
+    {"root": None, "category": None},
+    optional={"epochs": 1000},
+    example="root=/data/mvtec;category=bottle",
   )
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  a = parse_arg(arg)
   if a["category"] not in CATEGORIES:
-    raise ValueError(f"mvtec_daad: unknown category {a['category']!r}; one of {CATEGORIES}")
-  c = digits_daad.paper_config(image_size=a["image_size"], channels=a["channels"])
-  c.data.root = f"{a['root'].rstrip('/')}/{a['category']}"
-  digits_daad.apply_variant(c, a["variant"])
-  epochs = a.get("epochs") or 1000
-  c.total_steps = epochs * math.ceil(TRAIN_COUNTS[a["category"]] / c.batch_size)
+    raise ValueError(
+      f"configs/mvtec_daad.py: unknown category {a['category']!r}; one of {', '.join(CATEGORIES)}"
+    )
+  c = daad.paper_config(image_size=a["image_size"], channels=a["channels"])
+  c.data.root = mvtec.category_root(a["root"], a["category"])
+  daad.apply_variant(c, a["variant"])
+  c.total_steps = a["epochs"] * math.ceil(TRAIN_COUNTS[a["category"]] / c.batch_size)
   c.checkpoint_every_steps = max(1, c.total_steps // 10)
   if a["runlocal"]:
-    digits_daad.shrink_for_tests(c)
-    digits_daad.apply_variant(c, a["variant"])
+    daad.shrink_for_tests(c)
+    daad.apply_variant(c, a["variant"])
   return c

@@ -20,14 +20,16 @@ image 98.5, pixel 97.8, PRO 93.9 (%, mean over the 15 categories).
 
 import ml_collections
 
-from configs import mvtec_ppdm
+from dmad_jax.configs import mvtec
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  a = mvtec_ppdm.parse_arg(arg, name="mvtec_rd")
+  a = mvtec.parse_ppdm_arg(arg, name="mvtec_rd")
   if a["vq"] != 1:
-    raise ValueError("mvtec_rd: RD has no VQ layer; the vq arg belongs to configs/mvtec_ppdm.py")
-  c = mvtec_ppdm.base_config(a, model_name="rd", epochs=200, batch_size=16)
+    raise ValueError(
+      "configs/mvtec_rd.py: RD has no VQ layer; the vq arg belongs to configs/mvtec_ppdm.py"
+    )
+  c = mvtec.ppdm_base(a, model_name="rd", epochs=200, batch_size=16)
   c.model.deform = False
   c.model.vq = False
   c.score = ml_collections.ConfigDict(dict(sigma=4.0, scaling="none", pixel_map="rec"))
@@ -35,5 +37,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optimizer.weight_decay = 0.0
   c.optimizer.schedule = "constant"
   if a["runlocal"]:
-    mvtec_ppdm.shrink_for_tests(c, a)
+    mvtec.shrink_ppdm_for_tests(c, a)
   return c

@@ -18,60 +18,33 @@ epoch 5), and the checkpoint is the last one rather than the best on the test se
 
 import ml_collections
 
-from configs import args as args_lib
-from configs import digits_pdm
+from dmad_jax.configs import common, pdm
 
 TRAIN_CLIPS = 2486  # Ped2 training frames (2550) minus 4 per video (16 videos)
 
 
-def parse_arg(arg: str) -> dict:
+def parse_arg(arg: str | None) -> dict:
   defaults = {"root": None, "labels": None, "bkg": "median", "epochs": 60}
-  return args_lib.parse("ped2_pdm", arg, defaults)
+  return common.parse_arg(
+    "ped2_pdm", arg, defaults, required=("root",), example="root=/data/ped2;labels=L.npy"
+  )
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = parse_arg(arg)
-  c = digits_pdm.get_config("runlocal" if a["runlocal"] else "")
-  c.t_length = 5  # 4 frames in, the 5th predicted
-  size = 32 if a["runlocal"] else 256
-  c.data = ml_collections.ConfigDict(
-    dict(
-      name="video",
-      root=a["root"],
-      image_size=size,
-      gray=False,
-      t_length=5,
-      labels=a["labels"] or "",
-    )
-  )
-  c.model.image_size = size
-  c.model.in_channels = 12
-  c.model.out_channels = 3
-  c.model.coord_blocks = size // 8
+  c = pdm.video_base(runlocal=a["runlocal"], root=a["root"], labels=a["labels"], gray=False)
   c.model.head_strides = ((1, 2, 2), (1, 1))
   c.model.max_offsets = (2.0, 3.0)
-  c.model.mask_source = "encoder"
-  c.model.aggregation = "masked"
   # c.loss keeps the digits config's values, which are the official Ped2 loss weights.
-  c.score = ml_collections.ConfigDict(
-    dict(distance="dis", kernel_size=(3, 3), alpha=1.0, reduce="max")
-  )
   c.template_init = a["bkg"]
   c.eval.recipe = "dmad_ped2"
   if a["runlocal"]:
-    c.eval.batch_size = 8
     return c
   c.model.channels = (32, 64, 128, 256)
   c.model.skip_channels = (32, 32)
   c.model.num_codes = 200
   c.model.gen_features = 32
   c.model.offset_features = 64
-  c.optimizer.lr = 2e-4
-  c.optimizer.warmup_steps = 0
   c.optimizer.lr_multipliers = {"template": 50.0}
-  c.batch_size = 8
-  c.total_steps = a["epochs"] * (TRAIN_CLIPS // 8)
-  c.log_every_steps = 100
-  c.checkpoint_every_steps = 1000
-  c.eval.batch_size = 8
+  pdm.full_size_video_run(c, epochs=a["epochs"], train_clips=TRAIN_CLIPS)
   return c

@@ -44,48 +44,44 @@ OpenCV contours.
 
 import ml_collections
 
-from configs import args as args_lib
-from configs import digits_pdm
+from dmad_jax.configs import common, pdm
 from dmad_jax.data.video import count_templates
 
 TRAIN_CLIPS = 273195  # ShanghaiTech training frames (274,515) minus 4 per video (330 videos)
-HEAD_STRIDES = {"code": ((2, 2, 1), (1, 1)), "spec": ((1, 2, 1), (2, 1))}
+HEAD_STRIDES = pdm.HEAD_STRIDES
 
 
-def parse_arg(arg: str) -> dict:
+def parse_arg(arg: str | None) -> dict:
   defaults = {"root": None, "labels": None, "templates": "scene", "epochs": 10, "heads": "code"}
-  choices = {"templates": ("scene", "video_transductive"), "heads": HEAD_STRIDES}
-  return args_lib.parse("shanghai_pdm", arg, defaults, choices=choices)
+  choices = {"templates": ("scene", "video_transductive"), "heads": tuple(HEAD_STRIDES)}
+  return common.parse_arg(
+    "shanghai_pdm",
+    arg,
+    defaults,
+    choices=choices,
+    required=("root",),
+    example="root=/data/shanghai;labels=L.npy",
+  )
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = parse_arg(arg)
-  c = digits_pdm.get_config("runlocal" if a["runlocal"] else "")
-  c.t_length = 5  # 4 frames in, the 5th predicted
-  size = 32 if a["runlocal"] else 256
   trained, test_only = count_templates(a["root"], a["templates"])
-  c.data = ml_collections.ConfigDict(
-    dict(
-      name="video",
-      root=a["root"],
-      image_size=size,
-      gray=True,  # DMAD reads ShanghaiTech frames with c=1: gray repeated to 3 channels
-      t_length=5,
-      labels=a["labels"] or "",
-      templates=a["templates"],
-    )
+  # DMAD reads ShanghaiTech frames with c=1: gray repeated to 3 channels.
+  c = pdm.video_base(
+    runlocal=a["runlocal"],
+    root=a["root"],
+    labels=a["labels"],
+    gray=True,
+    templates=a["templates"],
   )
-  c.model.image_size = size
-  c.model.in_channels = 12  # frames; the template adds 3 more inside the model
-  c.model.out_channels = 3
-  c.model.coord_blocks = size // 8
   c.model.head_strides = HEAD_STRIDES[a["heads"]]
   c.model.max_offsets = (2.0, 3.0)
   c.model.mask_source = "decoder"
   c.model.aggregation = "additive"
   c.model.num_templates = trained
   c.model.frozen_templates = test_only
-  c.model.template_input = True
+  c.model.template_input = True  # frames (12 channels) plus the template (3) inside the model
   c.loss = ml_collections.ConfigDict(
     dict(
       recon=(1.0, 1.0),
@@ -104,9 +100,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       template_masked=1.0,
     )
   )
-  c.score = ml_collections.ConfigDict(
-    dict(distance="dis", kernel_size=(3, 3), alpha=1.0, reduce="max")
-  )
   c.template_init = "bank"
   c.template_method = "hist_mode"
   c.template_max_frames = 2000
@@ -115,18 +108,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.recipe = "dmad_shanghai"
   if a["runlocal"]:
     c.template_max_frames = 16
-    c.eval.batch_size = 8
     return c
   c.model.channels = (64, 128, 256, 512)
   c.model.skip_channels = (16, 16)
   c.model.num_codes = 1000
   c.model.gen_features = 64
   c.model.offset_features = 64
-  c.optimizer.lr = 2e-4
-  c.optimizer.warmup_steps = 0
-  c.batch_size = 8
-  c.total_steps = a["epochs"] * (TRAIN_CLIPS // 8)
-  c.log_every_steps = 100
-  c.checkpoint_every_steps = 1000
-  c.eval.batch_size = 8
+  pdm.full_size_video_run(c, epochs=a["epochs"], train_clips=TRAIN_CLIPS)
   return c

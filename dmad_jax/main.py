@@ -1,14 +1,24 @@
-"""Command line: ``dmad train|eval --config configs/<x>.py[:args] --workdir DIR [--config.k=v]``
-and ``dmad video-auc --scores F.npz --labels L.npy --recipe R`` and
-``dmad convert-weights IN.pth OUT.npz [--arch=wide_resnet50_2]`` (torchvision ResNet weights),
-``dmad calibrate --workdir DIR [--config FILE] [--step N]`` (fit and store a checkpoint's decision
-threshold, see ``dmad_jax.evaluation.calibration``; without --config the run's config.json) and
-``dmad predict --workdir DIR IMAGES... --out DIR [--step N]`` (heatmaps and scores of new images,
-see ``dmad_jax.predict``).
+"""The ``dmad`` command line; ``dmad`` alone lists the commands (``python -m dmad_jax`` is the
+same):
 
-``python -m dmad_jax`` is the same. ``train`` calls ``dmad_jax.train.train_and_evaluate``;
-``eval`` runs the separate eval job on the latest (or ``--step``) checkpoint, or with
-``--watch`` on every new checkpoint until the final one.
+  dmad train --config configs/<x>.py[:ARG] --workdir DIR [--config.KEY=VALUE ...]
+  dmad eval --config configs/<x>.py[:ARG] --workdir DIR [--step N | --watch]
+  dmad calibrate --workdir DIR [--config FILE] [--step N]
+  dmad predict --workdir DIR IMAGES... --out DIR [--step N]
+  dmad config --config configs/<x>.py[:ARG] [--config.KEY=VALUE ...]
+  dmad video-auc --scores F.npz --labels L.npy --recipe R [--plot P.png]
+  dmad convert-weights IN.pth OUT.npz [--arch=wide_resnet50_2]
+
+``train`` calls ``dmad_jax.train.train_and_evaluate``; ``eval`` runs the separate eval job on
+the latest (or ``--step``) checkpoint, or with ``--watch`` on every new checkpoint until the
+final one; ``calibrate`` fits and stores a checkpoint's decision threshold
+(``dmad_jax.evaluation.calibration``; without --config the run's config.json); ``predict``
+writes heatmaps and scores of new images (``dmad_jax.predict``); ``video-auc`` re-scores saved
+per-frame errors; ``config`` prints a config as JSON; ``convert-weights`` turns torchvision
+ResNet weights into a teacher file.
+
+``--config`` takes a config file path, relative to the working directory or absolute; the
+config files import only the installed package, so any working directory works.
 """
 
 from __future__ import annotations
@@ -21,7 +31,50 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-COMMANDS = ("train", "eval", "video-auc")
+# Every command with its arguments and what it does, in the order `dmad` lists them.
+COMMANDS = {
+  "train": (
+    "--config FILE[:ARG] --workdir DIR [--config.KEY=VALUE ...]",
+    "train a model; rerunning resumes from the workdir's latest checkpoint",
+  ),
+  "eval": (
+    "--config FILE[:ARG] --workdir DIR [--step N | --watch]",
+    "evaluate a checkpoint: AUROC metrics, figures (--watch: every new checkpoint)",
+  ),
+  "calibrate": (
+    "--workdir DIR [--config FILE[:ARG]] [--step N]",
+    "fit and store a checkpoint's decision threshold",
+  ),
+  "predict": (
+    "--workdir DIR IMAGES... --out DIR [--step N]",
+    "anomaly scores and heatmaps of new images",
+  ),
+  "config": (
+    "--config FILE[:ARG] [--config.KEY=VALUE ...]",
+    "print the config a command would run with, as JSON",
+  ),
+  "video-auc": (
+    "--scores F.npz --labels L.npy [--recipe R] [--plot P.png]",
+    "frame AUROC of saved per-frame errors under a score recipe",
+  ),
+  "convert-weights": (
+    "IN.pth|IN.safetensors OUT.npz [--arch=A]",
+    "torchvision ResNet weights -> a dmad_jax teacher file",
+  ),
+}
+
+
+def usage(command: str | None = None) -> str:
+  """The usage line of ``command``, or the list of every command."""
+  if command is not None:
+    return f"usage: dmad {command} {COMMANDS[command][0]}"
+  width = max(map(len, COMMANDS))
+  lines = [
+    f"  dmad {name:<{width}} {args}\n  {'':<{width + 5}} {help_}"
+    for name, (args, help_) in COMMANDS.items()
+  ]
+  return "usage: dmad COMMAND ...; the commands:\n" + "\n".join(lines)
+
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file (configs/*.py[:args]).", lock_config=True
@@ -70,7 +123,7 @@ def video_auc() -> None:
   from dmad_jax.evaluation import video
 
   if not _SCORES.value or not _LABELS.value:
-    raise app.UsageError("video-auc needs --scores F.npz and --labels L.npy")
+    raise app.UsageError(usage("video-auc"))
   with np.load(_SCORES.value) as f:
     if "video_lengths" not in f:
       raise app.UsageError(f"{_SCORES.value}: no 'video_lengths' array")
@@ -125,33 +178,36 @@ def predict_images(paths: list[str]) -> None:
 
 
 def main(argv):
-  if len(argv) >= 2 and argv[1] == "predict":
+  command = argv[1] if len(argv) >= 2 else None
+  if command not in COMMANDS:
+    what = "no command given" if command is None else f"unknown command {command!r}"
+    raise app.UsageError(f"{what}\n{usage()}")
+  if command == "predict":
     if len(argv) < 3 or _WORKDIR.value is None or _OUT.value is None:
-      raise app.UsageError("usage: dmad predict --workdir DIR IMAGES... --out DIR [--step N]")
+      raise app.UsageError(usage("predict"))
     predict_images(argv[2:])
     return
-  if len(argv) == 2 and argv[1] == "calibrate":
+  positional = 2 if command == "convert-weights" else 0  # IN OUT
+  if len(argv) != 2 + positional:
+    raise app.UsageError(f"unexpected arguments {argv[2:]}\n{usage(command)}")
+  if command == "calibrate":
     if _WORKDIR.value is None:
-      raise app.UsageError("usage: dmad calibrate --workdir DIR [--config FILE] [--step N]")
+      raise app.UsageError(usage("calibrate"))
     calibrate()
     return
-  if len(argv) >= 2 and argv[1] == "convert-weights":
-    if len(argv) != 4:
-      raise app.UsageError("usage: dmad convert-weights IN.pth|IN.safetensors OUT.npz [--arch=A]")
+  if command == "convert-weights":
     convert_weights(argv[2], argv[3], _ARCH.value)
     return
-  if len(argv) != 2 or argv[1] not in COMMANDS:
-    raise app.UsageError(
-      f"usage: dmad {{{'|'.join(COMMANDS)}}} --config FILE --workdir DIR, "
-      "dmad calibrate --workdir DIR [--config FILE], "
-      "dmad predict --workdir DIR IMAGES... --out DIR, "
-      "or dmad convert-weights IN OUT [--arch=A]"
-    )
-  if argv[1] == "video-auc":
+  if command == "video-auc":
     video_auc()
     return
+  if command == "config":
+    if _CONFIG.value is None:
+      raise app.UsageError(usage("config"))
+    print(_CONFIG.value.to_json_best_effort(indent=2))
+    return
   if _CONFIG.value is None or _WORKDIR.value is None:
-    raise app.UsageError("--config and --workdir are required")
+    raise app.UsageError(f"--config and --workdir are required\n{usage(command)}")
   # TensorFlow (optional: TensorBoard events, TFDS) must not grab GPU memory from JAX.
   try:
     import tensorflow as tf
@@ -165,7 +221,7 @@ def main(argv):
 
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   config, workdir = _CONFIG.value, _WORKDIR.value
-  if argv[1] == "train":
+  if command == "train":
     from dmad_jax.train import train_and_evaluate
     from dmad_jax.train.trainer import TrainingInterrupted
 

@@ -52,10 +52,9 @@ def _matmul_peak_gflops(n=2048, repeats=10):
 
 def _ped2_config():
   """The official Ped2 settings (configs/ped2_pdm.py); its data keys are not used here."""
-  sys.path.insert(0, os.path.dirname(HERE))
-  from configs import ped2_pdm
+  from dmad_jax.configs import load
 
-  return ped2_pdm.get_config("root=unused")
+  return load(os.path.join(os.path.dirname(HERE), "configs", "ped2_pdm.py"), "root=unused")
 
 
 def _xla_flops(step, args):

@@ -18,23 +18,21 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dmad_jax.configs import load
+from dmad_jax.evaluation import job
+from dmad_jax.train import checkpoint, sharding, trainer
 
-from configs import digits_pdm  # noqa: E402
-from dmad_jax.evaluation import job  # noqa: E402
-from dmad_jax.train import checkpoint, sharding, trainer  # noqa: E402
-
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
 
 
 def config(devices: int, param_dtype: str):
-  c = digits_pdm.get_config("runlocal")
+  c = load(os.path.join(os.path.dirname(HERE), "configs", "digits_pdm.py"), "runlocal")
   c.batch_size, c.total_steps, c.keep_checkpoints = 16, 5, 10
   c.mesh = [("data", devices)]
   c.param_dtype = param_dtype

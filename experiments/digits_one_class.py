@@ -29,17 +29,16 @@ import shutil
 import sys
 import time
 
+import jax
+
+from dmad_jax.configs import daad, load
+from dmad_jax.evaluation import job
+from dmad_jax.train import train_and_evaluate
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
 
-import jax  # noqa: E402
-
-from configs import digits_daad, digits_pdm  # noqa: E402
-from dmad_jax.evaluation import job  # noqa: E402
-from dmad_jax.train import train_and_evaluate  # noqa: E402
-
-MODELS = ("pdm", *digits_daad.VARIANTS)
+MODELS = ("pdm", *daad.VARIANTS)
 # Score columns of the printed table per model: (metric key, header).
 COLUMNS = {
   "pdm": (("image_AUROC_rec", "AUROC (rec only)"), ("image_AUROC_df", "AUROC (deformation only)")),
@@ -50,8 +49,10 @@ COLUMNS = {
 def get_config(model: str, protocol: str):
   """The digits config of ``model`` for ``protocol``."""
   if model == "pdm":
-    return digits_pdm.get_config(f"protocol={protocol}")
-  return digits_daad.get_config(f"variant={model};protocol={protocol}")
+    return load(os.path.join(ROOT, "configs", "digits_pdm.py"), f"protocol={protocol}")
+  return load(
+    os.path.join(ROOT, "configs", "digits_daad.py"), f"variant={model};protocol={protocol}"
+  )
 
 
 def run(protocol: str, steps: int | None, workroot: str, model: str = "pdm") -> dict:

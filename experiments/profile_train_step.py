@@ -25,7 +25,6 @@ import gzip
 import json
 import os
 import re
-import sys
 import tempfile
 import time
 
@@ -35,17 +34,16 @@ import numpy as np
 from jax import lax
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 OUT = os.path.join(HERE, "results", "profile_train_step.json")
 
 
 def _step(batch):
-  from configs import ped2_pdm
+  from dmad_jax.configs import load
   from dmad_jax.models import get_detector
   from dmad_jax.train.optim import learning_rate_schedule
   from dmad_jax.train.trainer import make_state, train_step
 
-  config = ped2_pdm.get_config("root=unused")
+  config = load(os.path.join(os.path.dirname(HERE), "configs", "ped2_pdm.py"), "root=unused")
   detector = get_detector(config)
   rng = np.random.default_rng(0)
   data = {"frames": rng.uniform(-1, 1, (batch, 256, 256, 15)).astype(np.float32)}

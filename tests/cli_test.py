@@ -1,16 +1,31 @@
-"""`dmad train` / `dmad eval` (via python -m dmad_jax) on a folder dataset written by the test."""
+"""The installed ``dmad`` script, run as a user runs it: from a directory outside the repository,
+with relative and absolute config paths, on a folder data set written by the test."""
 
+import glob
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The console script pip installed next to this interpreter (what `make` puts in .venv/bin).
+DMAD = os.path.join(os.path.dirname(sys.executable), "dmad")
+CONFIG_FILES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.py")))
 
 
-def _write_folder(root, rng):
+def dmad(*args, cwd, timeout=600):
+  """Runs the installed script with the environment a user has: no PYTHONPATH."""
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  return subprocess.run(
+    [DMAD, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+  )
+
+
+def _write_folder(root, rng, n_train=24):
   """A tiny MVTec-style set: blobs are normal, blobs with a bright square are defects."""
 
   def blob(defect):
@@ -23,7 +38,7 @@ def _write_folder(root, rng):
     return np.clip(img, 0, 255).astype(np.uint8)
 
   for split, folder, n, defect in [
-    ("train", "good", 24, False),
+    ("train", "good", n_train, False),
     ("test", "good", 6, False),
     ("test", "scratch", 5, True),
   ]:
@@ -35,27 +50,105 @@ def _write_folder(root, rng):
       img.save(d / f"{i:03d}.png")
 
 
+def _frame_dump(root):
+  """The frame-dump layout with two scenes (ShanghaiTech's config counts its templates)."""
+  for split, videos in (("training", ("01_001", "02_001")), ("testing", ("01_0014",))):
+    for video in videos:
+      os.makedirs(root / split / "frames" / video)
+
+
+# Per config: an arg that makes it complete (None: it needs none), and the arg its message asks
+# for when it is missing.
+def _complete_arg(name, tmp_path):
+  frames = tmp_path / "frames"
+  _frame_dump(frames)
+  return {
+    "digits_pdm.py": None,
+    "digits_daad.py": None,
+    "folder_pdm.py": "root=/data/x,image_size=32",
+    "folder_daad.py": "root=/data/x",
+    "mvtec_daad.py": "root=/data/mvtec;category=bottle",
+    "mvtec_ppdm.py": "root=/data/mvtec;category=bottle;weights=w.npz",
+    "mvtec_rd.py": "root=/data/mvtec;category=bottle;weights=w.npz",
+    "ped2_pdm.py": "root=/data/ped2",
+    "avenue_pdm.py": "root=/data/avenue",
+    "shanghai_pdm.py": f"root={frames}",
+  }[name]
+
+
+def test_every_config_is_known_to_this_test():
+  names = {
+    "digits_pdm.py",
+    "digits_daad.py",
+    "folder_pdm.py",
+    "folder_daad.py",
+    "mvtec_daad.py",
+    "mvtec_ppdm.py",
+    "mvtec_rd.py",
+    "ped2_pdm.py",
+    "avenue_pdm.py",
+    "shanghai_pdm.py",
+  }
+  assert set(CONFIG_FILES) == names, "a new config file: add its complete arg to this test"
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_every_config_loads_through_the_installed_script(name, tmp_path):
+  elsewhere = tmp_path / "cwd"
+  elsewhere.mkdir()
+  arg = _complete_arg(name, tmp_path)
+  spec = "" if arg is None else f":{arg}"
+  # Absolute path from a directory outside the repository, relative path from the repository.
+  for cwd, path in ((elsewhere, os.path.join(ROOT, "configs", name)), (ROOT, f"configs/{name}")):
+    out = dmad("config", f"--config={path}{spec}", cwd=cwd)
+    assert out.returncode == 0, (cwd, out.stderr[-3000:])
+    config = json.loads(out.stdout)
+    assert config["model_name"] in ("pdm", "daad", "daad_plus", "ppdm", "rd")
+    if arg is not None:
+      # Without its required arg the config says which arg to pass, in its own words.
+      missing = dmad("config", f"--config={path}", cwd=cwd)
+      assert missing.returncode != 0
+      assert f"configs/{name} needs the config arg" in missing.stderr, missing.stderr[-2000:]
+      assert "--config configs/" in missing.stderr
+      assert "ModuleNotFoundError" not in missing.stderr and "ImportError" not in missing.stderr
+
+
 @pytest.mark.slow
-def test_train_and_eval_commands_on_a_folder_dataset(tmp_path, dmad_cli):
+def test_train_eval_predict_of_folder_pdm_through_the_installed_script(tmp_path):
+  """The README's own-data commands, from a directory outside the repository."""
   _write_folder(tmp_path / "data", np.random.default_rng(0))
+  elsewhere = tmp_path / "cwd"
+  elsewhere.mkdir()
   cfg = f"{ROOT}/configs/folder_pdm.py:root={tmp_path / 'data'},image_size=32,runlocal"
-  work = str(tmp_path / "run")
-  train = dmad_cli(
-    "train", f"--config={cfg}", f"--workdir={work}", "--config.total_steps=3", cwd=ROOT
-  )
+  train = dmad("train", f"--config={cfg}", "--workdir=run", "--config.total_steps=3", cwd=elsewhere)
   assert train.returncode == 0, train.stderr[-3000:]
-  ev = dmad_cli("eval", f"--config={cfg}", f"--workdir={work}", "--config.total_steps=3", cwd=ROOT)
+  assert "checkpoints:" in train.stdout
+  ev = dmad("eval", f"--config={cfg}", "--workdir=run", "--config.total_steps=3", cwd=elsewhere)
   assert ev.returncode == 0, ev.stderr[-3000:]
   assert "metrics:" in ev.stdout and "figures:" in ev.stdout
-  with open(os.path.join(work, "eval", "metrics.json")) as f:
+  with open(elsewhere / "run" / "eval" / "metrics.json") as f:
     m = json.load(f)
   assert (m["step"], m["num_normal"], m["num_anomalous"]) == (3, 6, 5)
+  assert 0.0 <= m["image_AUROC"] <= 1.0 and "threshold" in m  # folder_pdm calibrates
+  new = sorted(glob.glob(str(tmp_path / "data" / "test" / "scratch" / "*.png")))[:2]
+  pred = dmad("predict", "--workdir=run", *new, "--out=pred", cwd=elsewhere)
+  assert pred.returncode == 0, pred.stderr[-3000:]
+  with open(elsewhere / "pred" / "predictions.json") as f:
+    rows = json.load(f)["images"]
+  assert [r["path"] for r in rows] == new
+  assert all(os.path.isfile(elsewhere / r["heatmap"]) for r in rows)
 
 
-def test_cli_usage_errors(tmp_path, dmad_cli):
-  bad = dmad_cli("fly", f"--config={ROOT}/configs/digits_pdm.py:runlocal", "--workdir=x", cwd=ROOT)
-  assert bad.returncode != 0 and "usage: dmad {train|eval|video-auc}" in bad.stderr
-  unknown = dmad_cli(
+def test_usage_lists_every_command(tmp_path):
+  from dmad_jax import main
+
+  for args in ((), ("fly",)):
+    out = dmad(*args, cwd=tmp_path)
+    assert out.returncode != 0
+    for command in main.COMMANDS:
+      assert f"dmad {command} " in out.stderr, (command, out.stderr[-2000:])
+  assert "unknown command 'fly'" in dmad("fly", cwd=tmp_path).stderr
+  unknown = dmad(
     "train",
     f"--config={ROOT}/configs/digits_pdm.py:runlocal",
     "--workdir=x",

@@ -14,13 +14,16 @@ import pytest
 from PIL import Image
 from sklearn.metrics import f1_score
 
-from configs import folder_pdm
 from dmad_jax import data as data_lib
+from dmad_jax.configs import load_module
 from dmad_jax.data import FolderSource, ImageReadError
 from dmad_jax.evaluation import calibration, job
 from dmad_jax.models import get_detector
 from dmad_jax.predict import Predictor, load_config
 from dmad_jax.train import checkpoint, trainer
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+folder_pdm = load_module(os.path.join(CONFIGS, "folder_pdm.py"))
 
 SIZE = 32
 QUANTILE = 0.8

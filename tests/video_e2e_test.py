@@ -81,12 +81,12 @@ def test_eval_memory_does_not_grow_with_video_length(tmp_path, monkeypatch):
   import shutil
   import tracemalloc
 
-  from configs import ped2_pdm
+  from dmad_jax import configs
   from dmad_jax.evaluation import job
   from dmad_jax.train import train_and_evaluate
 
   def config(root, labels):
-    c = ped2_pdm.get_config(f"root={root},labels={labels},runlocal")
+    c = configs.load(f"{ROOT}/configs/ped2_pdm.py", f"root={root},labels={labels},runlocal")
     c.total_steps = 1
     return c
 
@@ -170,8 +170,7 @@ def _write_scenes(root):
 def test_scene_templates_train_and_eval_with_official_recipe(tmp_path, dataset):
   """Two training steps and one evaluation with the dataset's own config, recipe and errors:
   ShanghaiTech with per-scene templates on a 15-channel input, Avenue with frame differencing."""
-  import importlib
-
+  from dmad_jax import configs
   from dmad_jax.evaluation import job
   from dmad_jax.train import train_and_evaluate
 
@@ -180,7 +179,7 @@ def test_scene_templates_train_and_eval_with_official_recipe(tmp_path, dataset):
   arg = f"root={tmp_path / 'data'};labels={tmp_path / 'labels.npy'};runlocal"
   if dataset == "avenue":
     arg += ";bkg=median"
-  config = importlib.import_module(f"configs.{dataset}_pdm").get_config(arg)
+  config = configs.load(f"{ROOT}/configs/{dataset}_pdm.py", arg)
   config.total_steps = 2
   config.checkpoint_every_steps = 2
   work = str(tmp_path / "run")

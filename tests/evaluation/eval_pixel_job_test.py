@@ -9,12 +9,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import folder_pdm
+from dmad_jax.configs import load_module
 from dmad_jax.data import FolderSource
 from dmad_jax.evaluation import job
 from dmad_jax.evaluation.figures import heatmap_overlays
 from dmad_jax.evaluation.metrics import aupro, aupro_rd4ad, pixel_auroc
 from dmad_jax.train import trainer
+
+CONFIGS = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs"
+)
+folder_pdm = load_module(os.path.join(CONFIGS, "folder_pdm.py"))
 
 SIZE = 32
 

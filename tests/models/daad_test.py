@@ -2,6 +2,7 @@
 score scaling comes from the training split and is stored with the checkpoint."""
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -9,11 +10,16 @@ import numpy as np
 import optax
 import pytest
 
-from configs import digits_daad
+from dmad_jax.configs import load_module
 from dmad_jax.evaluation import job
 from dmad_jax.models import daad, get_detector
 from dmad_jax.train import checkpoint, trainer
 from dmad_jax.train.optim import learning_rate_schedule
+
+CONFIGS = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs"
+)
+digits_daad = load_module(os.path.join(CONFIGS, "digits_daad.py"))
 
 
 def _config(variant, **optimizer):

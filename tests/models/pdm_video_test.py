@@ -1,16 +1,24 @@
 """DMAD-PDM for Avenue and ShanghaiTech: configs, parameter counts, the ShanghaiTech loss terms,
 per-scene templates and the maps of the host-side errors."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
-from configs import avenue_pdm, shanghai_pdm
+from dmad_jax.configs import load_module
 from dmad_jax.evaluation.video import box_mean_max
 from dmad_jax.models import get_detector, pdm
 from dmad_jax.nn.layers import count_params
+
+CONFIGS = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs"
+)
+avenue_pdm = load_module(os.path.join(CONFIGS, "avenue_pdm.py"))
+shanghai_pdm = load_module(os.path.join(CONFIGS, "shanghai_pdm.py"))
 
 # Two scenes in ShanghaiTech naming (training / testing frame folders of 6 frames each).
 VIDEOS = {"training": ("01_001", "01_002", "02_001"), "testing": ("01_0014", "02_0003")}

@@ -20,14 +20,20 @@ import optax
 import pytest
 from PIL import Image
 
-from configs import mvtec_ppdm, mvtec_rd
 from dmad_jax import convert
+from dmad_jax.configs import load_module
 from dmad_jax.models import get_detector, ppdm
 from dmad_jax.models.pdm import OffsetNet
 from dmad_jax.nn import resnet
 from dmad_jax.ops import filters, sampling
 from dmad_jax.train import trainer
 from dmad_jax.train.state import TrainState
+
+CONFIGS = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs"
+)
+mvtec_ppdm = load_module(os.path.join(CONFIGS, "mvtec_ppdm.py"))
+mvtec_rd = load_module(os.path.join(CONFIGS, "mvtec_rd.py"))
 
 SIZE = 32
 ROOT = "/nonexistent/mvtec"

@@ -20,10 +20,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import digits_pdm, folder_pdm
+from dmad_jax.configs import load_module
 from dmad_jax.data import ImageReadError
 from dmad_jax.evaluation import job
 from dmad_jax.train import checkpoint, preflight, trainer
+
+CONFIGS = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs"
+)
+digits_pdm = load_module(os.path.join(CONFIGS, "digits_pdm.py"))
+folder_pdm = load_module(os.path.join(CONFIGS, "folder_pdm.py"))
 
 SIZE = 32
 

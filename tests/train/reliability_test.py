@@ -26,9 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import digits_pdm
+from dmad_jax.configs import load_module
 from dmad_jax.evaluation import job
 from dmad_jax.train import checkpoint, trainer
+
+CONFIGS = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs"
+)
+digits_pdm = load_module(os.path.join(CONFIGS, "digits_pdm.py"))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS, EVERY = 8, 3  # checkpoints at steps 3, 6 and 8

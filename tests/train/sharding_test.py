@@ -15,15 +15,14 @@ SCRIPT = textwrap.dedent(
   """
   import json, sys
   import jax, numpy as np
-  sys.path.insert(0, {root!r})
-  from configs import digits_pdm
+  from dmad_jax.configs import load_module
   from dmad_jax.evaluation import job
   from dmad_jax.train import checkpoint, trainer
 
   assert jax.device_count() == 8, jax.devices()
 
   def config(mesh):
-    c = digits_pdm.get_config("runlocal")
+    c = load_module({root!r} + "/configs/digits_pdm.py").get_config("runlocal")
     c.batch_size, c.total_steps, c.keep_checkpoints, c.mesh = 16, 5, 10, mesh
     c.fsdp_min_size = 1024  # so that the tiny model has FSDP-split arrays
     c.param_dtype = {param_dtype!r}

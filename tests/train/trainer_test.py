@@ -8,9 +8,14 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from configs import digits_pdm
+from dmad_jax.configs import load_module
 from dmad_jax.evaluation import job
 from dmad_jax.train import checkpoint, trainer
+
+CONFIGS = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs"
+)
+digits_pdm = load_module(os.path.join(CONFIGS, "digits_pdm.py"))
 
 
 def _config(**overrides):

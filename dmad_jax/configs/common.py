@@ -1,0 +1,103 @@
+"""The config-arg syntax shared by every file in ``configs/``.
+
+``--config configs/<name>.py:<arg>`` passes ``<arg>`` to ``get_config``: ``key=value`` items
+separated by ``;`` or ``,``, and bare flags such as ``runlocal`` (the tiny test-sized variant).
+A ``,`` only separates items when the text after it starts a known key or flag, so values may
+hold commas: ``protocol=normal=1,3,5;runlocal`` and ``root=/d,image_size=32,runlocal`` both parse.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Mapping, Sequence
+
+FLAGS = ("runlocal",)
+
+
+def _items(arg: str, keys: Sequence[str], flags: Sequence[str]) -> list[str]:
+  """The items of ``arg``: split on ';', and on ',' where a known key or flag follows."""
+  names = "|".join(map(re.escape, [*keys, *flags]))
+  starts = re.compile(rf"(?:{names})(?:=|$)")
+  out = []
+  for group in (arg or "").split(";"):
+    pieces = group.split(",")
+    merged = [pieces[0]]
+    for piece in pieces[1:]:
+      if starts.match(piece):
+        merged.append(piece)
+      else:
+        merged[-1] += "," + piece
+    out.extend(p for p in merged if p)
+  return out
+
+
+def parse_arg(
+  name: str,
+  arg: str | None,
+  defaults: Mapping[str, object],
+  *,
+  choices: Mapping[str, Sequence] | None = None,
+  required: Sequence[str] = (),
+  example: str = "",
+  flags: Sequence[str] = FLAGS,
+) -> dict:
+  """``defaults`` updated from the config arg; values are cast to their default's type.
+
+  Args:
+    name: the config's name (``configs/<name>.py``), for messages.
+    arg: the text after ``:`` in ``--config`` (None or "" = all defaults).
+    defaults: every accepted key with its default; an int or float default casts the value, a
+      None or str default keeps it a string.
+    choices: allowed values per key.
+    required: keys that must be given (non-empty).
+    example: a complete arg to show when a required key is missing, e.g. ``"root=/data/x"``.
+    flags: bare words accepted without a value; each is False unless given.
+
+  Returns:
+    ``{**defaults, flag: bool for each flag}`` with the given values.
+
+  Raises:
+    ValueError: naming the config and the item for an unknown key (with the closest known one),
+      a value of the wrong type, a value not in ``choices`` or a missing required key (with the
+      arg to pass).
+  """
+  out = {**defaults, **{f: False for f in flags}}
+  known = [*defaults, *flags]
+  for item in _items(arg or "", list(defaults), flags):
+    key, eq, value = item.partition("=")
+    if key in flags and not eq:
+      out[key] = True
+      continue
+    if key not in defaults or not eq:
+      close = difflib.get_close_matches(key, known, n=1)
+      hint = f"did you mean {close[0]!r}? " if close else ""
+      raise ValueError(
+        f"configs/{name}.py: unknown config arg {item!r} ({hint}known: {', '.join(known)})"
+      )
+    default = defaults[key]
+    if isinstance(default, bool):
+      cast = lambda v: v.lower() in ("1", "true", "yes")  # noqa: E731
+    elif isinstance(default, int | float):
+      cast = type(default)
+    else:
+      cast = str
+    try:
+      out[key] = cast(value)
+    except ValueError:
+      raise ValueError(
+        f"configs/{name}.py: config arg {key}={value!r} must be a {type(default).__name__}"
+      ) from None
+  missing = [k for k in required if out.get(k) in (None, "")]
+  if missing:
+    given = f"configs/{name}.py:{example}" if example else f"configs/{name}.py:{missing[0]}=..."
+    raise ValueError(
+      f"configs/{name}.py needs the config arg{'s' if len(missing) > 1 else ''} "
+      f"{', '.join(k + '=...' for k in missing)}: pass --config {given}"
+    )
+  for key, allowed in (choices or {}).items():
+    if out[key] not in allowed:
+      raise ValueError(
+        f"configs/{name}.py: {key} must be one of {', '.join(map(str, allowed))}, got {out[key]!r}"
+      )
+  return out
