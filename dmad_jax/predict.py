@@ -10,9 +10,9 @@ step predicts what the eval job saw:
 * the same preprocessing as the data sources (:mod:`dmad_jax.data.images`): files through
   ``load_image``, arrays through ``prepare_array`` (gray/RGB to the stored channel count, PIL
   bilinear resize to the stored size), then ``to_unit_range`` to [-1, 1];
-* the same model function (``detector.predict``) in batches of ``config.eval.batch_size``, the
-  last one padded with zero images as in the eval job, so an image's score does not depend on
-  which images share its batch;
+* the same model function (``detector.predict``) through the same inference runner as the eval
+  job, in batches of ``config.eval.batch_size``, the last one padded with zero images, so an
+  image's score does not depend on which images share its batch;
 * the stored threshold (``score > threshold`` is anomalous) and score normalisation
   (threshold at 0.5).
 
@@ -35,13 +35,16 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 
-import jax
 import ml_collections
 import numpy as np
 
+from dmad_jax.data import base as data_base
 from dmad_jax.data import images as images_lib
 from dmad_jax.evaluation import calibration as cal_lib
+from dmad_jax.evaluation.inference import Runner
+from dmad_jax.models import get_detector
 from dmad_jax.train import checkpoint, sharding
+from dmad_jax.train import state as state_lib
 
 log = logging.getLogger("dmad_jax")
 
@@ -122,26 +125,19 @@ class Predictor:
     self.preprocessing = dict(stored)
     self.batch_size = int(config.get("eval", {}).get("batch_size", 64))
     mesh = sharding.make_mesh(None)
-    sharding.check_batch_size(self.batch_size, mesh)
-    self._data_sh = sharding.data_sharding(mesh)
     size, ch = self.preprocessing["image_size"], self.preprocessing["channels"]
-    sample = {
-      "image": np.zeros((1, size, size, ch), np.float32),
-      "label": np.zeros((1,), np.int32),
-      "index": np.zeros((1,), np.int32),
-    }
-    detector, self._variables, var_sh = cal_lib.restore_for_inference(
-      config, self.workdir, self.step, sample, mesh
+    detector = get_detector(config)
+    spec = data_base.record_spec((size, size, ch))
+    self._variables, var_sh = state_lib.restore_variables(
+      config, detector, spec, self.workdir, self.step, mesh
     )
-    self.pixel_key = getattr(detector, "pixel_map", "rec")
+    self.pixel_key = detector.pixel_map
 
     def predict(variables, batch):
       out = detector.predict(variables, batch)
-      return {"scores": out["scores"], "maps": out["maps"]}  # Pictures are not needed.
+      return {"scores": out.scores, "maps": out.maps}  # Pictures are not needed.
 
-    self._predict = jax.jit(
-      predict, in_shardings=(var_sh, self._data_sh), out_shardings=sharding.replicated(mesh)
-    )
+    self._runner = Runner(predict, mesh=mesh, variables_sharding=var_sh, batch_size=self.batch_size)
 
   @classmethod
   def from_workdir(
@@ -161,7 +157,7 @@ class Predictor:
     """
     workdir = os.path.abspath(workdir)
     config = load_config(workdir)
-    step = cal_lib.latest_step(workdir, step)
+    step = checkpoint.latest_step(workdir, step)
     calibration = cal_lib.load(workdir, step)
     if calibration is None and require_calibration:
       raise cal_lib.CalibrationMissingError(_missing_calibration(workdir, step))
@@ -242,23 +238,7 @@ class Predictor:
     size, ch = self.preprocessing["image_size"], self.preprocessing["channels"]
     if inputs.ndim != 4 or inputs.shape[1:] != (size, size, ch):
       raise ValueError(f"inputs must be (N, {size}, {size}, {ch}), got {inputs.shape}")
-    n, bs = inputs.shape[0], self.batch_size
-    scores, maps = {}, {}
-    for start in range(0, n, bs):
-      chunk = inputs[start : start + bs]
-      real = chunk.shape[0]
-      if real < bs:  # Zero padding, as the eval job pads its last batch.
-        chunk = np.concatenate([chunk, np.zeros((bs - real, *chunk.shape[1:]), np.float32)])
-      batch = sharding.global_batch({"image": chunk}, self._data_sh)
-      out = jax.device_get(self._predict(self._variables, batch))
-      for k, v in out["scores"].items():
-        scores.setdefault(k, []).append(np.asarray(v)[:real])
-      for k, v in out["maps"].items():
-        maps.setdefault(k, []).append(np.asarray(v)[:real])
-    return {
-      "scores": {k: np.concatenate(v) for k, v in scores.items()},
-      "maps": {k: np.concatenate(v) for k, v in maps.items()},
-    }
+    return self._runner.on_arrays(self._variables, {"image": inputs})
 
   def _result(self, inputs: np.ndarray) -> dict:
     raw = self.predict_inputs(inputs)

@@ -15,10 +15,13 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
   monkeypatch.setenv("DMAD_QUICKSTART_ARG", "runlocal")
   monkeypatch.setenv("DMAD_QUICKSTART_STEPS", "2")
   monkeypatch.setenv("DMAD_QUICKSTART_WORKDIR", str(tmp_path / "run"))
-  monkeypatch.setenv("DMAD_REPO", ROOT)
+  monkeypatch.delenv("DMAD_REPO", raising=False)  # found from the working directory, colab/
   nb = nbformat.read(os.path.join(ROOT, "colab", "quickstart.ipynb"), as_version=4)
   NotebookClient(
-    nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    nb,
+    timeout=600,
+    kernel_name="python3",
+    resources={"metadata": {"path": os.path.join(ROOT, "colab")}},
   ).execute()
   with open(tmp_path / "run" / "eval" / "metrics.json") as f:
     metrics = json.load(f)

@@ -44,12 +44,13 @@ ROOT = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
 
 @pytest.fixture
 def dmad_cli():
-  """Runs ``python -m dmad_jax ARGS`` in a subprocess (cwd = repo root unless given)."""
+  """Runs the installed ``dmad ARGS`` script in a subprocess, as a user does: no PYTHONPATH,
+  cwd = repo root unless given."""
 
   def run(*args, cwd=ROOT):
-    env = dict(_os.environ, PYTHONPATH=ROOT)
+    env = {k: v for k, v in _os.environ.items() if k != "PYTHONPATH"}
     return _subprocess.run(
-      [_sys.executable, "-m", "dmad_jax", *args],
+      [_os.path.join(_os.path.dirname(_sys.executable), "dmad"), *args],
       cwd=cwd,
       env=env,
       capture_output=True,

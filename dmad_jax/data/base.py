@@ -11,6 +11,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 
 from dmad_jax.data.images import to_unit_range
@@ -35,6 +36,19 @@ def make_record(image: np.ndarray, label: int, index: int) -> dict[str, np.ndarr
     "label": np.int32(label),
     "index": np.int32(index),
   }
+
+
+def record_spec(image_shape: Sequence[int], **extra) -> dict[str, jax.ShapeDtypeStruct]:
+  """The shapes and dtypes of a source's records (``element_spec``), known without reading any:
+  ``image`` float32 ``image_shape``, ``label`` and ``index`` int32 scalars, plus ``extra``
+  entries given as ``(shape, dtype)``."""
+  spec = {
+    "image": jax.ShapeDtypeStruct(tuple(int(d) for d in image_shape), np.float32),
+    "label": jax.ShapeDtypeStruct((), np.int32),
+    "index": jax.ShapeDtypeStruct((), np.int32),
+  }
+  spec.update({k: jax.ShapeDtypeStruct(tuple(shape), dtype) for k, (shape, dtype) in extra.items()})
+  return spec
 
 
 def check_index(index, length: int) -> int:
@@ -134,6 +148,11 @@ class ArraySource:
   def image_shape(self) -> tuple[int, int, int]:
     """``(H, W, C)`` of every image."""
     return tuple(int(d) for d in self.images.shape[1:])
+
+  @property
+  def element_spec(self) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shape and dtype of every entry of a record (nothing is read)."""
+    return record_spec(self.image_shape)
 
   def __len__(self) -> int:
     """Number of records."""

@@ -36,7 +36,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
-from dmad_jax.data.base import ANOMALOUS, NORMAL, check_index, describe_source, make_record
+from dmad_jax.data.base import (
+  ANOMALOUS,
+  NORMAL,
+  check_index,
+  describe_source,
+  make_record,
+  record_spec,
+)
 from dmad_jax.data.images import (
   IMAGE_EXTENSIONS,
   ImageReadError,
@@ -436,6 +443,13 @@ class FolderSource:
   def image_shape(self) -> tuple[int, int, int]:
     """``(H, W, C)`` of every record's image."""
     return (self._image_size, self._image_size, self._channels)
+
+  @property
+  def element_spec(self) -> dict:
+    """Shape and dtype of every entry of a record (nothing is read)."""
+    size = self._image_size
+    extra = {"mask": ((size, size), np.float32)} if self.has_masks else {}
+    return record_spec(self.image_shape, **extra)
 
   def __len__(self) -> int:
     """Number of images in the split."""

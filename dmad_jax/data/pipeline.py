@@ -18,8 +18,9 @@ from typing import Any
 import grain
 import numpy as np
 
+from dmad_jax.configs import schema
+
 MASK_KEY = "_mask"
-SOURCE_NAMES = ("digits", "folder", "tfds", "video")
 
 
 def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
@@ -237,134 +238,169 @@ def dataset_median(source, *, max_items: int | None = None, num_threads: int = 4
   return np.median(images, axis=0).astype(np.float32)
 
 
-_REQUIRED = object()
+# The keys of config.data each source reads, with their defaults (REQUIRED: no default).
+REQUIRED = None
+SOURCE_KEYS = {
+  "digits": {
+    "protocol": REQUIRED,
+    "image_size": 32,
+    "channels": 1,
+    "test_fraction": 0.3,
+    "seed": 0,
+  },
+  "folder": {"root": REQUIRED, "image_size": REQUIRED, "channels": 3, "validate": True},
+  "tfds": {
+    "tfds_name": REQUIRED,
+    "protocol": REQUIRED,
+    "image_size": REQUIRED,
+    "channels": REQUIRED,
+    "data_dir": None,
+    "image_key": "image",
+    "label_key": "label",
+    "download": True,
+  },
+  "video": {
+    "root": REQUIRED,
+    "image_size": 256,
+    "gray": False,
+    "t_length": 5,
+    "labels": None,
+    "templates": "single",
+  },
+}
+SOURCE_NAMES = tuple(SOURCE_KEYS)
+SPLITS = ("train", "test", "validation")
+_OPTIONAL_NONE = {("tfds", "data_dir"), ("video", "labels")}
 
 
-def _get(config: Any, key: str, default: Any = _REQUIRED) -> Any:
-  """Reads ``config.key``; a missing required key raises a ValueError naming it."""
-  value = getattr(config, key, default)
-  if value is _REQUIRED:
-    raise ValueError(f"data config {getattr(config, 'name', '?')!r} needs the key {key!r}")
-  return value
+def data_settings(data_config: Any) -> dict:
+  """``config.data`` checked against its source's keys (:data:`SOURCE_KEYS`), with defaults.
+
+  Raises:
+    ConfigError: for an unknown source name, an unknown key (naming the closest known one) or a
+      missing required key.
+  """
+  if not hasattr(data_config, "get"):  # any object with attributes, e.g. a SimpleNamespace
+    data_config = {k: v for k, v in vars(data_config).items() if not k.startswith("_")}
+  name = data_config.get("name", None)
+  if name not in SOURCE_KEYS:
+    raise schema.ConfigError(
+      f"config.data.name {name!r} is not a data source; known: {', '.join(SOURCE_NAMES)}"
+    )
+  settings = schema.section({"data": data_config}, "data", SOURCE_KEYS[name], extra=("name",))
+  missing = [
+    k
+    for k, v in settings.items()
+    if v is REQUIRED and k != "name" and (name, k) not in _OPTIONAL_NONE
+  ]
+  if missing:
+    raise schema.ConfigError(
+      f"data source {name!r} needs config.data.{missing[0]}"
+      + (f" (and {', '.join(missing[1:])})" if missing[1:] else "")
+    )
+  return settings
 
 
-class _ReadKeys:
-  """Attribute view of a data config that records which keys were read."""
+def get_source(data_config: Any, split: str):
+  """The source of one split of ``config.data``; nothing of the other splits is read.
 
-  def __init__(self, config: Any):
-    self._config = config
-    self.read: set[str] = set()
+  Keys read, by ``data_config.name`` (:data:`SOURCE_KEYS` has the defaults):
 
-  def __getattr__(self, key: str) -> Any:
-    if key.startswith("__"):
-      raise AttributeError(key)
-    self.read.add(key)
-    return getattr(self._config, key)
-
-  def get(self, key: str, default: Any = None) -> Any:
-    self.read.add(key)
-    return getattr(self._config, key, default)
-
-  def __contains__(self, key: str) -> bool:
-    self.read.add(key)
-    return hasattr(self._config, key)
-
-
-def _config_keys(config: Any) -> list[str]:
-  if hasattr(config, "keys"):
-    return list(config.keys())
-  return [k for k in vars(config) if not k.startswith("_")] if hasattr(config, "__dict__") else []
-
-
-def get_sources(data_config: Any) -> dict[str, Any]:
-  """Builds the train and test sources a data config describes.
-
-  A key of ``data_config`` that the named source does not read (a typo such as ``validat``)
-  is an error listing the keys it reads, rather than a setting silently left at its default.
-
-  Keys read, by ``data_config.name`` (defaults in brackets):
-
-  * ``digits``: ``protocol`` (``'one_class=K'`` / ``'normal=A,B,..'``), ``image_size`` [32],
-    ``channels`` [1], ``test_fraction`` [0.3], ``seed`` [0].
-  * ``folder``: ``root``, ``image_size``, ``channels`` [3], ``validate`` [True] (``True``:
-    decode every file at start-up and fail naming the unreadable ones; ``"skip"``: leave them
-    out with a warning naming each file and the reason; ``False``: no start-up pass).
-  * ``tfds``: ``tfds_name``, ``protocol``, ``image_size``, ``channels``, ``data_dir`` [None],
-    ``image_key`` ['image'], ``label_key`` ['label'], ``download`` [True].
-  * ``video``: ``root`` (holding ``{training,testing}/frames/<video>/``), ``image_size`` [256],
-    ``gray`` [False], ``t_length`` [5], ``labels`` [None] (label file or folder of the test
-    split, see :func:`dmad_jax.data.video.load_frame_labels`), ``templates`` ['single']
-    (background template per video: 'single', 'scene' or 'video_transductive', see
-    :func:`dmad_jax.data.video.video_sources`). Records are clips, see
+  * ``digits``: ``protocol`` (``'one_class=K'`` / ``'normal=A,B,..'``), ``image_size``,
+    ``channels``, ``test_fraction``, ``seed``.
+  * ``folder``: ``root``, ``image_size``, ``channels``, ``validate`` (``True``: decode every file
+    of the split at construction and fail naming the unreadable ones; ``"skip"``: leave them out
+    with a warning naming each file and the reason; ``False``: no start-up pass).
+  * ``tfds``: ``tfds_name``, ``protocol``, ``image_size``, ``channels``, ``data_dir``,
+    ``image_key``, ``label_key``, ``download``.
+  * ``video``: ``root`` (holding ``{training,testing}/frames/<video>/``), ``image_size``,
+    ``gray``, ``t_length``, ``labels`` (label file or folder of the test split, see
+    :func:`dmad_jax.data.labels.load_frame_labels`), ``templates`` (background template per
+    video: 'single', 'scene' or 'video_transductive', see
+    :func:`dmad_jax.data.video.video_sources`; the test split's templates are indexed by the
+    training videos' names, which are listed, not read). Records are clips, see
     :class:`dmad_jax.data.video.VideoFrameSource`.
 
   Args:
-    data_config: an ``ml_collections.ConfigDict`` or any object with attribute access.
-
-  Returns:
-    ``{"train": source, "test": source}``.
+    data_config: ``config.data`` (a ConfigDict or mapping).
+    split: ``"train"``, ``"test"`` or, for folder sources, ``"validation"`` (the
+      ``<root>/validation/`` folder: normal images in ``good/``, anomalous ones beside it).
 
   Raises:
-    ValueError: for an unknown name (the message lists the valid ones), a missing key or a
-      key the source does not read.
+    ConfigError: for an invalid data config (see :func:`data_settings`).
+    ValueError: for an unknown split, or ``validation`` of a source that has none.
   """
-  reader = _ReadKeys(data_config)
-  sources = _build_sources(reader)
-  unknown = sorted(set(_config_keys(data_config)) - reader.read)
-  if unknown:
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+  s = data_settings(data_config)
+  name = s["name"]
+  if split == "validation" and name != "folder":
     raise ValueError(
-      f"data config {getattr(data_config, 'name', '?')!r} has unknown key(s) "
-      f"{', '.join(map(repr, unknown))}; this source reads: {', '.join(sorted(reader.read))}"
+      f"split 'validation' needs a folder dataset (<root>/validation/good/...); data source "
+      f"{name!r} has none"
     )
-  return sources
-
-
-def _build_sources(data_config: Any) -> dict[str, Any]:
-  """:func:`get_sources` without the unknown-key check."""
-  name = _get(data_config, "name")
   if name == "digits":
     from dmad_jax.data.digits import digits_sources, parse_protocol
 
     return digits_sources(
-      normal_digits=parse_protocol(_get(data_config, "protocol")),
-      image_size=_get(data_config, "image_size", 32),
-      channels=_get(data_config, "channels", 1),
-      test_fraction=_get(data_config, "test_fraction", 0.3),
-      seed=_get(data_config, "seed", 0),
-    )
+      normal_digits=parse_protocol(s["protocol"]),
+      image_size=s["image_size"],
+      channels=s["channels"],
+      test_fraction=s["test_fraction"],
+      seed=s["seed"],
+    )[split]
   if name == "folder":
     from dmad_jax.data.folder import FolderSource
 
-    kwargs = dict(
-      image_size=_get(data_config, "image_size"),
-      channels=_get(data_config, "channels", 3),
-      validate=_get(data_config, "validate", True),
+    return FolderSource(
+      s["root"],
+      split,
+      image_size=s["image_size"],
+      channels=s["channels"],
+      validate=s["validate"],
     )
-    root = _get(data_config, "root")
-    return {split: FolderSource(root, split, **kwargs) for split in ("train", "test")}
   if name == "tfds":
     from dmad_jax.data.digits import parse_protocol
     from dmad_jax.data.tfds_source import tfds_sources
 
     return tfds_sources(
-      _get(data_config, "tfds_name"),
-      normal_classes=parse_protocol(_get(data_config, "protocol")),
-      image_size=_get(data_config, "image_size"),
-      channels=_get(data_config, "channels"),
-      data_dir=_get(data_config, "data_dir", None),
-      image_key=_get(data_config, "image_key", "image"),
-      label_key=_get(data_config, "label_key", "label"),
-      download=_get(data_config, "download", True),
-    )
-  if name == "video":
-    from dmad_jax.data.video import video_sources
+      s["tfds_name"],
+      normal_classes=parse_protocol(s["protocol"]),
+      image_size=s["image_size"],
+      channels=s["channels"],
+      data_dir=s["data_dir"],
+      image_key=s["image_key"],
+      label_key=s["label_key"],
+      download=s["download"],
+      splits=(split,),
+    )[split]
+  from dmad_jax.data.video import video_sources
 
-    return video_sources(
-      _get(data_config, "root"),
-      templates=_get(data_config, "templates", "single"),
-      labels=_get(data_config, "labels", None),
-      image_size=_get(data_config, "image_size", 256),
-      gray=_get(data_config, "gray", False),
-      t_length=_get(data_config, "t_length", 5),
-    )
-  raise ValueError(f"unknown data source {name!r}; valid names: {', '.join(SOURCE_NAMES)}")
+  return video_sources(
+    s["root"],
+    templates=s["templates"],
+    labels=s["labels"],
+    image_size=s["image_size"],
+    gray=s["gray"],
+    t_length=s["t_length"],
+  )[split]
+
+
+def element_spec(data_config: Any) -> dict:
+  """The ``element_spec`` of the training records ``config.data`` describes, from the config
+  alone (no file is listed or read): for code that needs shapes only, such as exporting a
+  train step."""
+  s = data_settings(data_config)
+  size = int(s["image_size"])
+  if s["name"] == "video":
+    from dmad_jax.data.video import clip_spec
+
+    return clip_spec(size, s["t_length"])
+  from dmad_jax.data.base import record_spec
+
+  return record_spec((size, size, int(s["channels"])))
+
+
+def get_sources(data_config: Any) -> dict[str, Any]:
+  """``{"train": ..., "test": ...}``: :func:`get_source` of both splits."""
+  return {split: get_source(data_config, split) for split in ("train", "test")}

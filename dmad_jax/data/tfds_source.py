@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dmad_jax.data.base import check_index, describe_source, make_record
+from dmad_jax.data.base import check_index, describe_source, make_record, record_spec
 from dmad_jax.data.images import check_image_options, prepare_array
 
 # Records fetched per batched read when scanning labels; bounds the memory of one read.
@@ -150,6 +150,11 @@ class TfdsSource:
     """``(H, W, C)`` of every record's image."""
     return (self._image_size, self._image_size, self._channels)
 
+  @property
+  def element_spec(self) -> dict:
+    """Shape and dtype of every entry of a record (nothing is read)."""
+    return record_spec(self.image_shape)
+
   def __len__(self) -> int:
     """Number of records."""
     return int(self.source_indices.shape[0])
@@ -195,6 +200,7 @@ def tfds_sources(
   train_split: str = "train",
   test_split: str = "test",
   download: bool = True,
+  splits: Sequence[str] = ("train", "test"),
 ) -> dict[str, TfdsSource]:
   """Builds the one-class train and test sources of a TFDS image classification set.
 
@@ -210,9 +216,10 @@ def tfds_sources(
     train_split: split the normal training records come from.
     test_split: split evaluated on.
     download: let TFDS download and prepare the data when it is not in ``data_dir``.
+    splits: which of ``"train"`` and ``"test"`` to build (the others are not opened).
 
   Returns:
-    ``{"train": source, "test": source}``.
+    ``{split: source}`` for each of ``splits``.
 
   Raises:
     ImportError: if tensorflow-datasets is not installed.
@@ -228,6 +235,8 @@ def tfds_sources(
 
   out = {}
   for split_key, split in (("train", train_split), ("test", test_split)):
+    if split_key not in splits:
+      continue
     ds = _open(name, split, data_dir, bool(download), None)
     num_classes = _check_features(ds, name, image_key, label_key)
     if num_classes is not None:

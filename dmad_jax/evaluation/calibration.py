@@ -58,7 +58,10 @@ import jax
 import numpy as np
 
 from dmad_jax import data as data_lib
+from dmad_jax.configs import schema
+from dmad_jax.evaluation.inference import Runner
 from dmad_jax.train import checkpoint, sharding
+from dmad_jax.train import state as state_lib
 
 log = logging.getLogger("dmad_jax")
 
@@ -87,14 +90,7 @@ def settings(config) -> dict:
   Raises:
     ValueError: for an unknown key, method or split, or a quantile outside (0, 1).
   """
-  given = config.get("calibration", None) or {}
-  given = given.to_dict() if hasattr(given, "to_dict") else dict(given)
-  unknown = sorted(set(given) - set(DEFAULTS))
-  if unknown:
-    raise ValueError(
-      f"config.calibration has unknown key(s) {unknown}; known: {', '.join(DEFAULTS)}"
-    )
-  out = {**DEFAULTS, **given}
+  out = schema.section(config, "calibration", DEFAULTS)
   if out["method"] not in METHODS:
     raise ValueError(f"config.calibration.method must be one of {METHODS}, got {out['method']!r}")
   if out["split"] not in SPLITS:
@@ -106,41 +102,30 @@ def settings(config) -> dict:
   return out
 
 
-def split_source(config, split: str, sources: Mapping | None = None):
+def split_source(config, split: str):
   """The source of calibration split ``split`` (see the module docstring).
-
-  Args:
-    config: the training config.
-    split: ``"train"``, ``"validation"`` or ``"test"``.
-    sources: the ``{"train", "test"}`` sources when already built (avoids listing them again).
 
   Raises:
     ValueError: for ``validation`` with a data source that is not a folder.
     FileNotFoundError: when the folder has no ``validation/`` split (the message shows the
       layout and the alternatives).
   """
-  if split in ("train", "test"):
-    return (sources or data_lib.get_sources(config.data))[split]
-  data = config.data
-  if data.name != "folder":
-    raise ValueError(
-      f"calibration split 'validation' needs a folder dataset (<root>/validation/good/...); "
-      f"data source {data.name!r} has none: use --config.calibration.split=train"
-    )
-  folder = os.path.join(data.root, "validation")
-  if not os.path.isdir(folder):
-    raise FileNotFoundError(
-      f"calibration split 'validation': {folder!r} does not exist. Put normal images the model "
-      f"did not train on in {os.path.join(folder, 'good')}/ (and, for method 'f1', anomalous "
-      f"ones in {os.path.join(folder, '<defect>')}/), or use --config.calibration.split=train"
-    )
-  return data_lib.FolderSource(
-    data.root,
-    "validation",
-    image_size=data.image_size,
-    channels=data.get("channels", 3),
-    validate=data.get("validate", True),
-  )
+  if split == "validation":
+    data = config.data
+    if data.name != "folder":
+      raise ValueError(
+        f"calibration split 'validation' needs a folder dataset (<root>/validation/good/...); "
+        f"data source {data.name!r} has none: use --config.calibration.split=train"
+      )
+    folder = os.path.join(data.root, "validation")
+    if not os.path.isdir(folder):
+      raise FileNotFoundError(
+        f"calibration split 'validation': {folder!r} does not exist. Put normal images the "
+        f"model did not train on in {os.path.join(folder, 'good')}/ (and, for method 'f1', "
+        f"anomalous ones in {os.path.join(folder, '<defect>')}/), or use "
+        "--config.calibration.split=train"
+      )
+  return data_lib.get_source(config.data, split)
 
 
 def preprocessing(config) -> dict:
@@ -271,37 +256,29 @@ def normalize_maps(maps, calibration: Mapping) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # Scoring a split, storing and loading.
 # ---------------------------------------------------------------------------------------------
-def collect_scores(predict, variables, source, *, batch_size: int, data_sh, pixel_key: str):
+def collect_scores(runner, variables, source, *, pixel_key: str | None):
   """Image scores of every record of ``source`` once, plus the range of the normal pixel maps.
 
   Args:
-    predict: jitted ``(variables, global batch) -> (detector outputs, kept batch entries)`` with
-      replicated outputs; the kept entries include ``label`` and ``_mask`` (the eval job's).
-    variables: the model variables, sharded for ``predict``.
+    runner: an inference runner of the detector's ``predict`` (keeping ``label``).
+    variables: the model variables, sharded for ``runner``.
     source: random-access source of records.
-    batch_size: global batch size.
-    data_sh: the batch sharding.
-    pixel_key: the detector's pixel map (``maps`` entry).
+    pixel_key: the detector's pixel map (None: no map range).
 
   Returns:
     ``{"score": (N,), "label": (N,), "map_min": float, "map_max": float}`` (map range over the
-    normal records, or over all when there are none).
+    normal records, or over all when there are none; NaN without a pixel map).
   """
   scores, labels = [], []
   lo, hi = {0: np.inf, 1: np.inf}, {0: -np.inf, 1: -np.inf}
-  for batch in data_lib.make_eval_batches(
-    source,
-    global_batch_size=batch_size,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  ):
-    out, kept = jax.device_get(predict(variables, sharding.global_batch(batch, data_sh)))
-    mask = np.asarray(kept[data_lib.MASK_KEY], bool)
-    scores.append(np.asarray(out["scores"]["score"])[mask])
-    labels.append(np.asarray(kept["label"])[mask])
-    if pixel_key not in out["maps"]:
-      raise ValueError(f"detector pixel map {pixel_key!r} not among its maps {sorted(out['maps'])}")
-    maps = np.asarray(out["maps"][pixel_key], np.float32)[mask]
+  for pred, kept in runner.over(variables, source):
+    scores.append(np.asarray(pred.scores["score"]))
+    labels.append(np.asarray(kept["label"]))
+    if pixel_key is None:
+      continue
+    if pixel_key not in pred.maps:
+      raise ValueError(f"detector pixel map {pixel_key!r} not among its maps {sorted(pred.maps)}")
+    maps = np.asarray(pred.maps[pixel_key], np.float32)
     for cls in (0, 1):
       sel = maps[labels[-1] == cls]
       sel = sel[np.isfinite(sel)]
@@ -309,11 +286,12 @@ def collect_scores(predict, variables, source, *, batch_size: int, data_sh, pixe
         lo[cls], hi[cls] = min(lo[cls], float(sel.min())), max(hi[cls], float(sel.max()))
   labels = np.concatenate(labels)
   cls = 0 if np.any(labels == 0) else 1
+  no_map = pixel_key is None
   return {
     "score": np.concatenate(scores),
     "label": labels,
-    "map_min": lo[cls],
-    "map_max": hi[cls],
+    "map_min": float("nan") if no_map else lo[cls],
+    "map_max": float("nan") if no_map else hi[cls],
   }
 
 
@@ -393,32 +371,18 @@ def is_current(stored: Mapping | None, config) -> bool:
   return all(stored.get(k) == want[k] for k in _SETTING_KEYS)
 
 
-def calibrate_step(
-  config,
-  workdir: str,
-  step: int,
-  *,
-  predict,
-  variables,
-  data_sh,
-  batch_size: int,
-  pixel_key,
-  sources=None,
-) -> dict:
+def calibrate_step(config, workdir: str, step: int, *, runner, variables, pixel_key) -> dict:
   """Scores the configured split with a restored model, fits and stores the calibration.
 
-  Arguments as :func:`collect_scores`; ``sources`` are the config's train/test sources when
-  already built. Only process 0 writes.
+  Arguments as :func:`collect_scores`. Only process 0 writes.
 
   Returns:
     The stored record.
   """
   s = settings(config)
   _warn_if_test(s["split"])
-  source = split_source(config, s["split"], sources)
-  collected = collect_scores(
-    predict, variables, source, batch_size=batch_size, data_sh=data_sh, pixel_key=pixel_key
-  )
+  source = split_source(config, s["split"])
+  collected = collect_scores(runner, variables, source, pixel_key=pixel_key)
   record = fit_split(config, step, collected, pixel_key=pixel_key)
   if jax.process_index() == 0:
     path = save(workdir, step, record)
@@ -445,7 +409,7 @@ def for_eval(config, workdir: str, step: int, test_scores, test_labels, **model)
     step: the evaluated step.
     test_scores: the test split's image scores.
     test_labels: the test split's labels.
-    **model: the keyword arguments of :func:`calibrate_step` (predict, variables, ...).
+    **model: the keyword arguments of :func:`calibrate_step` (runner, variables, pixel_key).
 
   Returns:
     ``{}`` when there is no calibration to report (no section and none stored, or fitting
@@ -470,60 +434,8 @@ def for_eval(config, workdir: str, step: int, test_scores, test_labels, **model)
 
 
 # ---------------------------------------------------------------------------------------------
-# Restoring a step for inference, and `dmad calibrate`.
+# `dmad calibrate`.
 # ---------------------------------------------------------------------------------------------
-def latest_step(workdir: str, step: int | None = None) -> int:
-  """``step`` (checked to exist) or the latest checkpoint step of ``workdir``.
-
-  Raises:
-    FileNotFoundError: when ``workdir`` has no checkpoint, or not ``step``.
-  """
-  mngr = checkpoint.manager(workdir, read_only=True)
-  steps = mngr.all_steps()
-  where = checkpoint.checkpoint_dir(workdir)
-  if not steps:
-    raise FileNotFoundError(f"no checkpoint in {where}: train first (dmad train ... --workdir)")
-  if step is None:
-    return max(steps)
-  if int(step) not in steps:
-    raise FileNotFoundError(f"no checkpoint for step {step} in {where} (have {sorted(steps)})")
-  return int(step)
-
-
-def restore_for_inference(config, workdir: str, step: int, sample: Mapping, mesh):
-  """The eval job's restore: the detector and the variables of ``step``, sharded on ``mesh``.
-
-  Args:
-    config: the run's config.
-    workdir: the run directory.
-    step: an existing checkpoint step.
-    sample: a batch of the training format (shapes only, for the state's structure).
-    mesh: the device mesh.
-
-  Returns:
-    (detector, variables, variable shardings).
-
-  Raises:
-    CheckpointMismatchError: when the checkpoint does not fit the config's model.
-  """
-  from dmad_jax.models import get_detector
-  from dmad_jax.train.state import variables_of
-  from dmad_jax.train.trainer import make_state
-
-  detector = get_detector(config)
-  abstract = jax.eval_shape(lambda: make_state(config, detector, sample, int(config.total_steps)))
-  state_sh = sharding.state_shardings(
-    abstract, mesh, fsdp_min_size=config.get("fsdp_min_size", 2**18)
-  )
-  mngr = checkpoint.manager(workdir, read_only=True)
-  state = checkpoint.restore(mngr, step, sharding.with_shardings(abstract, state_sh), config=config)
-  return detector, variables_of(state), variables_of(state_sh)
-
-
-def _kept(batch: Mapping) -> dict:
-  return {k: v for k, v in batch.items() if k in ("label", "index", data_lib.MASK_KEY)}
-
-
 def calibrate(config, workdir: str, step: int | None = None) -> dict:
   """``dmad calibrate``: fits and stores the calibration of ``step`` (default: the latest).
 
@@ -537,31 +449,23 @@ def calibrate(config, workdir: str, step: int | None = None) -> dict:
       folder is missing.
     ValueError: for invalid settings or a split that cannot be calibrated on.
   """
-  from dmad_jax.train.trainer import _sample_batch
+  from dmad_jax.models import get_detector
 
   workdir = os.path.abspath(workdir)
-  step = latest_step(workdir, step)
+  step = checkpoint.latest_step(workdir, step)
   s = settings(config)
   source = split_source(config, s["split"])
-  batch_size = int(config.get("eval", {}).get("batch_size", 64))
+  detector = get_detector(config)
   mesh = sharding.make_mesh(config.get("mesh", None))
-  sharding.check_batch_size(batch_size, mesh)
-  rep, data_sh = sharding.replicated(mesh), sharding.data_sharding(mesh)
-  detector, variables, var_sh = restore_for_inference(
-    config, workdir, step, _sample_batch(source), mesh
+  variables, var_sh = state_lib.restore_variables(
+    config, detector, source.element_spec, workdir, step, mesh
   )
-  predict = jax.jit(
-    lambda v, b: (detector.predict(v, b), _kept(b)),
-    in_shardings=(var_sh, data_sh),
-    out_shardings=rep,
+  runner = Runner(
+    detector.predict,
+    mesh=mesh,
+    variables_sharding=var_sh,
+    batch_size=int(config.get("eval", {}).get("batch_size", 64)),
   )
   return calibrate_step(
-    config,
-    workdir,
-    step,
-    predict=predict,
-    variables=variables,
-    data_sh=data_sh,
-    batch_size=batch_size,
-    pixel_key=getattr(detector, "pixel_map", "rec"),
+    config, workdir, step, runner=runner, variables=variables, pixel_key=detector.pixel_map
   )

@@ -16,7 +16,13 @@ from matplotlib.figure import Figure
 
 from dmad_jax.evaluation.metrics import image_auroc
 
-__all__ = ["deformation_panel", "heatmap_overlays", "prediction_overlay", "score_histogram"]
+__all__ = [
+  "FigureRows",
+  "deformation_panel",
+  "heatmap_overlays",
+  "prediction_overlay",
+  "score_histogram",
+]
 
 # Inches per image cell; with _DPI this is ~120 px, enough to see 256 px detail in a grid of 16.
 _CELL_IN = 1.6
@@ -32,6 +38,65 @@ def _save(fig: Figure, path: str | os.PathLike) -> str:
   FigureCanvasAgg(fig)
   fig.savefig(path, format="png", dpi=fig.dpi)
   return path
+
+
+def pick_rows(labels, n_per_class: int) -> np.ndarray:
+  """Positions of the first ``n_per_class`` normal, then the first ``n_per_class`` anomalous
+  records: the columns of the eval figures."""
+  labels = np.asarray(labels)
+  normal = np.flatnonzero(labels == 0)[:n_per_class]
+  anomalous = np.flatnonzero(labels == 1)[:n_per_class]
+  return np.concatenate([normal, anomalous])
+
+
+class FigureRows:
+  """The pictures of the records the eval figures show, collected batch by batch.
+
+  Only rows the figures still need are kept (in order, while their class has fewer than
+  ``n_per_class``), so memory stays flat however long a test set runs before its first anomaly,
+  and :meth:`picked` equals picking from every record at once.
+  """
+
+  def __init__(self, n_per_class: int):
+    self.n = int(n_per_class)
+    self._labels: list[np.ndarray] = []
+    self._scores: list[np.ndarray] = []
+    self._groups: dict[str, dict[str, list[np.ndarray]]] = {}
+
+  def needed(self, labels) -> np.ndarray:
+    """Positions in a batch with ``labels`` of the rows to keep."""
+    kept = np.concatenate(self._labels) if self._labels else np.zeros((0,), np.int32)
+    have = {c: int((kept == c).sum()) for c in (0, 1)}
+    rows = []
+    for i, c in enumerate(np.asarray(labels).tolist()):
+      if c in have and have[c] < self.n:
+        have[c] += 1
+        rows.append(i)
+    return np.asarray(rows, np.int64)
+
+  def add(self, labels, scores, groups: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+    """Keeps the needed rows of a batch: its ``labels``, main ``scores`` and pictures, given as
+    ``{group: {name: (B, ...) array}}`` (e.g. "images", "maps", "inputs", "masks")."""
+    rows = self.needed(labels)
+    if not rows.size:
+      return
+    self._labels.append(np.asarray(labels)[rows])
+    self._scores.append(np.asarray(scores)[rows])
+    for group, arrays in groups.items():
+      for name, values in arrays.items():
+        self._groups.setdefault(group, {}).setdefault(name, []).append(np.asarray(values)[rows])
+
+  def picked(self) -> tuple[np.ndarray, np.ndarray, dict[str, dict[str, np.ndarray]]]:
+    """(labels, scores, groups) of the figure's records: normal ones first."""
+    if not self._labels:
+      return np.zeros((0,), np.int32), np.zeros((0,), np.float32), {}
+    labels = np.concatenate(self._labels)
+    order = pick_rows(labels, self.n)
+    groups = {
+      g: {k: np.concatenate(v)[order] for k, v in arrays.items()}
+      for g, arrays in self._groups.items()
+    }
+    return labels[order], np.concatenate(self._scores)[order], groups
 
 
 def _to_display(images: np.ndarray, name: str) -> np.ndarray:

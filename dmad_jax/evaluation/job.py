@@ -1,20 +1,25 @@
 """The eval job: restore a checkpoint, score the test split exactly once, write AUROC and figures.
 
-Stands apart from training (it only shares the checkpoint module and the state structure), so it
-can run on another machine, on an old checkpoint, or ``--watch`` a workdir while training runs.
+Stands apart from training (it shares only the state and checkpoint modules), so it can run on
+another machine, on an old checkpoint, or ``--watch`` a workdir while training runs. It reads the
+test split only (shapes come from its ``element_spec``), and restores only the variables that
+inference needs, never the optimizer state. An :class:`Evaluator` is built once and evaluates
+any number of checkpoints with one compiled predict program.
 
 Outputs in ``<workdir>/eval/``: ``metrics.json`` (latest evaluation) and ``metrics_<step>.json``,
 ``metrics.jsonl`` and TensorBoard events (clu), ``scores_<step>.npz`` (per-sample scores, labels,
-indices), ``panel_<step>.png`` (DMAD Fig. 6: input, reference, coarse, fine, anomaly map) and
+indices), ``panel_<step>.png`` (DMAD Fig. 6: the detector's pictures and anomaly maps) and
 ``histogram_<step>.png`` (normal vs anomalous scores).
 
-When the test records carry ground-truth masks (key ``"mask"``, MVTec layout with
-``ground_truth/``), the detector's pixel map ``out["maps"][detector.pixel_map]`` (default
-``"rec"``) is also scored: ``pixel_AUROC`` (all pixels pooled), ``pixel_AUPRO`` (pooled MVTec AD
-definition, FPR limit ``eval.aupro_fpr_limit`` = 0.3) and ``pixel_AUPRO_rd4ad`` (RD4AD's per-image
-variant, see `metrics.aupro_rd4ad`), with ``pixel_map`` naming the map; ``heatmaps_<step>.png``
-overlays the maps on the images with the ground-truth contours, and with ``eval.save_pixel_maps``
-the maps, masks and indices are saved to ``pixel_maps_<step>.npz`` (float32, ~4 bytes per pixel).
+Metrics: ``image_AUROC`` of the main score and ``image_AUROC_<name>`` of every other score the
+detector names (``Detector.score_names``). Video sources add the frame AUROC of
+``eval.recipe`` (:mod:`dmad_jax.evaluation.video`). When the test records carry ground-truth
+masks (key ``"mask"``, MVTec layout with ``ground_truth/``), the detector's pixel map
+(``Detector.pixel_map``) is also scored: ``pixel_AUROC`` (all pixels pooled), ``pixel_AUPRO``
+(pooled MVTec AD definition, FPR limit ``eval.aupro_fpr_limit`` = 0.3) and ``pixel_AUPRO_rd4ad``
+(RD4AD's per-image variant, see `metrics.aupro_rd4ad`); ``heatmaps_<step>.png`` overlays the
+maps on the images with the ground-truth contours, and with ``eval.save_pixel_maps`` the maps,
+masks and indices are saved to ``pixel_maps_<step>.npz`` (float32, ~4 bytes per pixel).
 
 Decision threshold (:mod:`dmad_jax.evaluation.calibration`): with a ``calibration`` section in the
 config, the step's threshold is fitted on the named split and stored in its checkpoint directory
@@ -25,6 +30,7 @@ when it is missing or was made with other settings; with a stored threshold the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -34,58 +40,46 @@ import jax
 import numpy as np
 
 from dmad_jax import data as data_lib
+from dmad_jax.configs import schema
 from dmad_jax.evaluation import calibration, figures, metrics, video
+from dmad_jax.evaluation.inference import Runner
 from dmad_jax.models import get_detector
-from dmad_jax.train import checkpoint, sharding
-from dmad_jax.train.state import variables_of
-from dmad_jax.train.trainer import _sample_batch, make_state
+from dmad_jax.train import checkpoint, durations, sharding
+from dmad_jax.train import state as state_lib
 from dmad_jax.train.writers import MetricWriter
 
 log = logging.getLogger("dmad_jax")
 
-
-def _abstract_state(config, detector, sample):
-  return jax.eval_shape(lambda: make_state(config, detector, sample, int(config.total_steps)))
-
-
-def _pick_figure_rows(labels, n_per_class):
-  """Indices of the first ``n_per_class`` normal and anomalous samples."""
-  normal = np.flatnonzero(labels == 0)[:n_per_class]
-  anomalous = np.flatnonzero(labels == 1)[:n_per_class]
-  return np.concatenate([normal, anomalous])
+# config.eval, with its defaults.
+EVAL_DEFAULTS = {
+  "batch_size": 64,
+  "figure_samples": 6,
+  "recipe": "none",
+  "aupro_fpr_limit": 0.3,
+  "save_pixel_maps": False,
+}
 
 
-def _rows_still_needed(kept_labels, batch_labels, n_per_class):
-  """Rows of a batch that the figure still needs, given the labels of the rows kept so far:
-  in order, while their class has fewer than ``n_per_class`` kept rows."""
-  have = {c: int((kept_labels == c).sum()) for c in (0, 1)}
-  rows = []
-  for i, c in enumerate(np.asarray(batch_labels).tolist()):
-    if c in have and have[c] < n_per_class:
-      have[c] += 1
-      rows.append(i)
-  return np.asarray(rows, np.int64)
+def settings(config) -> dict:
+  """``config.eval`` checked and merged into :data:`EVAL_DEFAULTS`."""
+  return schema.section(config, "eval", EVAL_DEFAULTS)
 
 
-def _video_errors(eval_cfg, scores):
-  """Per-frame errors for the video recipe: the model's official errors for the dmad_* recipes
-  (scores named with ``video.ERROR_PREFIX``, e.g. "ped2_*"), the fused image score for "none"."""
-  recipe = eval_cfg.get("recipe", "none")
-  if recipe == "none":
-    return {"score": scores["score"]}
-  prefix = video.ERROR_PREFIX[recipe]
-  return {k[len(prefix) :]: v for k, v in scores.items() if k.startswith(prefix)}
+# ---------------------------------------------------------------------------------------------
+# Scoring the test split.
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Scored:
+  """Everything the metrics and figures need from one pass over the test split."""
 
-
-def _video_metrics(eval_cfg, scores, labels, indices, video_lengths):
-  """Frame AUROC (micro and macro) of the test videos under ``eval.recipe``."""
-  order = np.argsort(indices)
-  errors = _video_errors(eval_cfg, {k: v[order] for k, v in scores.items()})
-  recipe = eval_cfg.get("recipe", "none")
-  frame_scores = video.score_frames(errors, video_lengths=video_lengths, recipe=recipe)
-  out = video.frame_auroc(frame_scores, labels[order], video_lengths)
-  out["recipe"] = recipe
-  return out
+  scores: dict[str, np.ndarray]
+  frame_errors: dict[str, np.ndarray]
+  labels: np.ndarray
+  indices: np.ndarray
+  pixel_maps: np.ndarray | None
+  masks: np.ndarray | None
+  rows: figures.FigureRows
+  seconds: float
 
 
 def _pixel_metrics(maps, masks, fpr_limit):
@@ -104,243 +98,280 @@ def _pixel_metrics(maps, masks, fpr_limit):
   return out
 
 
-def evaluate(config, workdir: str, step: int | None = None) -> dict:
-  """Evaluates one checkpoint of ``workdir`` on the test split of ``config.data``.
+def _video_errors(recipe: str, scored: Scored) -> dict[str, np.ndarray]:
+  """Per-frame errors in frame order for the video recipe: the detector's official errors for
+  the dmad_* recipes (named with ``video.ERROR_PREFIX``), the main image score for "none"."""
+  order = np.argsort(scored.indices)
+  if recipe == "none":
+    return {"score": scored.scores["score"][order]}
+  prefix = video.ERROR_PREFIX[recipe]
+  return {
+    k[len(prefix) :]: v[order] for k, v in scored.frame_errors.items() if k.startswith(prefix)
+  }
 
-  Args:
-    config: the training config (the eval reads ``config.eval``: ``batch_size``,
-      ``figure_samples`` per class).
-    workdir: the training run directory.
-    step: checkpoint step; None = the latest.
 
-  Returns:
-    The metrics dict (``image_AUROC`` and per-score AUROCs, ``step``, sample counts).
+class Evaluator:
+  """The eval job of one run: built once, then :meth:`evaluate` any checkpoint step.
 
-  Raises:
-    FileNotFoundError: when ``workdir`` has no checkpoint (or not ``step``).
+  Attributes:
+    runner: the inference runner of the detector's ``predict`` on the test split (compiled once
+      for every step evaluated).
   """
-  workdir = os.path.abspath(workdir)
-  eval_cfg = config.get("eval", {})
-  batch_size = int(eval_cfg.get("batch_size", 64))
-  n_fig = int(eval_cfg.get("figure_samples", 6))
-  mngr = checkpoint.manager(workdir, read_only=True)
-  steps = mngr.all_steps()
-  if not steps:
-    raise FileNotFoundError(f"no checkpoint in {checkpoint.checkpoint_dir(workdir)}")
-  step = max(steps) if step is None else int(step)
-  if step not in steps:
-    raise FileNotFoundError(
-      f"no checkpoint for step {step} in {checkpoint.checkpoint_dir(workdir)} (have {steps})"
+
+  def __init__(self, config, workdir: str):
+    self.config = config
+    self.workdir = os.path.abspath(workdir)
+    self.settings = settings(config)
+    self.detector = get_detector(config)
+    self.test = data_lib.get_source(config.data, "test")
+    self.spec = self.test.element_spec
+    self.has_masks = "mask" in self.spec
+    self.mesh = sharding.make_mesh(config.get("mesh", None))
+    shapes = state_lib.variables_of(state_lib.abstract(config, self.detector, self.spec))
+    self.variables_sharding = state_lib.shardings(shapes, self.mesh, config)
+    # Pictures of the inputs travel back only when the heatmaps need them.
+    keep = ("label", "index", *(("mask", "image") if self.has_masks else ()))
+    self.runner = Runner(
+      self.detector.predict,
+      mesh=self.mesh,
+      variables_sharding=self.variables_sharding,
+      batch_size=self.settings["batch_size"],
+      keep=keep,
     )
 
-  sources = data_lib.get_sources(config.data)
-  test = sources["test"]
-  detector = get_detector(config)
-  mesh = sharding.make_mesh(config.get("mesh", None))
-  sharding.check_batch_size(batch_size, mesh)
-  rep, data_sh = sharding.replicated(mesh), sharding.data_sharding(mesh)
-  abstract = _abstract_state(config, detector, _sample_batch(sources["train"]))
-  state_sh = sharding.state_shardings(
-    abstract, mesh, fsdp_min_size=config.get("fsdp_min_size", 2**18)
-  )
-  state = checkpoint.restore(mngr, step, sharding.with_shardings(abstract, state_sh), config=config)
-  variables = variables_of(state)
+  def restore(self, step: int):
+    """The variables of checkpoint ``step``."""
+    variables, _ = state_lib.restore_variables(
+      self.config, self.detector, self.spec, self.workdir, step, self.mesh
+    )
+    return variables
 
-  def predict_global(variables, batch):
-    # The outputs come back replicated, with the batch's labels, indices and padding mask, so
-    # every process holds the whole global batch (gathered over hosts) and drops padded rows.
-    keep = {k: v for k, v in batch.items() if k in ("label", "index", "mask", data_lib.MASK_KEY)}
-    if "mask" in batch:
-      keep["image"] = batch["image"]  # For the heatmap overlays.
-    return detector.predict(variables, batch), keep
+  # -- the pass over the test split ----------------------------------------------------------
+  def score(self, variables) -> Scored:
+    """Runs ``predict`` over every test record once; keeps scores, errors, the pixel maps the
+    metrics need and the pictures the figures show."""
+    t0 = time.time()
+    pixel_key = self.detector.pixel_map
+    scores, errors, labels, indices, pixel_maps, masks = {}, {}, [], [], [], []
+    rows = figures.FigureRows(self.settings["figure_samples"])
+    # Errors that need the previous frames or connected components (Avenue, ShanghaiTech).
+    host_errors = video.HostFrameErrors(self.settings["recipe"])
+    for pred, kept in self.runner.over(variables, self.test):
+      for k in self.detector.score_names:
+        scores.setdefault(k, []).append(pred.scores[k])
+      for k, v in pred.frame_errors.items():
+        errors.setdefault(k, []).append(v)
+      labels.append(kept["label"])
+      indices.append(kept["index"])
+      if pred.host_maps:
+        host_errors.add(kept["index"], pred.host_maps)
+      groups = {"images": pred.images, "maps": pred.maps}
+      if self.has_masks and pixel_key is not None:
+        if pixel_key not in pred.maps:
+          raise ValueError(
+            f"detector pixel map {pixel_key!r} not among its maps {sorted(pred.maps)}"
+          )
+        pixel_maps.append(np.asarray(pred.maps[pixel_key], np.float32))
+        masks.append(kept["mask"] > 0.5)
+        if pixel_maps[-1].shape != masks[-1].shape:
+          raise ValueError(
+            f"detector pixel map {pixel_key!r} has shape {pixel_maps[-1].shape[1:]} but the "
+            f"ground-truth masks have {masks[-1].shape[1:]}"
+          )
+        groups.update(inputs={"image": kept["image"]}, masks={"mask": kept["mask"]})
+      rows.add(kept["label"], pred.scores["score"], groups)
+    indices = np.concatenate(indices)
+    if np.sort(indices).tolist() != list(range(len(self.test))):
+      raise RuntimeError("eval did not score every test sample exactly once")
+    errors = {k: np.concatenate(v) for k, v in errors.items()}
+    errors.update(host_errors.errors())
+    return Scored(
+      scores={k: np.concatenate(v) for k, v in scores.items()},
+      frame_errors=errors,
+      labels=np.concatenate(labels),
+      indices=indices,
+      pixel_maps=np.concatenate(pixel_maps) if pixel_maps else None,
+      masks=np.concatenate(masks) if masks else None,
+      rows=rows,
+      seconds=time.time() - t0,
+    )
 
-  predict = jax.jit(
-    predict_global, in_shardings=(variables_of(state_sh), data_sh), out_shardings=rep
-  )
-
-  # Score every test record exactly once: padded rows of the last batch are masked out.
-  t0 = time.time()
-  scores, labels, indices = {}, [], []
-  fig_images, fig_maps, fig_labels, fig_scores = {}, {}, [], []
-  # Pixel maps and ground truth, when the test records carry masks.
-  pixel_key = getattr(detector, "pixel_map", "rec")
-  pixel_maps, gt_masks, fig_inputs, fig_masks = [], [], [], []
-  # Errors that need the previous frames or connected components (Avenue, ShanghaiTech).
-  host_errors = video.HostFrameErrors(eval_cfg.get("recipe", "none"))
-  for batch in data_lib.make_eval_batches(
-    test,
-    global_batch_size=batch_size,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  ):
-    out, kept_rows = jax.device_get(predict(variables, sharding.global_batch(batch, data_sh)))
-    mask = np.asarray(kept_rows[data_lib.MASK_KEY], bool)
-    batch = {k: np.asarray(v) for k, v in kept_rows.items()}
-    for k, v in out["scores"].items():
-      scores.setdefault(k, []).append(np.asarray(v)[mask])
-    labels.append(batch["label"][mask])
-    indices.append(batch["index"][mask])
-    if "host_maps" in out:
-      host_errors.add(indices[-1], {k: np.asarray(v)[mask] for k, v in out["host_maps"].items()})
-    if "mask" in batch:
-      if pixel_key not in out["maps"]:
-        raise ValueError(
-          f"detector pixel map {pixel_key!r} not among its maps {sorted(out['maps'])}"
-        )
-      pixel_maps.append(np.asarray(out["maps"][pixel_key], np.float32)[mask])
-      gt_masks.append(batch["mask"][mask] > 0.5)
-      if pixel_maps[-1].shape != gt_masks[-1].shape:
-        raise ValueError(
-          f"detector pixel map {pixel_key!r} has shape {pixel_maps[-1].shape[1:]} but the "
-          f"ground-truth masks have {gt_masks[-1].shape[1:]}"
-        )
-    # Keep pictures only of the rows the figure shows (the first samples of each class), so
-    # memory stays flat however long the test set runs before its first anomalies.
-    kept = np.concatenate(fig_labels) if fig_labels else np.zeros((0,), np.int32)
-    rows = _rows_still_needed(kept, labels[-1], n_fig)
-    if rows.size:
-      fig_labels.append(labels[-1][rows])
-      fig_scores.append(scores["score"][-1][rows])
-      for k, v in out["images"].items():
-        fig_images.setdefault(k, []).append(np.asarray(v)[mask][rows])
-      for k, v in out["maps"].items():
-        fig_maps.setdefault(k, []).append(np.asarray(v)[mask][rows])
-      if "mask" in batch:
-        fig_inputs.append(batch["image"][mask][rows])
-        fig_masks.append(batch["mask"][mask][rows])
-  labels = np.concatenate(labels)
-  indices = np.concatenate(indices)
-  scores = {k: np.concatenate(v) for k, v in scores.items()}
-  scores.update(host_errors.errors())
-  seconds = time.time() - t0
-  if np.sort(indices).tolist() != list(range(len(test))):
-    raise RuntimeError("eval did not score every test sample exactly once")
-
-  # The fused score and its parts ("ali": DAAD+'s discriminator-feature score).
-  result = metrics.auroc_report(
-    {k: v for k, v in scores.items() if k in ("score", "rec", "df", "ali")}, labels
-  )
-  video_lengths = getattr(test, "video_lengths", None)
-  if video_lengths is not None:
-    result.update(_video_metrics(eval_cfg, scores, labels, indices, video_lengths))
-  if gt_masks:
-    pixel_maps, gt_masks = np.concatenate(pixel_maps), np.concatenate(gt_masks)
+  # -- metrics -------------------------------------------------------------------------------
+  def metrics(self, scored: Scored) -> dict:
+    """Image AUROC of every score, frame AUROC (video sources), pixel metrics (masks)."""
+    result = metrics.auroc_report(scored.scores, scored.labels)
+    lengths = getattr(self.test, "video_lengths", None)
+    if lengths is not None:
+      recipe = self.settings["recipe"]
+      order = np.argsort(scored.indices)
+      frames = video.score_frames(
+        _video_errors(recipe, scored), video_lengths=lengths, recipe=recipe
+      )
+      result.update(video.frame_auroc(frames, scored.labels[order], lengths), recipe=recipe)
+    if scored.masks is not None:
+      result.update(
+        _pixel_metrics(scored.pixel_maps, scored.masks, float(self.settings["aupro_fpr_limit"])),
+        pixel_map=self.detector.pixel_map,
+      )
+    labels = scored.labels
     result.update(
-      _pixel_metrics(pixel_maps, gt_masks, float(eval_cfg.get("aupro_fpr_limit", 0.3))),
-      pixel_map=pixel_key,
+      num_test=int(len(labels)),
+      num_normal=int((labels == 0).sum()),
+      num_anomalous=int((labels == 1).sum()),
+      eval_seconds=scored.seconds,
     )
-  result.update(
-    step=int(step),
-    num_test=int(len(labels)),
-    num_normal=int((labels == 0).sum()),
-    num_anomalous=int((labels == 1).sum()),
-    eval_seconds=seconds,
-  )
-  # The step's decision threshold (fitted first on its named split when the config has a
-  # calibration section) and its precision / recall / F1 on the test labels, for information.
-  result.update(
-    calibration.for_eval(
-      config,
-      workdir,
-      step,
-      scores["score"],
-      labels,
-      predict=predict,
-      variables=variables,
-      data_sh=data_sh,
-      batch_size=batch_size,
-      pixel_key=pixel_key,
-      sources=sources,
-    )
-  )
+    return result
 
-  if jax.process_index() == 0:
-    outdir = os.path.join(workdir, "eval")
+  # -- outputs -------------------------------------------------------------------------------
+  def write(self, step: int, result: dict, scored: Scored) -> dict:
+    """Writes the metrics, scores and figures of ``step`` (process 0); returns the result with
+    the figures' paths."""
+    outdir = os.path.join(self.workdir, "eval")
     os.makedirs(outdir, exist_ok=True)
     for name in ("metrics.json", f"metrics_{step}.json"):
       with open(os.path.join(outdir, name), "w") as f:
         json.dump(result, f, indent=2)
-    np.savez(os.path.join(outdir, f"scores_{step}.npz"), labels=labels, index=indices, **scores)
-    if video_lengths is not None:
-      order = np.argsort(indices)
-      errors = _video_errors(eval_cfg, {k: v[order] for k, v in scores.items()})
+    np.savez(
+      os.path.join(outdir, f"scores_{step}.npz"),
+      labels=scored.labels,
+      index=scored.indices,
+      **scored.scores,
+      **scored.frame_errors,
+    )
+    lengths = getattr(self.test, "video_lengths", None)
+    if lengths is not None:
+      recipe = self.settings["recipe"]
+      errors = _video_errors(recipe, scored)
       # The format `dmad video-auc --scores` reads, to try other recipes without the model.
-      np.savez(
-        os.path.join(outdir, f"video_errors_{step}.npz"), video_lengths=video_lengths, **errors
-      )
+      np.savez(os.path.join(outdir, f"video_errors_{step}.npz"), video_lengths=lengths, **errors)
       result["video_plot"] = video.plot_video_scores(
         os.path.join(outdir, f"videos_{step}.png"),
-        video.score_frames(errors, video_lengths=video_lengths, recipe=eval_cfg["recipe"]),
-        labels[order],
-        video_lengths,
-        title=f"step {step}, recipe {eval_cfg['recipe']}: frame AUROC "
-        f"{result['frame_AUROC_micro']:.4f}",
+        video.score_frames(errors, video_lengths=lengths, recipe=recipe),
+        scored.labels[np.argsort(scored.indices)],
+        lengths,
+        title=f"step {step}, recipe {recipe}: frame AUROC {result['frame_AUROC_micro']:.4f}",
       )
     writer = MetricWriter(outdir)
     writer.write_scalars(
       step, {k: v for k, v in result.items() if k != "step" and not isinstance(v, str)}
     )
     writer.close()
-    fig_labels = np.concatenate(fig_labels)
-    rows = _pick_figure_rows(fig_labels, n_fig)
-    # jit returns dicts with sorted keys; show the pictures in the model's own order.
-    order = list(getattr(detector, "figure_rows", sorted(fig_images)))
-    imgs = {k: np.concatenate(fig_images[k])[rows] for k in order}
-    maps_ = {f"anomaly map ({k})": np.concatenate(v)[rows] for k, v in fig_maps.items()}
+    labels, scores, groups = scored.rows.picked()
+    name = self.config.model_name
+    images = {k: groups["images"][k] for k in self.detector.figure_rows if k in groups["images"]}
+    maps_ = {f"anomaly map ({k})": v for k, v in groups.get("maps", {}).items()}
     result["panel"] = figures.deformation_panel(
       os.path.join(outdir, f"panel_{step}.png"),
-      imgs,
-      labels=fig_labels[rows],
-      scores=np.concatenate(fig_scores)[rows],
+      images,
+      labels=labels,
+      scores=scores,
       maps=maps_,
-      title=f"{config.model_name} step {step}: image AUROC {result['image_AUROC']:.4f}",
+      title=f"{name} step {step}: image AUROC {result['image_AUROC']:.4f}",
     )
-    if fig_masks:
-      if eval_cfg.get("save_pixel_maps", False):
+    if scored.masks is not None:
+      pixel_key = self.detector.pixel_map
+      if self.settings["save_pixel_maps"]:
         np.savez_compressed(
           os.path.join(outdir, f"pixel_maps_{step}.npz"),
-          maps=pixel_maps,
-          masks=gt_masks,
-          index=indices,
+          maps=scored.pixel_maps,
+          masks=scored.masks,
+          index=scored.indices,
         )
-      pixel_metric = f", pixel AUROC {result['pixel_AUROC']:.4f}" if "pixel_AUROC" in result else ""
+      pixel = f", pixel AUROC {result['pixel_AUROC']:.4f}" if "pixel_AUROC" in result else ""
       result["heatmaps"] = figures.heatmap_overlays(
         os.path.join(outdir, f"heatmaps_{step}.png"),
-        np.concatenate(fig_inputs)[rows],
-        np.concatenate(fig_maps[pixel_key])[rows],
-        np.concatenate(fig_masks)[rows],
-        labels=fig_labels[rows],
-        scores=np.concatenate(fig_scores)[rows],
-        title=f"{config.model_name} step {step}: map {pixel_key!r}{pixel_metric}",
+        groups["inputs"]["image"],
+        groups["maps"][pixel_key],
+        groups["masks"]["mask"],
+        labels=labels,
+        scores=scores,
+        title=f"{name} step {step}: map {pixel_key!r}{pixel}",
       )
     result["histogram"] = figures.score_histogram(
       os.path.join(outdir, f"histogram_{step}.png"),
-      scores["score"],
-      labels,
+      scored.scores["score"],
+      scored.labels,
       title=f"step {step}",
     )
-    log.info("eval step %d: %s", step, json.dumps({k: result[k] for k in sorted(result)}))
-  return result
+    return result
+
+  def evaluate(self, step: int | None = None) -> dict:
+    """Evaluates checkpoint ``step`` (None: the latest); see the module docstring.
+
+    Raises:
+      FileNotFoundError: when the workdir has no checkpoint (or not ``step``).
+    """
+    step = checkpoint.latest_step(self.workdir, step)
+    variables = self.restore(step)
+    scored = self.score(variables)
+    result = {**self.metrics(scored), "step": int(step)}
+    # The step's decision threshold (fitted first on its named split when the config has a
+    # calibration section) and its precision / recall / F1 on the test labels, for information.
+    result.update(
+      calibration.for_eval(
+        self.config,
+        self.workdir,
+        step,
+        scored.scores["score"],
+        scored.labels,
+        runner=self.runner,
+        variables=variables,
+        pixel_key=self.detector.pixel_map,
+      )
+    )
+    if jax.process_index() == 0:
+      result = self.write(step, result, scored)
+      log.info("eval step %d: %s", step, json.dumps({k: result[k] for k in sorted(result)}))
+    return result
+
+
+def evaluate(config, workdir: str, step: int | None = None) -> dict:
+  """Evaluates one checkpoint of ``workdir`` on the test split of ``config.data``.
+
+  Args:
+    config: the training config (the eval reads ``config.eval``, see :data:`EVAL_DEFAULTS`).
+    workdir: the training run directory.
+    step: checkpoint step; None = the latest.
+
+  Returns:
+    The metrics dict (``image_AUROC`` and per-score AUROCs, ``step``, sample counts, figure
+    paths).
+
+  Raises:
+    FileNotFoundError: when ``workdir`` has no checkpoint (or not ``step``).
+  """
+  return Evaluator(config, workdir).evaluate(step)
 
 
 def watch(
-  config, workdir: str, *, poll_seconds: float = 30.0, timeout_seconds: float | None = None
+  config,
+  workdir: str,
+  *,
+  poll_seconds: float = 30.0,
+  timeout_seconds: float | None = None,
+  evaluator: Evaluator | None = None,
 ):
-  """Evaluates every new checkpoint of ``workdir`` until the final step has been evaluated.
+  """Evaluates every new checkpoint of ``workdir`` until the final step has been evaluated,
+  with one :class:`Evaluator` (one compiled predict program for every checkpoint).
+
+  The final step is ``config.total_steps``, or, for a config in epochs, the one the trainer
+  planned (``<workdir>/plan.json``).
 
   Returns:
     dict step -> metrics of every evaluated checkpoint.
   """
-  final = int(config.total_steps)
+  evaluator = evaluator or Evaluator(config, workdir)
   done: dict[int, dict] = {}
   t0 = time.time()
-  while final not in done:
-    mngr = checkpoint.manager(workdir, read_only=True)
-    for step in sorted(set(mngr.all_steps()) - set(done)):
-      done[step] = evaluate(config, workdir, step)
-    if final in done:
-      break
+  while True:
+    final = durations.final_step(config, evaluator.workdir)
+    steps = checkpoint.manager(evaluator.workdir, read_only=True).all_steps()
+    for step in sorted(set(steps) - set(done)):
+      done[step] = evaluator.evaluate(step)
+    if final is not None and final in done:
+      return done
     if timeout_seconds is not None and time.time() - t0 > timeout_seconds:
-      raise TimeoutError(f"watch: no checkpoint of step {final} after {timeout_seconds} s")
+      raise TimeoutError(
+        f"watch: no checkpoint of the final step {final} after {timeout_seconds} s"
+      )
     time.sleep(poll_seconds)
-  return done

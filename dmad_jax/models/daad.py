@@ -26,16 +26,15 @@ output activation (``output_activation="tanh"``, matching inputs in [-1, 1]).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from dmad_jax.models import plain as _plain
+from dmad_jax.models import base
 from dmad_jax.nn.fast_conv import FastConv
 from dmad_jax.nn.init import torch_default_bias_init, torch_default_kernel_init
 from dmad_jax.nn.layers import Conv, batch_norm, max_pool2
@@ -281,16 +280,10 @@ def alignment_error(f: jax.Array, f_hat: jax.Array) -> jax.Array:
   return jnp.mean((f - f_hat) ** 2, axis=-1)
 
 
-def min_max_scale(value: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
-  """``(value - lo) / (hi - lo)``: [lo, hi] onto [0, 1] (a zero-width range divides by 1)."""
-  width = hi - lo
-  return (value - lo) / jnp.where(width > 0, width, 1.0)
-
-
 def fused_score(rec: jax.Array, ali: jax.Array, stats: dict, gamma: float) -> jax.Array:
   """Paper Eq. 7: ``gamma R + (1 - gamma) L``, each min-max scaled with ``stats``."""
-  r_s = min_max_scale(rec, stats["r_min"], stats["r_max"])
-  l_s = min_max_scale(ali, stats["l_min"], stats["l_max"])
+  r_s = base.min_max_scale(rec, stats["r_min"], stats["r_max"])
+  l_s = base.min_max_scale(ali, stats["l_min"], stats["l_max"])
   return gamma * r_s + (1.0 - gamma) * l_s
 
 
@@ -307,27 +300,44 @@ def _kept_fraction(weights: dict) -> dict[str, jax.Array]:
 # ---------------------------------------------------------------------------------------------
 # Detectors: what the trainer and the eval job call.
 # ---------------------------------------------------------------------------------------------
-class DAADDetector:
+LOSS_DEFAULTS = {"rec": 50.0, "adv": 0.5, "ali": 0.5}
+AUGMENT_DEFAULTS = {"hflip": True, "vflip": True}
+SCORE_DEFAULTS = {"gamma": 0.9, "scaling": "train"}
+
+
+@base.register("daad")
+class DAADDetector(base.Detector):
   """DAAD trained with the reconstruction loss only (AE, MemAE, AE+Skip and DAAD rows).
 
   Variables: ``params = {"generator": ...}``, ``batch_stats = {"generator": ...}``. The training
   loss is ``loss.rec * mean (x - x_hat)^2`` on randomly flipped inputs; the image score is R(x).
 
-  Config keys read: ``model`` (:class:`DAAD` attributes), ``loss.rec``, ``augment``
-  (``hflip``, ``vflip``).
+  Config: ``model`` (:class:`DAAD` attributes), ``loss.rec``, ``augment`` (``hflip``,
+  ``vflip``), ``variant`` (the ablation row's name, informational). The sections of DAAD+
+  (``discriminator``, ``score``, ``discriminator_optimizer``) are accepted and unused, so that a
+  config switches between the rows with ``model_name`` alone.
   """
 
+  config_sections = {
+    "model": DAAD,
+    "loss": LOSS_DEFAULTS,
+    "augment": AUGMENT_DEFAULTS,
+    "discriminator": Discriminator,
+    "score": SCORE_DEFAULTS,
+  }
+  config_keys = ("variant", "discriminator_optimizer")
   figure_rows = ("input", "reconstruction")
+  pixel_map = "rec"
+  score_names = ("score", "rec")
 
   def __init__(self, config):
-    self.generator = DAAD(**_plain(config.model))
-    loss = _plain(config.get("loss", {}))
-    self.w_rec = float(loss.get("rec", 50.0))
-    self.w_adv = float(loss.get("adv", 0.5))
-    self.w_ali = float(loss.get("ali", 0.5))
-    augment = _plain(config.get("augment", {}))
-    self.hflip = bool(augment.get("hflip", True))
-    self.vflip = bool(augment.get("vflip", True))
+    super().__init__(config)
+    self.generator = DAAD(**self.section("model"))
+    loss = self.section("loss")
+    self.w_rec, self.w_adv, self.w_ali = (float(loss[k]) for k in ("rec", "adv", "ali"))
+    augment = self.section("augment")
+    self.hflip = bool(augment["hflip"])
+    self.vflip = bool(augment["vflip"])
 
   def _augment(self, rng, x):
     return random_flips(rng, x, horizontal=self.hflip, vertical=self.vflip)
@@ -367,30 +377,27 @@ class DAADDetector:
     }
     return self.generator.apply(g_vars, x, train=False)["reconstruction"]
 
-  def predict(self, variables, batch):
-    """Scores (higher = more anomalous) and the pictures of the eval figure.
-
-    Returns:
-      dict with ``scores`` {``score`` = ``rec`` = R(x)}, ``maps`` {``rec``: channel-mean squared
-      error (B, H, W)} and ``images`` {``input``, ``reconstruction``}.
-    """
+  def predict(self, variables, batch) -> base.Prediction:
+    """``scores`` {``score`` = ``rec`` = R(x)}, ``maps`` {``rec``: channel-mean squared error
+    (B, H, W)} and ``images`` {``input``, ``reconstruction``}."""
     x = batch["image"]
     x_hat = self._reconstruct(variables, x)
     r = reconstruction_error(x, x_hat)
-    return {
-      "scores": {"score": r, "rec": r},
-      "maps": {"rec": jnp.mean((x - x_hat) ** 2, axis=-1)},
-      "images": {"input": x, "reconstruction": x_hat},
-    }
+    return base.Prediction(
+      scores={"score": r, "rec": r},
+      maps={"rec": jnp.mean((x - x_hat) ** 2, axis=-1)},
+      images={"input": x, "reconstruction": x_hat},
+    )
 
 
+@base.register("daad_plus")
 class DAADPlusDetector(DAADDetector):
   """DAAD+: DAAD with a DCGAN discriminator, trained adversarially in the same jitted step.
 
   Variables: ``params = {"generator", "discriminator"}``; ``batch_stats = {"generator",
   "discriminator", "score_stats"}``, where ``score_stats`` holds the min and max of R and L over
-  the training split (:meth:`calibrate`, run by the trainer before every checkpoint), which scale
-  both scores to [0, 1] before the fusion of Eq. 7. No test data is involved.
+  the training split (:meth:`statistics`, fitted by the trainer before every checkpoint), which
+  scale both scores to [0, 1] before the fusion of Eq. 7. No test data is involved.
 
   One step computes, with ``x`` the flipped input and ``x_hat = G(x)``:
 
@@ -399,32 +406,39 @@ class DAADPlusDetector(DAADDetector):
     f_D(x_hat))`` with D's parameters held fixed (the non-saturating form of Eq. 5, and Eq. 6);
 
   and :meth:`value_and_grad` returns the generator gradients of the generator loss and the
-  discriminator gradients of the discriminator loss in one tree, which :meth:`make_optimizer`'s
-  two optax states apply, each to its own parameter group (simultaneous updates).
+  discriminator gradients of the discriminator loss in one tree; :meth:`optimizer_groups` gives
+  each player its own optimizer (simultaneous updates).
 
-  Config keys read, besides DAAD's: ``discriminator`` (:class:`Discriminator` attributes),
-  ``loss.adv``, ``loss.ali``, ``score.gamma``, ``score.scaling`` ("train": min-max over the
-  training split; "none": unscaled) and ``discriminator_optimizer`` (default: ``optimizer``).
+  Config, besides DAAD's: ``discriminator`` (:class:`Discriminator` attributes), ``loss.adv``,
+  ``loss.ali``, ``score.gamma``, ``score.scaling`` ("train": min-max over the training split;
+  "none": unscaled) and ``discriminator_optimizer`` (default: ``optimizer``).
   """
 
-  figure_rows = ("input", "reconstruction")
+  score_names = ("score", "rec", "ali")
 
   def __init__(self, config):
     super().__init__(config)
-    self.discriminator = Discriminator(**_plain(config.get("discriminator", {})))
-    score = _plain(config.get("score", {}))
-    self.gamma = float(score.get("gamma", 0.9))
-    self.scaling = score.get("scaling", "train")
+    self.discriminator = Discriminator(**self.section("discriminator"))
+    score = self.section("score")
+    self.gamma = float(score["gamma"])
+    self.scaling = score["scaling"]
     if self.scaling not in SCALINGS:
-      raise ValueError(f"score.scaling must be one of {SCALINGS}, got {self.scaling!r}")
-    self.d_optimizer = config.get("discriminator_optimizer", None) or config.optimizer
+      raise base.schema.ConfigError(
+        f"config.score.scaling must be one of {SCALINGS}, got {self.scaling!r}"
+      )
+
+  def optimizer_groups(self):
+    """The generator by ``config.optimizer``, the discriminator by ``discriminator_optimizer``
+    (``config.optimizer`` when the config has none)."""
+    d = "discriminator_optimizer" if self.config.get("discriminator_optimizer") else "optimizer"
+    return {"generator": "optimizer", "discriminator": d}
 
   # -- variables ---------------------------------------------------------------------------
   def _init(self, rng, x):
     g_rng, d_rng = jax.random.split(rng)
     v = super()._init(g_rng, x)
     d = self.discriminator.init(d_rng, x, train=False)
-    # Identity scaling until the first calibration.
+    # Identity scaling until the first statistics.
     stats = {k: jnp.asarray(s, jnp.float32) for k, s in zip(_STATS, (0, 1, 0, 1), strict=True)}
     stats["calibrated"] = jnp.zeros((), jnp.float32)
     return {
@@ -432,24 +446,9 @@ class DAADPlusDetector(DAADDetector):
       "batch_stats": {
         **v["batch_stats"],
         "discriminator": d["batch_stats"],
-        "score_stats": stats,
+        base.STATISTICS: stats,
       },
     }
-
-  def make_optimizer(self, cfg, total_steps: int, params_shape) -> optax.GradientTransformation:
-    """One optimizer (own optax state) per parameter group: ``cfg`` for the generator and
-    ``discriminator_optimizer`` for the discriminator."""
-    from dmad_jax.train.optim import make_optimizer
-
-    return optax.multi_transform(
-      {
-        "generator": make_optimizer(cfg, total_steps, params_shape["generator"]),
-        "discriminator": make_optimizer(
-          self.d_optimizer, total_steps, params_shape["discriminator"]
-        ),
-      },
-      {"generator": "generator", "discriminator": "discriminator"},
-    )
 
   # -- training ----------------------------------------------------------------------------
   def _objective(self, params, batch_stats, batch, rng):
@@ -531,59 +530,28 @@ class DAADPlusDetector(DAADDetector):
     )
     return x_hat, reconstruction_error(x, x_hat), alignment_error(f, f_hat)
 
-  def _minmax_fn(self):
-    """Jitted ``(variables, x, mask) -> [min R, max R, min L, max L]`` over unmasked rows."""
-    if getattr(self, "_minmax", None) is None:
-
-      def minmax(variables, x, mask):
-        _, rec, ali = self._raw_scores(variables, x)
-        inf = jnp.float32(jnp.inf)
-        return jnp.stack(
-          [
-            jnp.min(jnp.where(mask, rec, inf)),
-            jnp.max(jnp.where(mask, rec, -inf)),
-            jnp.min(jnp.where(mask, ali, inf)),
-            jnp.max(jnp.where(mask, ali, -inf)),
-          ]
-        )
-
-      self._minmax = jax.jit(minmax)
-    return self._minmax
-
-  def calibrate(self, variables, batches: Iterable[dict]) -> dict:
-    """New ``batch_stats`` whose ``score_stats`` are the min and max of R and L over
-    ``batches`` (the training split; a boolean ``"_mask"`` entry marks padding rows).
-
-    With ``score.scaling == "none"`` the batches are not read and nothing changes.
-    """
+  def statistics(self, variables, batch):
+    """R and L of every record: their extrema over the training split scale the fused score.
+    With ``score.scaling == "none"``: None (nothing is fitted)."""
     if self.scaling == "none":
-      return variables["batch_stats"]
-    minmax = self._minmax_fn()
-    acc = np.array([np.inf, -np.inf, np.inf, -np.inf])
-    for batch in batches:
-      mask = batch.get("_mask", jnp.ones(batch["image"].shape[0], bool))
-      m = np.asarray(jax.device_get(minmax(variables, batch["image"], mask)), np.float64)
-      acc = np.array([min(acc[0], m[0]), max(acc[1], m[1]), min(acc[2], m[2]), max(acc[3], m[3])])
-    if not np.all(np.isfinite(acc)):
-      raise ValueError(f"calibrate: no (finite) training scores to scale with, got {acc}")
-    stats = {k: jnp.asarray(v, jnp.float32) for k, v in zip(_STATS, acc, strict=True)}
-    stats["calibrated"] = jnp.ones((), jnp.float32)
-    return {**variables["batch_stats"], "score_stats": stats}
+      return None
+    _, rec, ali = self._raw_scores(variables, batch["image"])
+    return {"r_min": rec, "r_max": rec, "l_min": ali, "l_max": ali}
 
-  def predict(self, variables, batch):
-    """Scores (higher = more anomalous) and the pictures of the eval figure.
+  @property
+  def fits_statistics(self) -> bool:
+    return self.scaling != "none"
 
-    Returns:
-      dict with ``scores`` {``score`` (Eq. 7 fusion), ``rec`` = R(x), ``ali`` = L(x)},
-      ``maps`` {``rec``} and ``images`` {``input``, ``reconstruction``}.
-    """
+  def predict(self, variables, batch) -> base.Prediction:
+    """``scores`` {``score`` (Eq. 7 fusion), ``rec`` = R(x), ``ali`` = L(x)}, ``maps``
+    {``rec``} and ``images`` {``input``, ``reconstruction``}."""
     x = batch["image"]
     x_hat, rec, ali = self._raw_scores(variables, x)
-    stats = variables["batch_stats"]["score_stats"]
+    stats = variables["batch_stats"][base.STATISTICS]
     if self.scaling == "none":
       stats = dict(zip(_STATS, (0.0, 1.0, 0.0, 1.0), strict=True))
-    return {
-      "scores": {"score": fused_score(rec, ali, stats, self.gamma), "rec": rec, "ali": ali},
-      "maps": {"rec": jnp.mean((x - x_hat) ** 2, axis=-1)},
-      "images": {"input": x, "reconstruction": x_hat},
-    }
+    return base.Prediction(
+      scores={"score": fused_score(rec, ali, stats, self.gamma), "rec": rec, "ali": ali},
+      maps={"rec": jnp.mean((x - x_hat) ** 2, axis=-1)},
+      images={"input": x, "reconstruction": x_hat},
+    )

@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dmad_jax.models import plain as _plain
+from dmad_jax.models import base
 from dmad_jax.nn.coordconv import CoordConv
 from dmad_jax.nn.layers import Basic, Conv, Head, ResBlock, Upsample, batch_norm, max_pool2
 from dmad_jax.nn.quantize import VectorQuantizer
@@ -634,30 +634,46 @@ def set_template(params: dict, image: jax.Array) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Detector: what the trainer and the eval job call.
 # ---------------------------------------------------------------------------------------------
-class PDMDetector:
+SCORE_DEFAULTS = {"distance": "dis", "kernel_size": (3, 3), "alpha": 1.0, "reduce": "max"}
+
+
+@base.register("pdm")
+class PDMDetector(base.Detector):
   """Binds PDM, its loss and its scores to the batch format of ``dmad_jax.data``.
 
   Image mode (``t_length == 1``): the input and the target are ``batch["image"]``. Video mode:
   ``batch["frames"]`` stacks t_length frames on the channel axis, oldest first; the model sees
   the first t_length - 1 and predicts the last.
 
-  Config keys read: ``model`` (PDM attributes), ``loss`` (LossWeights fields), ``score``
-  (``distance``: see ``anomaly_maps``; ``kernel_size``, ``alpha``, ``reduce``: see
-  ``image_scores``), ``t_length``, ``eval.recipe`` (which official frame errors ``predict``
-  adds). Batches may carry ``template_index`` (video sources do), the background template of
-  each sample.
+  Config: ``model`` (PDM attributes), ``loss`` (LossWeights fields), ``score`` (``distance``:
+  see ``anomaly_maps``; ``kernel_size``, ``alpha``, ``reduce``: see ``image_scores``),
+  ``t_length``, ``template_init`` ("zeros", "median" of ``template_median_items`` training
+  images, "bank" of per-template estimates with ``template_method`` / ``template_max_frames``,
+  or an image file) and ``eval.recipe`` (which official frame errors ``predict`` adds). Batches
+  may carry ``template_index`` (video sources do), the background template of each sample.
   """
 
+  config_sections = {"model": PDM, "loss": LossWeights, "score": SCORE_DEFAULTS}
+  config_keys = (
+    "t_length",
+    "template_init",
+    "template_median_items",
+    "template_method",
+    "template_max_frames",
+  )
   figure_rows = ("input", "reference", "coarse", "fine")
+  pixel_map = "rec"
+  score_names = ("score", "rec", "df")
 
   def __init__(self, config):
-    self.module = PDM(**_plain(config.model))
-    self.weights = LossWeights(**_plain(config.get("loss", {})))
-    score = _plain(config.get("score", {}))
-    self.kernel_size = tuple(score.get("kernel_size", (3, 3)))
-    self.alpha = float(score.get("alpha", 1.0))
-    self.reduce = score.get("reduce", "max")
-    self.distance = score.get("distance", "dis")
+    super().__init__(config)
+    self.module = PDM(**self.section("model"))
+    self.weights = LossWeights(**self.section("loss"))
+    score = self.section("score")
+    self.kernel_size = tuple(score["kernel_size"])
+    self.alpha = float(score["alpha"])
+    self.reduce = score["reduce"]
+    self.distance = score["distance"]
     self.t_length = int(config.get("t_length", 1))
     self.recipe = config.get("eval", {}).get("recipe", "none")
 
@@ -688,14 +704,14 @@ class PDMDetector:
     total, terms = pdm_loss(out, target, self.weights)
     return total, (terms, updates["batch_stats"])
 
-  def predict(self, variables, batch):
-    """Scores (higher = more anomalous) and the pictures of the eval figure.
+  def predict(self, variables, batch) -> base.Prediction:
+    """Scores (higher = more anomalous), maps and the pictures of the eval figure.
 
     Returns:
-      dict with ``scores`` {``score`` (Eq. 14 fusion), ``rec``, ``df``, the official
-      ``dmad_ped2`` frame errors as ``ped2_*`` and, with ``eval.recipe = "dmad_shanghai"``, its
-      frame errors as ``shanghai_*``}, ``maps`` {``rec``, ``df``: (B, H, W)}, ``images``
-      {``input``, ``reference``, ``coarse``, ``fine``: (B, H, W, C)} and, for the
+      ``scores`` {``score`` (Eq. 14 fusion), ``rec``, ``df``}, ``maps`` {``rec``, ``df``:
+      (B, H, W)}, ``images`` {``input``, ``reference``, ``coarse``, ``fine``: (B, H, W, C)},
+      ``frame_errors``: the official ``dmad_ped2`` frame errors as ``ped2_*`` and, with
+      ``eval.recipe = "dmad_shanghai"``, its errors as ``shanghai_*``; and, for the
       ``dmad_avenue`` / ``dmad_shanghai`` recipes, ``host_maps`` (see :func:`host_maps`).
     """
     x, target = self.split(batch)
@@ -703,18 +719,36 @@ class PDMDetector:
     maps = anomaly_maps(out, target, self.distance)
     scores = image_scores(maps, kernel_size=self.kernel_size, alpha=self.alpha, reduce=self.reduce)
     # The prefixes are those of dmad_jax.evaluation.video.ERROR_PREFIX.
-    scores.update({f"ped2_{k}": v for k, v in frame_errors(out, target).items()})
+    errors = {f"ped2_{k}": v for k, v in frame_errors(out, target).items()}
     if self.recipe == "dmad_shanghai":
-      errors = frame_errors(out, target, "dmad_shanghai")
-      scores.update({f"shanghai_{k}": v for k, v in errors.items()})
+      errors.update({f"shanghai_{k}": v for k, v in frame_errors(out, target, self.recipe).items()})
     images = {
       "input": target,
       "reference": out["reference"],
       "coarse": out["stages"][0],
       "fine": out["stages"][-1],
     }
-    result = {"scores": scores, "maps": maps, "images": images}
-    extra = host_maps(out, target, self.recipe)
-    if extra:
-      result["host_maps"] = extra
-    return result
+    return base.Prediction(
+      scores=scores,
+      maps=maps,
+      images=images,
+      frame_errors=errors,
+      host_maps=host_maps(out, target, self.recipe),
+    )
+
+  def data_init(self):
+    """The background template's initial value from ``config.template_init`` (None: zeros)."""
+    how = self.config.get("template_init", "zeros")
+    if how in ("zeros", "", None):
+      return None
+    if how == "median":
+      return base.MedianImage(int(self.config.get("template_median_items", 2000)))
+    if how == "bank":
+      return base.TemplateBank(
+        method=self.config.get("template_method", "hist_mode"),
+        max_frames=self.config.get("template_max_frames", None),
+      )
+    return base.ImageFile(str(how))
+
+  def apply_data_init(self, params, value):
+    return set_template(params, jnp.asarray(value)) if "template" in params else params

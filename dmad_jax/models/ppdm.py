@@ -42,10 +42,8 @@ RD4AD is the same model with ``deform=False`` (no OffsetNet: x' = x) and ``vq=Fa
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
-import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -53,8 +51,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dmad_jax.models import plain as _plain
+from dmad_jax.models import base
+from dmad_jax.models import teacher as teacher_lib
 from dmad_jax.models.pdm import OffsetNet, _safe_norm
+from dmad_jax.models.teacher import STAGES, teacher_features
 from dmad_jax.nn import resnet
 from dmad_jax.nn.quantize import VectorQuantizer
 from dmad_jax.nn.rd import OCBE, OCBE_BLOCKS, ResNetDecoder
@@ -62,41 +62,13 @@ from dmad_jax.ops import filters, sampling
 
 log = logging.getLogger("dmad_jax")
 
-# The teacher stages RD / PPDM distil (layer4 is never computed).
-STAGES = ("layer1", "layer2", "layer3")
 # torch.nn.functional.cosine_similarity's eps.
 COS_EPS = 1e-8
-WEIGHTS_HELP = (
-  "ImageNet weights: download and convert as in dmad_jax/convert.py's docstring, e.g. "
-  "`dmad convert-weights wide_resnet50_2-95faca4d.pth wrn50_2.npz`, then set "
-  "model.backbone_weights=wrn50_2.npz"
-)
 
 
 # ---------------------------------------------------------------------------------------------
 # Modules.
 # ---------------------------------------------------------------------------------------------
-def make_teacher(arch: str, dtype: Any = jnp.float32) -> resnet.ResNet:
-  """The frozen teacher trunk (stages layer1-3), as a detached module.
-
-  ``parent=None`` keeps it out of any enclosing module's variables even when it is built inside
-  one: it is only ever used through ``teacher.apply(teacher_variables, x, train=False)``.
-  """
-  resnet.check_arch(arch)
-  return resnet.ResNet(arch=arch, stages=STAGES, dtype=dtype, parent=None)
-
-
-def teacher_features(
-  arch: str, variables: dict, x: jax.Array, dtype: Any = jnp.float32
-) -> dict[str, jax.Array]:
-  """Frozen-teacher features of ImageNet-normalised ``x``: {"layer1", "layer2", "layer3"}.
-
-  BatchNorm uses the running statistics (``train=False``). The variables are stop-gradient'ed
-  (they are constants of the model); gradients still flow to ``x``.
-  """
-  return make_teacher(arch, dtype).apply(jax.lax.stop_gradient(variables), x, train=False)
-
-
 class VQBottleneck(nn.Module):
   """DMAD-PPDM's OCBE with a VQ layer (the official "sp" mode).
 
@@ -405,12 +377,6 @@ def anomaly_maps(outputs: dict[str, Any], sigma: float = 4.0) -> dict[str, jax.A
   return maps
 
 
-def min_max_scale(value: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
-  """(value - lo) / (hi - lo), or value - lo when hi <= lo."""
-  width = hi - lo
-  return (value - lo) / jnp.where(width > 0, width, 1.0)
-
-
 # Calibration statistics in batch_stats["score_stats"]: image-level (max of each map) and
 # pixel-level ranges of "rec" and "df" over the training split.
 _STATS = ("rec_min", "rec_max", "df_min", "df_max", "map_rec_min", "map_rec_max")
@@ -435,11 +401,11 @@ def fuse(maps: dict[str, jax.Array], stats: dict, alpha: float) -> dict[str, dic
   if "df" not in maps:
     return {"scores": {"rec": rec_img, "score": rec_img}, "maps": {"rec": maps["rec"]}}
   df_img = jnp.max(maps["df"], axis=(1, 2))
-  score = min_max_scale(rec_img, stats["rec_min"], stats["rec_max"]) + alpha * min_max_scale(
-    df_img, stats["df_min"], stats["df_max"]
-  )
-  fused = min_max_scale(maps["rec"], stats["map_rec_min"], stats["map_rec_max"])
-  fused = fused + alpha * min_max_scale(maps["df"], stats["map_df_min"], stats["map_df_max"])
+  mm = base.min_max_scale
+  score = mm(rec_img, stats["rec_min"], stats["rec_max"])
+  score = score + alpha * mm(df_img, stats["df_min"], stats["df_max"])
+  fused = mm(maps["rec"], stats["map_rec_min"], stats["map_rec_max"])
+  fused = fused + alpha * mm(maps["df"], stats["map_df_min"], stats["map_df_max"])
   return {
     "scores": {"rec": rec_img, "df": df_img, "score": score},
     "maps": {**maps, "fused": fused},
@@ -447,65 +413,15 @@ def fuse(maps: dict[str, jax.Array], stats: dict, alpha: float) -> dict[str, dic
 
 
 # ---------------------------------------------------------------------------------------------
-# Teacher weights.
+# Detectors: what the trainer and the eval job call.
 # ---------------------------------------------------------------------------------------------
-def teacher_shapes(arch: str) -> dict:
-  """``jax.ShapeDtypeStruct`` tree of the teacher's {"params", "batch_stats"} (nothing runs)."""
-  dummy = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)  # shapes do not depend on it
-  shapes = jax.eval_shape(make_teacher(arch).init, jax.random.PRNGKey(0), dummy)
-  return {c: shapes[c] for c in ("params", "batch_stats")}
+SCORE_DEFAULTS = {"alpha": 0.05, "sigma": 4.0, "scaling": "train", "pixel_map": None}
+# Keys of config.model that choose the teacher rather than build the PPDM module.
+TEACHER_KEYS = ("backbone_weights", "random_teacher")
 
 
-def random_teacher_variables(arch: str, rng: jax.Array) -> dict:
-  """Teacher variables drawn from torchvision's initial distribution (tests only).
-
-  Convolutions N(0, 2 / fan_out) (kaiming normal, fan_out mode, ReLU gain), BatchNorm scale 1,
-  bias 0, running mean 0 and variance 1. All kernels come from ONE normal draw (sliced per
-  kernel): the same distribution as ``make_teacher(arch).init``, with a single random-number
-  kernel to compile instead of one per convolution.
-
-  Args:
-    arch: teacher arch.
-    rng: PRNG key (raw uint32 data or a typed key).
-  """
-  shapes = teacher_shapes(arch)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-  sizes = [int(np.prod(s.shape)) for path, s in flat if path[-1].key == "kernel"]
-  noise = jax.random.normal(rng, (sum(sizes),), jnp.float32)
-  leaves, offset = [], 0
-  for path, s in flat:
-    name = path[-1].key
-    if name == "kernel":
-      n = int(np.prod(s.shape))
-      fan_out = int(np.prod(s.shape[:-2])) * s.shape[-1]
-      leaves.append(noise[offset : offset + n].reshape(s.shape) * np.sqrt(2.0 / fan_out))
-      offset += n
-    elif name in ("scale", "var"):
-      leaves.append(jnp.ones(s.shape, s.dtype))
-    else:  # BatchNorm bias and running mean
-      leaves.append(jnp.zeros(s.shape, s.dtype))
-  return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
-def _read_teacher(path: str, arch: str, shapes) -> dict:
-  """Host side of the teacher loading: the converted weights as float32 numpy arrays."""
-  from dmad_jax import convert
-
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"model.backbone_weights: no file at {path!r}. {WEIGHTS_HELP}")
-  _, variables = convert.load_backbone(path, arch, STAGES)
-  variables = {c: variables[c] for c in ("params", "batch_stats")}
-  want = jax.tree.map(lambda s: tuple(s.shape), shapes)
-  got = jax.tree.map(lambda a: tuple(a.shape), variables)
-  if want != got:
-    raise ValueError(f"model.backbone_weights {path!r} does not hold {arch} stages {STAGES}")
-  return jax.tree.map(lambda a: np.asarray(a, np.float32), variables)
-
-
-# ---------------------------------------------------------------------------------------------
-# Detector: what the trainer and the eval job call.
-# ---------------------------------------------------------------------------------------------
-class PPDMDetector:
+@base.register("ppdm")
+class PPDMDetector(base.Detector):
   """Binds PPDM / RD, the frozen teacher, the loss and the scores to ``dmad_jax.data`` batches.
 
   Variables: ``params`` = the trained parts (``offset_net``, ``bottleneck``, ``decoder``);
@@ -516,70 +432,54 @@ class PPDMDetector:
   Batches: ``batch["image"]`` (B, S, S, 3 or 1) in [-1, 1] (1 channel is repeated), mapped to
   torchvision's ImageNet normalisation (``resnet.imagenet_normalize``) before anything else.
 
-  Config keys read: ``model`` (:class:`PPDM` attributes plus ``backbone_weights``, the converted
-  teacher file, and ``random_teacher``, True to use torchvision's random init instead: tests
-  only), ``loss`` (:class:`LossWeights`), ``score`` (``alpha`` 0.05, ``sigma`` 4, ``scaling``
-  "train" | "none", ``pixel_map`` "fused" | "rec" | "df").
+  Config: ``model`` (:class:`PPDM` attributes plus ``backbone_weights``, the converted teacher
+  file, and ``random_teacher``, True to use torchvision's random init instead: tests only),
+  ``loss`` (:class:`LossWeights`), ``score`` (``alpha`` 0.05, ``sigma`` 4, ``scaling`` "train" |
+  "none", ``pixel_map`` "fused" | "rec" | "df").
   """
 
-  def __init__(self, config, *, model_name: str = "ppdm"):
-    model = _plain(config.model)
-    self.weights_path = str(model.pop("backbone_weights", "") or "")
-    self.random_teacher = bool(model.pop("random_teacher", False))
-    if model_name == "rd":
-      for key in ("deform", "vq"):
-        if model.get(key, False):
-          raise ValueError(
-            f"model_name 'rd' is PPDM with deform=False and vq=False, but config.model.{key} is "
-            "True; use model_name='ppdm' for the deformation or the VQ bottleneck"
-          )
-        model[key] = False
+  config_sections = {"model": PPDM, "loss": LossWeights, "score": SCORE_DEFAULTS}
+  # Model switches a subclass fixes (RD: no deformation, no VQ).
+  fixed_model: dict[str, bool] = {}
+
+  def __init__(self, config):
+    super().__init__(config)
+    model = self.section("model", extra=TEACHER_KEYS)
+    for key, value in self.fixed_model.items():
+      if model.get(key, value) != value:
+        raise base.schema.ConfigError(
+          f"model_name {self.name!r} is PPDM with {key}={value}, but config.model.{key} is "
+          f"{model[key]}; use model_name='ppdm' for the deformation or the VQ bottleneck"
+        )
+      model[key] = value
+    self.teacher = teacher_lib.Teacher(
+      arch=model.get("arch", PPDM.arch),
+      weights=str(model.pop("backbone_weights", "") or ""),
+      random=bool(model.pop("random_teacher", False)),
+      owner=self.name,
+    )
     self.module = PPDM(**model)
     self.arch = self.module.arch
     self.deform = bool(self.module.deform)
-    self.weights = LossWeights(**_plain(config.get("loss", {})))
-    score = _plain(config.get("score", {}))
-    self.alpha = float(score.pop("alpha", 0.05))
-    self.sigma = float(score.pop("sigma", 4.0))
-    self.scaling = score.pop("scaling", "train")
-    self.pixel_map = score.pop("pixel_map", "fused" if self.deform else "rec")
-    if score:
-      raise ValueError(
-        f"config.score has unknown keys {sorted(score)} for model {model_name!r} "
-        "(alpha, sigma, scaling, pixel_map)"
-      )
+    self.weights = LossWeights(**self.section("loss"))
+    score = self.section("score")
+    self.alpha, self.sigma = float(score["alpha"]), float(score["sigma"])
+    self.scaling = score["scaling"]
+    self.pixel_map = score["pixel_map"] or ("fused" if self.deform else "rec")
     if self.scaling not in SCALINGS:
-      raise ValueError(f"config.score.scaling must be one of {SCALINGS}, got {self.scaling!r}")
+      raise base.schema.ConfigError(
+        f"config.score.scaling must be one of {SCALINGS}, got {self.scaling!r}"
+      )
     known = ("rec", "df", "fused") if self.deform else ("rec",)
     if self.pixel_map not in known:
-      raise ValueError(
+      raise base.schema.ConfigError(
         f"config.score.pixel_map {self.pixel_map!r} is not a map of this model (one of {known})"
       )
-    if self.random_teacher and self.weights_path:
-      raise ValueError(
-        "config.model.random_teacher=True and config.model.backbone_weights="
-        f"{self.weights_path!r} contradict each other: set one of them"
-      )
-    if self.random_teacher:
-      log.warning(
-        "%s: the frozen %s teacher has RANDOM weights (model.random_teacher=True); scores are "
-        "meaningless. %s",
-        model_name,
-        self.arch,
-        WEIGHTS_HELP,
-      )
-    elif not self.weights_path:
-      raise ValueError(
-        f"{model_name} needs a pretrained teacher: set config.model.backbone_weights. "
-        f"{WEIGHTS_HELP}. (model.random_teacher=True allows random weights, for tests only.)"
-      )
-    elif not os.path.isfile(self.weights_path):
-      # Evaluation restores the teacher from the checkpoint, so only training needs the file.
-      log.warning(
-        "model.backbone_weights %r does not exist: training cannot start", self.weights_path
-      )
     self.figure_rows = ("input", "warped", "cycle") if self.deform else ("input",)
-    self._minmax = None
+
+  @property
+  def score_names(self):
+    return ("score", "rec", "df") if self.deform else ("score", "rec")
 
   # -- variables ---------------------------------------------------------------------------
   def prepare(self, images: jax.Array) -> jax.Array:
@@ -589,21 +489,10 @@ class PPDMDetector:
       x = jnp.repeat(x, 3, axis=-1)
     return resnet.imagenet_normalize(x)
 
-  def teacher_variables(self, rng) -> dict:
-    """The teacher's {"params", "batch_stats"}: read from ``model.backbone_weights`` (on the host,
-    through a callback, so that a jitted init neither embeds them as constants nor reads the file
-    when only shapes are traced), or a draw from torchvision's initial distribution
-    (``random_teacher_variables``) with ``model.random_teacher``."""
-    if self.random_teacher:
-      return random_teacher_variables(self.arch, rng)
-    shapes = teacher_shapes(self.arch)
-    read = functools.partial(_read_teacher, self.weights_path, self.arch, shapes)
-    return jax.pure_callback(read, shapes)
-
   def init(self, rng, batch):
     """Variables ({"params", "batch_stats"}) for a batch of the training format."""
     t_rng, s_rng = jax.random.split(rng)
-    teacher = self.teacher_variables(t_rng)
+    teacher = self.teacher.variables(t_rng)
     x = self.prepare(batch["image"])
     v = self.module.init(s_rng, x, teacher, train=False)
     return {
@@ -611,7 +500,7 @@ class PPDMDetector:
       "batch_stats": {
         "model": v.get("batch_stats", {}),
         "teacher": teacher,
-        "score_stats": _identity_stats(),
+        base.STATISTICS: _identity_stats(),
       },
     }
 
@@ -646,75 +535,56 @@ class PPDMDetector:
       train=False,
     )
 
-  def _stats(self, variables):
-    if self.scaling == "none":
-      return _identity_stats()
-    return variables["batch_stats"]["score_stats"]
+  @property
+  def fits_statistics(self) -> bool:
+    return self.deform and self.scaling != "none"
 
-  def calibrate(self, variables, batches: Iterable[dict]) -> dict:
-    """New ``batch_stats`` whose ``score_stats`` hold the min and max, over ``batches`` (the
-    training split; a boolean "_mask" entry marks padding rows), of the image scores and of the
-    map pixels of "rec" and "df". Without deformation or with ``score.scaling="none"`` nothing
-    is read and nothing changes."""
-    if self.scaling == "none" or not self.deform:
-      return variables["batch_stats"]
-    if self._minmax is None:
-
-      def minmax(variables, images, mask):
-        maps = anomaly_maps(self.outputs(variables, images), self.sigma)
-        rows = []
-        for key in ("rec", "df"):
-          img = jnp.max(maps[key], axis=(1, 2))
-          lo = jnp.min(maps[key], axis=(1, 2))
-          rows += [
-            jnp.min(jnp.where(mask, img, jnp.inf)),
-            jnp.max(jnp.where(mask, img, -jnp.inf)),
-            jnp.min(jnp.where(mask, lo, jnp.inf)),
-          ]
-        return jnp.stack(rows)
-
-      self._minmax = jax.jit(minmax)
-    acc = {k: [] for k in ("rec", "df")}
-    for batch in batches:
-      mask = batch.get("_mask", jnp.ones(batch["image"].shape[0], bool))
-      m = np.asarray(jax.device_get(self._minmax(variables, batch["image"], mask)), np.float64)
-      acc["rec"].append(m[:3])
-      acc["df"].append(m[3:])
-    if not acc["rec"]:
-      raise ValueError("calibrate: no training batches to compute the score ranges from")
-    stats = {}
+  def statistics(self, variables, batch):
+    """Per image: the maxima of the "rec" and "df" maps (their extrema over the training split
+    scale the fused score) and the minima of the maps (the low end of the fused map's pixel
+    scale; its high end is the largest image maximum). Without deformation or with
+    ``score.scaling="none"``: None."""
+    if not self.fits_statistics:
+      return None
+    maps = anomaly_maps(self.outputs(variables, batch["image"]), self.sigma)
+    rows = {}
     for key in ("rec", "df"):
-      a = np.stack(acc[key])
-      img_lo, img_hi, px_lo = a[:, 0].min(), a[:, 1].max(), a[:, 2].min()
-      if not np.all(np.isfinite([img_lo, img_hi, px_lo])):
-        raise ValueError(f"calibrate: non-finite {key} scores on the training split")
-      stats.update(
+      top = jnp.max(maps[key], axis=(1, 2))
+      rows.update(
         {
-          f"{key}_min": img_lo,
-          f"{key}_max": img_hi,
-          f"map_{key}_min": px_lo,
-          f"map_{key}_max": img_hi,  # the largest pixel is the largest image maximum
+          f"{key}_min": top,
+          f"{key}_max": top,
+          f"map_{key}_min": jnp.min(maps[key], axis=(1, 2)),
+          f"map_{key}_max": top,
         }
       )
-    stats = {k: jnp.asarray(v, jnp.float32) for k, v in stats.items()}
-    stats["calibrated"] = jnp.ones((), jnp.float32)
-    return {**variables["batch_stats"], "score_stats": stats}
+    return rows
 
-  def predict(self, variables, batch):
+  def predict(self, variables, batch) -> base.Prediction:
     """Scores (higher = more anomalous), maps and the pictures of the eval figure.
 
     Returns:
-      dict with ``scores`` {``score`` (fused, Eq. 22), ``rec`` (max of the cosine map) and, with
+      ``scores`` {``score`` (fused, Eq. 22), ``rec`` (max of the cosine map) and, with
       deformation, ``df`` (max of the deformation map)}, ``maps`` {``rec``, and ``df``,
       ``fused`` (Eq. 23) with deformation: (B, S, S)} and ``images`` {``input`` and, with
       deformation, ``warped`` (the teacher's input), ``cycle`` (warped back)} in [-1, 1].
     """
     out = self.outputs(variables, batch["image"])
-    result = fuse(anomaly_maps(out, self.sigma), self._stats(variables), self.alpha)
-    result["images"] = {"input": _display(out["input"])}
+    stats = variables["batch_stats"][base.STATISTICS]
+    if self.scaling == "none":
+      stats = _identity_stats()
+    fused = fuse(anomaly_maps(out, self.sigma), stats, self.alpha)
+    images = {"input": _display(out["input"])}
     if self.deform:
-      result["images"].update(warped=_display(out["warped"]), cycle=_display(out["cycle"]))
-    return result
+      images.update(warped=_display(out["warped"]), cycle=_display(out["cycle"]))
+    return base.Prediction(scores=fused["scores"], maps=fused["maps"], images=images)
+
+
+@base.register("rd")
+class RDDetector(PPDMDetector):
+  """Reverse distillation (RD4AD): PPDM without the deformation and with RD's OCBE (no VQ)."""
+
+  fixed_model = {"deform": False, "vq": False}
 
 
 def _display(x: jax.Array) -> jax.Array:

@@ -52,7 +52,19 @@ def conv_general_dilated(
   pads = _kernel_case(*args, *rest)
   if pads is None:
     return lax.conv_general_dilated(*args, *rest)
-  return _conv(lhs, rhs, tuple(int(s) for s in window_strides), pads, precision)
+  strides = tuple(int(s) for s in window_strides)
+
+  def plain(x, w):
+    return lax.conv_general_dilated(
+      x, w, strides, pads, dimension_numbers=_NHWC, precision=precision
+    )
+
+  def cpu(x, w):
+    if not cpu_kernels.available():
+      return plain(x, w)
+    return _conv(x, w, strides, pads, precision)
+
+  return cpu_kernels.by_platform(cpu, plain, lhs, rhs)
 
 
 def _kernel_case(lhs, rhs, strides, padding, lhs_dil, rhs_dil, dn, groups, batch_groups, _,
@@ -73,8 +85,6 @@ def _kernel_case(lhs, rhs, strides, padding, lhs_dil, rhs_dil, dn, groups, batch
     pads = padding
   pads = tuple((int(lo), int(hi)) for lo, hi in pads)
   if any(p < 0 for pair in pads for p in pair):
-    return None
-  if not cpu_kernels.available():
     return None
   return pads
 
@@ -99,12 +109,8 @@ def _conv_bwd(strides, pads, precision, residuals, g):
   dx = _input_grad(x.shape, w, strides, pads, precision, g)
   if dx is None:
     dx = jax.vjp(lambda x: conv(x, w), x)[1](g)[0]
-  dw = jax.lax.platform_dependent(
-    x,
-    g,
-    cpu=functools.partial(_kernel_weight_grad, w.shape, strides, pads),
-    default=lambda x, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0],
-  )
+  # _conv only runs in the CPU branch of conv_general_dilated, with the kernels built.
+  dw = _kernel_weight_grad(w.shape, strides, pads, x, g)
   return dx, dw
 
 
@@ -204,9 +210,21 @@ def lhs_dilated_conv(x, w, dilation: Sequence[int], pads, precision=None):
 def conv_transpose(x, kernel, strides: Sequence[int], pads, precision=None):
   """``lax.conv_transpose(x, kernel, strides, pads, transpose_kernel=True)`` (Flax's
   ``ConvTranspose(transpose_kernel=True)``, torch's ``ConvTranspose2d``) for NHWC ``x`` and a
-  kernel of shape ``(kh, kw, out_features, in_features)``, by ``lhs_dilated_conv``."""
-  w = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
-  return lhs_dilated_conv(x, w, strides, pads, precision)
+  kernel of shape ``(kh, kw, out_features, in_features)``: on CPU by ``lhs_dilated_conv`` (one
+  stride-1 convolution per output phase), elsewhere by ``lax.conv_transpose`` itself."""
+  strides = tuple(int(s) for s in strides)
+  pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+
+  def phases(x, kernel):
+    w = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
+    return lhs_dilated_conv(x, w, strides, pads, precision)
+
+  def plain(x, kernel):
+    return lax.conv_transpose(
+      x, kernel, strides, pads, dimension_numbers=_NHWC, transpose_kernel=True, precision=precision
+    )
+
+  return cpu_kernels.by_platform(phases, plain, x, kernel)
 
 
 def _input_grad(x_shape, w, strides, pads, precision, g):

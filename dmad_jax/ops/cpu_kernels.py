@@ -17,10 +17,17 @@ each compiles into a temporary file and renames it into place.
 
 Without a compiler, or with ``DMAD_JAX_CPU_KERNELS=0``, ``available()`` is False and the ops use
 their pure-XLA formulation (same results to float32 rounding); the reason is logged once.
+
+What a GPU or TPU runs never depends on any of this: the ops choose their CPU formulations with
+:func:`by_platform`, so a program lowered for an accelerator holds only the plain ``lax``
+formulation, and a process whose default backend is an accelerator never traces the CPU
+formulations nor builds the kernels.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import functools
 import hashlib
@@ -39,7 +46,14 @@ from jax.custom_batching import custom_vmap
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
-__all__ = ["available", "batch_parallel", "build", "unavailable_reason"]
+__all__ = [
+  "available",
+  "batch_parallel",
+  "build",
+  "by_platform",
+  "lowering_for",
+  "unavailable_reason",
+]
 
 _SOURCES = ("grid_sample.cc", "conv_weight_grad.cc")
 _HEADERS = ("parallel.h",)
@@ -153,6 +167,45 @@ def _load() -> str | None:
     logging.warning("dmad_jax CPU kernels unavailable, using XLA formulations: %s", reason)
   _state["reason"] = reason
   return reason
+
+
+# The platforms the program being traced is lowered for, when the tracer knows (see lowering_for).
+_LOWERING_FOR: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
+  "dmad_jax_lowering_for", default=None
+)
+
+
+@contextlib.contextmanager
+def lowering_for(platforms):
+  """Within the block, programs are traced for ``platforms`` only (e.g. ``("cuda", "tpu")``):
+  :func:`by_platform` traces just the formulations those platforms run. Use it around
+  ``jax.export`` of a fresh ``jax.jit`` (``dmad_jax.train.export_train_step`` does)."""
+  token = _LOWERING_FOR.set(tuple(platforms))
+  try:
+    yield
+  finally:
+    _LOWERING_FOR.reset(token)
+
+
+def by_platform(cpu, default, *args):
+  """``cpu(*args)`` where the computation is lowered for the CPU, ``default(*args)`` elsewhere.
+
+  Inside :func:`lowering_for`, the choice follows its platforms: only ``default`` is traced when
+  they exclude the CPU, so the program is exactly the one an accelerator host traces (the CPU
+  formulation, its residuals for the backward pass included, never enters it). Otherwise, in a
+  process whose default backend is not the CPU (a GPU or TPU host), ``cpu`` is not traced at all:
+  nothing is compiled and the program is ``default``'s; on a CPU host both are traced into a
+  ``lax.platform_dependent``, which keeps the branch of the platform the program is lowered for.
+  """
+  platforms = _LOWERING_FOR.get()
+  if platforms is None and jax.default_backend() != "cpu":
+    return default(*args)
+  if platforms is not None:
+    if "cpu" not in platforms:
+      return default(*args)
+    if set(platforms) == {"cpu"}:
+      return cpu(*args)
+  return jax.lax.platform_dependent(*args, cpu=cpu, default=default)
 
 
 def available() -> bool:

@@ -171,15 +171,16 @@ def _corners(x_shape, grid, mode, padding_mode, align_corners):
 
 
 def _formulation(cpu_kernel, xla, options, *arrays):
-  """``cpu_kernel(*options, *arrays)`` when compiled for CPU with float32 arrays and the kernels
-  built, else ``xla(*options, *arrays)``."""
-  if all(a.dtype == jnp.float32 for a in arrays) and cpu_kernels.available():
-    return jax.lax.platform_dependent(
-      *arrays,
-      cpu=functools.partial(cpu_kernel, *options),
-      default=functools.partial(xla, *options),
-    )
-  return xla(*options, *arrays)
+  """``cpu_kernel(*options, *arrays)`` when lowered for CPU with float32 arrays and the kernels
+  built, else ``xla(*options, *arrays)`` (see ``cpu_kernels.by_platform``)."""
+  xla = functools.partial(xla, *options)
+
+  def cpu(*arrays):
+    if all(a.dtype == jnp.float32 for a in arrays) and cpu_kernels.available():
+      return cpu_kernel(*options, *arrays)
+    return xla(*arrays)
+
+  return cpu_kernels.by_platform(cpu, xla, *arrays)
 
 
 def _sample_fwd(x, grid, mode, padding_mode, align_corners):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 
 import grain
 import jax
@@ -28,15 +27,12 @@ from etils import epath
 STATE = "state"
 DATA = "data"
 
-# Test hook (tests/train/reliability_test.py): with this variable set to a step number, the
-# process SIGKILLs itself while saving that step, after every file is written into the temporary
-# directory and before it is renamed: the worst moment for a crash.
-CRASH_ENV = "DMAD_TEST_CRASH_IN_CHECKPOINT_STEP"
-
 # Config entries that decide the shapes and structure of the saved state; a checkpoint that does
 # not fit is reported with the differences in these entries.
 _MODEL_KEYS = ("model_name", "model", "t_length", "optimizer", "data.image_size", "data.channels")
 _MAX_LISTED = 8
+# The state entries inference restores (a partial restore of the saved train state).
+_VARIABLES = ("params", "batch_stats")
 
 
 # Replica-parallel saving splits a replicated array into one slice per replica, so that every
@@ -59,16 +55,6 @@ class CheckpointMismatchError(ValueError):
   """A checkpoint does not fit the model of the config (another model, other sizes)."""
 
 
-class _CrashBeforeCommit(ocp.path.atomicity.AtomicRenameTemporaryPath):
-  """Atomic-rename temporary path that SIGKILLs the process before committing step
-  ``$DMAD_TEST_CRASH_IN_CHECKPOINT_STEP`` (test hook, see ``CRASH_ENV``)."""
-
-  async def finalize(self):
-    if self.get_final().name == os.environ.get(CRASH_ENV):
-      os.kill(os.getpid(), signal.SIGKILL)
-    return await super().finalize()
-
-
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
@@ -84,9 +70,25 @@ def manager(workdir: str, *, max_to_keep: int | None = 3, read_only: bool = Fals
     create=not read_only,
     read_only=read_only,
     cleanup_tmp_directories=not read_only,
-    temporary_path_class=_CrashBeforeCommit if os.environ.get(CRASH_ENV) else None,
   )
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=(STATE, DATA))
+
+
+def latest_step(workdir: str, step: int | None = None) -> int:
+  """``step`` (checked to exist) or the latest checkpoint step of ``workdir``.
+
+  Raises:
+    FileNotFoundError: when ``workdir`` has no checkpoint, or not ``step``.
+  """
+  steps = manager(workdir, read_only=True).all_steps()
+  where = checkpoint_dir(workdir)
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint in {where}: train first (dmad train ... --workdir)")
+  if step is None:
+    return max(steps)
+  if int(step) not in steps:
+    raise FileNotFoundError(f"no checkpoint for step {step} in {where} (have {sorted(steps)})")
+  return int(step)
 
 
 def save(mngr, step: int, state, data_iter=None) -> None:
@@ -135,9 +137,12 @@ def _saved_shapes(step_dir: str) -> dict[str, tuple[int, ...]] | None:
   return {_path_name(p): tuple(int(d) for d in leaf.shape) for p, leaf in leaves}
 
 
-def shape_differences(saved: dict, wanted: dict) -> list[str]:
+def shape_differences(saved: dict, wanted: dict, *, subset: bool = False) -> list[str]:
   """Human-readable differences between two ``{path: shape}`` maps (checkpoint vs config),
-  parameters first and optimizer state (which mirrors the parameters) last."""
+  parameters first and optimizer state (which mirrors the parameters) last. With ``subset``,
+  entries only in the checkpoint are expected (a partial restore) and not listed."""
+  if subset:
+    saved = {k: v for k, v in saved.items() if k in wanted or k.split("/")[0] in _VARIABLES}
   out = [
     f"{k}: checkpoint {saved[k]}, this config {wanted[k]}"
     for k in sorted(saved.keys() & wanted.keys())
@@ -229,6 +234,19 @@ def check_process_count(step_dir: str, process_count: int) -> None:
     )
 
 
+def _placed(abstract_tree):
+  """``abstract_tree`` with every leaf that has no sharding placed on this process's first
+  device, whatever topology (device count, process count) wrote the checkpoint."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+  def place(a):
+    if isinstance(a, jax.ShapeDtypeStruct) and a.sharding is None:
+      return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device)
+    return a
+
+  return jax.tree.map(place, abstract_tree)
+
+
 def restore(mngr, step: int, abstract_state, data_iter=None, *, config=None):
   """Restores ``step`` into the structure of ``abstract_state`` (and ``data_iter`` in place).
 
@@ -258,16 +276,7 @@ def restore(mngr, step: int, abstract_state, data_iter=None, *, config=None):
     if lines:
       config_lines = [] if config is None else config_differences(config_path, config)
       raise CheckpointMismatchError(_mismatch_message(step_dir, lines, config_lines))
-  # Leaves without a sharding go to this process's first device, whatever topology (device
-  # count, process count) wrote the checkpoint.
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-
-  def place(a):
-    if isinstance(a, jax.ShapeDtypeStruct) and a.sharding is None:
-      return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device)
-    return a
-
-  abstract_state = jax.tree.map(place, abstract_state)
+  abstract_state = _placed(abstract_state)
   items = {STATE: ocp.args.StandardRestore(abstract_state)}
   if data_iter is not None:
     check_process_count(step_dir, jax.process_count())
@@ -283,3 +292,44 @@ def restore(mngr, step: int, abstract_state, data_iter=None, *, config=None):
 def abstract(tree):
   """Shape/dtype structure of a pytree, for restoring without allocating twice."""
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def restore_subset(workdir: str, step: int, abstract_subset, *, config=None):
+  """Restores only the entries of ``abstract_subset`` (e.g. ``{"params", "batch_stats"}``) of
+  the train state saved at ``step`` of ``workdir``: the rest (optimizer state, data position)
+  is not read. Leaves are placed in the shardings ``abstract_subset`` carries.
+
+  Raises:
+    FileNotFoundError: when ``workdir`` has no checkpoint of ``step``.
+    CheckpointMismatchError: when the checkpoint does not fit (see :func:`restore`).
+  """
+  directory = checkpoint_dir(workdir)
+  step_dir = os.path.join(directory, str(int(step)))
+  if not os.path.isdir(step_dir):
+    raise FileNotFoundError(f"no checkpoint for step {step} in {directory}")
+  config_path = os.path.join(os.path.abspath(workdir), "config.json")
+  saved = _saved_shapes(step_dir)
+  if saved is not None:
+    lines = shape_differences(saved, _shapes(abstract_subset), subset=True)
+    if lines:
+      config_lines = [] if config is None else config_differences(config_path, config)
+      raise CheckpointMismatchError(_mismatch_message(step_dir, lines, config_lines))
+  mngr = ocp.CheckpointManager(
+    directory,
+    options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+    item_handlers={STATE: ocp.PyTreeCheckpointHandler()},
+  )
+  target = _placed(abstract_subset)
+  args = ocp.args.PyTreeRestore(
+    item=target,
+    restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+    partial_restore=True,
+  )
+  try:
+    restored = mngr.restore(int(step), args=ocp.args.Composite(**{STATE: args}))
+  except (ValueError, KeyError, TypeError) as e:
+    config_lines = [] if config is None else config_differences(config_path, config)
+    raise CheckpointMismatchError(_mismatch_message(step_dir, [str(e)], config_lines)) from e
+  finally:
+    mngr.close()
+  return restored[STATE]

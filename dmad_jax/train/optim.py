@@ -8,6 +8,22 @@ from typing import Any
 import jax
 import optax
 
+from dmad_jax.configs import schema
+
+# The keys of an optimizer section (config.optimizer, or a parameter group's own section).
+OPTIMIZER_KEYS = (
+  "name",
+  "lr",
+  "b1",
+  "b2",
+  "eps",
+  "weight_decay",
+  "schedule",
+  "warmup_steps",
+  "lr_multipliers",
+  "grad_clip_norm",
+)
+
 
 def learning_rate_schedule(cfg, total_steps: int) -> optax.Schedule:
   """Base learning-rate schedule.
@@ -47,13 +63,17 @@ def param_groups(params, multipliers: dict[str, float]) -> Any:
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def make_optimizer(cfg, total_steps: int, params) -> optax.GradientTransformation:
+def make_optimizer(
+  cfg, total_steps: int, params, *, where: str = "optimizer"
+) -> optax.GradientTransformation:
   """AdamW (torch semantics: decoupled weight decay on every parameter, as DMAD's code does).
 
   Config keys: ``name`` ("adamw" or "adam"), ``lr``, ``b1``, ``b2``, ``eps``, ``weight_decay``,
   ``schedule``, ``warmup_steps``, ``lr_multipliers`` ({path regex: multiplier}, e.g.
   ``{"template": 50.0}`` for DMAD's background template) and ``grad_clip_norm`` (0 = off).
+  ``where`` names the section in messages (``config.<where>``).
   """
+  schema.check_keys(f"config.{where}", cfg.keys(), OPTIMIZER_KEYS)
 
   def build(mult: float):
     base = learning_rate_schedule(cfg, total_steps)

@@ -2,35 +2,46 @@
 
 A typo or an impossible value should fail in the first second with a message naming the key,
 the value and what would be accepted, not after the data validation pass or hours into a run.
-Checked here: the loop's integers (batch size, step counts, seed), ``nonfinite``,
-``param_dtype`` (float64 needs 64-bit JAX), sizes that
-must agree between ``config.data`` and ``config.model``, and unknown keys in the config
-sections a detector turns into constructor arguments (``config.model``, ``config.loss``, ...).
+Checked here: the top-level keys (those of the trainer, of the eval job and of the detector,
+with the closest known one on a typo), the loop's integers (batch size, seed), the durations,
+``nonfinite``, ``param_dtype`` (float64 needs 64-bit JAX) and the sizes that must agree between
+``config.data`` and ``config.model``.
 
-Checked elsewhere, as early as the information exists: unknown ``config.data`` keys
-(:func:`dmad_jax.data.get_sources`), unreadable files (the sources' validation pass), a batch
-size not divisible by the device count (:func:`dmad_jax.train.sharding.check_batch_size`),
-model-specific sizes such as PDM's ``image_size`` divisibility (the model's ``setup``, run by
-``jax.eval_shape`` before compiling) and a checkpoint of another model
+Checked elsewhere, in the same way (:func:`dmad_jax.configs.schema.section`) and as early as the
+information exists: the detector's sections (building the detector), ``config.data``
+(:func:`dmad_jax.data.get_source`), ``config.optimizer`` (:mod:`dmad_jax.train.optim`),
+unreadable files (the sources' validation pass), a batch size not divisible by the device count
+(:func:`dmad_jax.train.sharding.check_batch_size`), model-specific sizes (the model's ``setup``,
+run by ``jax.eval_shape`` before compiling) and a checkpoint of another model
 (:func:`dmad_jax.train.checkpoint.restore`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import logging
-import re
-import sys
+from dmad_jax.configs.schema import ConfigError, check_keys
+from dmad_jax.train import durations
 
 NONFINITE_MODES = ("stop", "skip")
 PARAM_DTYPES = ("float32", "float64")
+# The top-level keys the trainer and the eval job read; a detector adds its own.
+TRAINER_KEYS = (
+  "seed",
+  "param_dtype",
+  "model_name",
+  "data",
+  "optimizer",
+  "batch_size",
+  *(f"{name}_{unit}" for name in durations.DURATIONS for unit in ("steps", "epochs")),
+  "keep_checkpoints",
+  "nonfinite",
+  "mesh",
+  "fsdp_min_size",
+  "eval_at_end",
+  "eval",
+  "calibration",
+)
 
-_UNEXPECTED = re.compile(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'")
-
-
-class ConfigError(ValueError):
-  """A config that cannot work: unknown keys or impossible values."""
+__all__ = ["ConfigError", "check_config"]
 
 
 def _int_at_least(config, key: str, low: int, problems: list[str], *, optional=False) -> None:
@@ -41,78 +52,33 @@ def _int_at_least(config, key: str, low: int, problems: list[str], *, optional=F
     problems.append(f"config.{key} must be an int >= {low}, got {value!r}")
 
 
-def _known_fields(class_name: str) -> list[str] | None:
-  """Constructor fields of the dataclass (Flax module, weights record) called ``class_name`` in
-  an imported ``dmad_jax.models`` module; None when there is none."""
-  for name, module in list(sys.modules.items()):
-    if not name.startswith("dmad_jax.models"):
-      continue
-    cls = getattr(module, class_name, None)
-    if isinstance(cls, type) and dataclasses.is_dataclass(cls):
-      return sorted(
-        f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("parent", "name")
-      )
-  return None
-
-
-def _sections_with(config, key: str) -> list[str]:
-  return [
-    name
-    for name, value in config.items()
-    if hasattr(value, "keys") and not isinstance(value, str) and key in value.keys()
-  ]
-
-
-def _check_detector(config) -> None:
-  """Builds the detector once (no arrays) and turns a constructor TypeError into a message."""
-  from dmad_jax.models import get_detector
-
-  # The trainer builds the detector again right after: its warnings (e.g. "random teacher
-  # weights") are left to that second build so that they appear once.
-  package_log = logging.getLogger("dmad_jax")
-  level = package_log.level
-  package_log.setLevel(logging.ERROR)
-  try:
-    get_detector(config)
-  except TypeError as err:
-    match = _UNEXPECTED.search(str(err))
-    if not match:
-      raise ConfigError(f"config does not fit model_name {config.model_name!r}: {err}") from err
-    class_name, key = match.groups()
-    sections = _sections_with(config, key)
-    where = " / ".join(f"config.{s}" for s in sections) or "the config"
-    known = _known_fields(class_name)
-    msg = f"{where} has an unknown key {key!r} for model {config.model_name!r}"
-    if known:
-      close = difflib.get_close_matches(key, known, n=1)
-      if close:
-        msg += f" (did you mean {close[0]!r}?)"
-      msg += f"; {class_name} accepts: {', '.join(known)}"
-    raise ConfigError(msg) from err
-  finally:
-    package_log.setLevel(level)
-
-
 def _x64_enabled() -> bool:
   import jax
 
   return bool(jax.config.jax_enable_x64)
 
 
-def check_config(config) -> None:
+def check_config(config, detector) -> None:
   """Raises a :class:`ConfigError` listing every problem found in ``config``.
 
   Args:
     config: a training config (see ``configs/``).
+    detector: the detector built from it (its sections are checked when it is built).
 
   Raises:
-    ConfigError: for impossible values (a batch size < 1, a seed outside ``[0, 2**32)``,
-      ``config.data.image_size`` != ``config.model.image_size``, ...) or unknown keys in the
-      model's config sections; the message names each key and value.
+    ConfigError: for an unknown top-level key (with the closest known one) or impossible values
+      (a batch size < 1, a seed outside ``[0, 2**32)``, both ``total_steps`` and
+      ``total_epochs``, ``config.data.image_size`` != ``config.model.image_size``, ...); the
+      message names each key and value.
   """
+  check_keys(
+    "config",
+    config.keys(),
+    (*TRAINER_KEYS, *detector.config_sections, *detector.config_keys),
+  )
   problems: list[str] = []
-  for key in ("batch_size", "total_steps", "log_every_steps", "checkpoint_every_steps"):
-    _int_at_least(config, key, 1, problems)
+  _int_at_least(config, "batch_size", 1, problems)
+  problems += durations.check(config)
   _int_at_least(config, "keep_checkpoints", 1, problems, optional=True)
   seed = config.get("seed", None)
   if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
@@ -150,4 +116,3 @@ def check_config(config) -> None:
       )
   if problems:
     raise ConfigError("invalid config: " + "; ".join(problems))
-  _check_detector(config)

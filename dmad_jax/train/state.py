@@ -1,14 +1,28 @@
-"""TrainState and its construction, shared by the trainer and the eval job."""
+"""Building and restoring a detector's state: the one module both jobs use.
+
+* Training: :func:`create` makes the state of step 0 (parameters, BatchNorm statistics, the
+  optimizer of every parameter group, the run's PRNG key); :func:`abstract` is its shape, from
+  which the shardings are derived, so the state is created (or restored) directly in them.
+* Inference (the eval job, calibration, ``dmad predict``): :func:`restore_variables` restores
+  only ``{"params", "batch_stats"}`` of a checkpoint step, never the optimizer state.
+
+Shapes come from the data source's ``element_spec``: nothing is read to build a state.
+"""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.training import train_state
+
+from dmad_jax.train import checkpoint, optim, sharding
 
 
 class TrainState(train_state.TrainState):
@@ -43,27 +57,8 @@ def cast_floating(tree, dtype):
   return jax.tree.map(cast, tree)
 
 
-def create_train_state(
-  detector, tx: optax.GradientTransformation, init_rng, rng, batch, *, param_dtype=None
-):
-  """Initialises the detector on ``batch`` and wraps it with the optimizer.
-
-  ``param_dtype`` (e.g. "float64") casts the floating parameters and BatchNorm statistics
-  before the optimizer state is made from them; Flax layers with ``dtype=None`` then compute in
-  that precision too (numerics checks; the default keeps the layers' own float32).
-  """
-  variables = cast_floating(detector.init(init_rng, batch), param_dtype)
-  return TrainState.create(
-    apply_fn=None,
-    params=variables["params"],
-    tx=tx,
-    batch_stats=variables.get("batch_stats", {}),
-    rng=rng,
-  )
-
-
-def variables_of(state: TrainState) -> dict:
-  """The model variables ({"params", "batch_stats"}) of a state."""
+def variables_of(state) -> dict:
+  """The model variables ({"params", "batch_stats"}) of a state (or of its shardings)."""
   return {"params": state.params, "batch_stats": state.batch_stats}
 
 
@@ -72,3 +67,106 @@ def base_rng(seed: int) -> tuple[jax.Array, jax.Array]:
   key = jax.random.PRNGKey(seed)
   init_key, train_key = jax.random.split(key)
   return init_key, jnp.asarray(train_key)
+
+
+def example_batch(element_spec: Mapping[str, Any], batch_size: int = 1) -> dict:
+  """A batch of zeros with the records' shapes and dtypes: enough to initialise a model, whose
+  variables depend on shapes only."""
+  return {
+    k: np.zeros((batch_size, *s.shape), s.dtype) for k, s in element_spec.items() if k[0] != "_"
+  }
+
+
+def make_optimizer(
+  config, detector, total_steps: int, params_shape
+) -> optax.GradientTransformation:
+  """``config.optimizer`` for every parameter, or, when the detector declares
+  ``optimizer_groups``, one optimizer (own optax state) per top-level parameter group, each from
+  its config section."""
+  groups = detector.optimizer_groups()
+  if groups is None:
+    return optim.make_optimizer(config.optimizer, total_steps, params_shape, where="optimizer")
+  missing = sorted(set(params_shape) - set(groups))
+  if missing:
+    raise ValueError(
+      f"{detector.name}: parameter groups {missing} have no optimizer in optimizer_groups()"
+    )
+  return optax.multi_transform(
+    {
+      k: optim.make_optimizer(config[sec], total_steps, params_shape[k], where=sec)
+      for k, sec in groups.items()
+    },
+    {k: k for k in params_shape},
+  )
+
+
+def optimizer(config, detector, element_spec, total_steps: int) -> optax.GradientTransformation:
+  """The run's optimizer (:func:`make_optimizer` for the detector's parameter shapes). Build it
+  once and pass it to :func:`create` and :func:`abstract`: the state carries it as static
+  metadata, which must be the same object in both."""
+  init_rng, _ = base_rng(config.seed)
+  shapes = jax.eval_shape(detector.init, init_rng, example_batch(element_spec))["params"]
+  return make_optimizer(config, detector, total_steps, shapes)
+
+
+def create(config, detector, element_spec, tx, init_value=None) -> TrainState:
+  """The state of step 0 with optimizer ``tx`` (from :func:`optimizer`). Pure (``init_value``,
+  the detector's ``data_init`` value, is a constant), so ``jax.jit(..., out_shardings=...)``
+  creates it sharded.
+
+  ``config.param_dtype`` (e.g. "float64") casts the floating parameters and BatchNorm statistics
+  before the optimizer state is made from them; Flax layers with ``dtype=None`` then compute in
+  that precision too (numerics checks; the default keeps the layers' own float32).
+  """
+  init_rng, train_rng = base_rng(config.seed)
+  variables = cast_floating(
+    detector.init(init_rng, example_batch(element_spec)), config.get("param_dtype", None)
+  )
+  params = variables["params"]
+  if init_value is not None:
+    params = detector.apply_data_init(params, init_value)
+  return TrainState.create(
+    apply_fn=None,
+    params=params,
+    tx=tx,
+    batch_stats=variables.get("batch_stats", {}),
+    rng=train_rng,
+  )
+
+
+def initial(config, detector, element_spec, total_steps: int, init_value=None) -> TrainState:
+  """:func:`create` with the run's :func:`optimizer` (for scripts and tests; the trainer builds
+  the optimizer once and creates the state sharded)."""
+  tx = optimizer(config, detector, element_spec, total_steps)
+  return create(config, detector, element_spec, tx, init_value)
+
+
+def abstract(config, detector, element_spec, tx=None) -> TrainState:
+  """The shapes and dtypes of :func:`create`'s state (nothing is computed); without ``tx``, an
+  optimizer for a one-step run (its state's shapes do not depend on the run's length)."""
+  tx = tx if tx is not None else optimizer(config, detector, element_spec, 1)
+  return jax.eval_shape(functools.partial(create, config, detector, element_spec, tx))
+
+
+def shardings(abstract_state, mesh, config):
+  """The state's shardings on ``mesh`` (replicated, or FSDP-split with an ``fsdp`` axis)."""
+  return sharding.state_shardings(
+    abstract_state, mesh, fsdp_min_size=config.get("fsdp_min_size", 2**18)
+  )
+
+
+def restore_variables(config, detector, element_spec, workdir: str, step: int, mesh):
+  """The ``{"params", "batch_stats"}`` of checkpoint ``step`` of ``workdir``, sharded on
+  ``mesh``; the optimizer state and the data position are not read.
+
+  Returns:
+    (variables, their shardings).
+
+  Raises:
+    CheckpointMismatchError: when the checkpoint does not fit the config's model.
+  """
+  shapes = variables_of(abstract(config, detector, element_spec))
+  var_sh = sharding.state_shardings(shapes, mesh, fsdp_min_size=config.get("fsdp_min_size", 2**18))
+  target = sharding.with_shardings(shapes, var_sh)
+  variables = checkpoint.restore_subset(workdir, step, target, config=config)
+  return variables, var_sh

@@ -22,11 +22,14 @@ import optax
 from clu import parameter_overview
 
 from dmad_jax import data as data_lib
-from dmad_jax.data import images as images_lib
+from dmad_jax.data import templates
+from dmad_jax.evaluation.inference import Runner
+from dmad_jax.models import base as models_base
 from dmad_jax.models import get_detector
-from dmad_jax.train import checkpoint, preflight, sharding
-from dmad_jax.train.optim import learning_rate_schedule, make_optimizer
-from dmad_jax.train.state import TrainState, base_rng, create_train_state, variables_of
+from dmad_jax.train import checkpoint, durations, preflight, sharding
+from dmad_jax.train import state as state_lib
+from dmad_jax.train.optim import learning_rate_schedule
+from dmad_jax.train.state import TrainState, variables_of
 from dmad_jax.train.writers import MetricWriter
 
 log = logging.getLogger("dmad_jax")
@@ -95,42 +98,19 @@ class _StopOnSigterm:
 # ---------------------------------------------------------------------------------------------
 # Setup helpers.
 # ---------------------------------------------------------------------------------------------
-def _sample_batch(source, batch_size: int = 1) -> dict:
-  """A batch of the first records, for shape inference at init."""
-  recs = [source[i % len(source)] for i in range(batch_size)]
-  return {k: np.stack([r[k] for r in recs]) for k in recs[0]}
-
-
-def _initial_template(config, train_source):
-  """The background template's initial value from ``config.template_init``, or None.
-
-  "zeros" keeps the model's zeros; "median" is the per-pixel median of (up to
-  ``template_median_items``) training images; "bank" estimates one template per template index
-  of a video source (``dmad_jax.data.video.template_bank`` with ``template_method`` and
-  ``template_max_frames``); anything else is an image file path (read as gray and repeated to
-  3 channels when the source reads gray frames, as DMAD reads bkg_avenue.jpg).
-  """
-  how = config.get("template_init", "zeros")
-  if how in ("zeros", "", None):
+def data_init_value(detector, source):
+  """The value the detector's ``data_init`` asks for, estimated from the training ``source``
+  (None when it asks for none)."""
+  request = detector.data_init()
+  if request is None:
     return None
-  if how == "median":
-    return data_lib.dataset_median(
-      train_source, max_items=config.get("template_median_items", 2000)
-    )
-  if how == "bank":
-    from dmad_jax.data.video import template_bank
-
-    return template_bank(
-      train_source,
-      method=config.get("template_method", "hist_mode"),
-      max_frames=config.get("template_max_frames", None),
-    )
-  h, w, c = train_source.image_shape
-  if getattr(train_source, "gray", False) and c == 3:
-    img = np.repeat(images_lib.load_image(how, image_size=h, channels=1), 3, axis=-1)
-  else:
-    img = images_lib.load_image(how, image_size=h, channels=c)
-  return images_lib.to_unit_range(img)
+  if isinstance(request, models_base.MedianImage):
+    return data_lib.dataset_median(source, max_items=request.max_items)
+  if isinstance(request, models_base.TemplateBank):
+    return templates.template_bank(source, method=request.method, max_frames=request.max_frames)
+  if isinstance(request, models_base.ImageFile):
+    return templates.image_template(request.path, source)
+  raise TypeError(f"{detector.name}: data_init() returned an unknown request {request!r}")
 
 
 def _write_config(config, workdir):
@@ -141,31 +121,6 @@ def _write_config(config, workdir):
       if hasattr(config, "to_json_best_effort")
       else json.dumps(dict(config), indent=2, default=str)
     )
-
-
-def make_state(config, detector, sample_batch, total_steps):
-  """Initial TrainState (params, BatchNorm statistics, optimizer) for ``config``."""
-  init_rng, train_rng = base_rng(config.seed)
-  params_shape = jax.eval_shape(detector.init, init_rng, sample_batch)["params"]
-  # A detector may bring its own optimizer (e.g. one optax state per player of a GAN).
-  make_tx = getattr(detector, "make_optimizer", make_optimizer)
-  tx = make_tx(config.optimizer, total_steps, params_shape)
-  return create_train_state(
-    detector, tx, init_rng, train_rng, sample_batch, param_dtype=config.get("param_dtype", None)
-  )
-
-
-def initial_state(config, detector, sample_batch, total_steps, template=None):
-  """The state of step 0: ``make_state`` plus the background template when there is one.
-
-  Pure (the template is a constant), so ``jax.jit(..., out_shardings=...)`` creates it sharded.
-  """
-  state = make_state(config, detector, sample_batch, total_steps)
-  if template is not None and "template" in state.params:
-    from dmad_jax.models.pdm import set_template
-
-    state = state.replace(params=set_template(state.params, jnp.asarray(template)))
-  return state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,17 +134,9 @@ def train_step(state: TrainState, batch: dict, *, detector, lr_schedule):
   untouched (only the step advances); the host then stops or skips, per the config.
   """
   rng = jax.random.fold_in(state.rng, state.step)
-  if hasattr(detector, "value_and_grad"):
-    # Gradients that are not those of one loss (a GAN: each player's of its own loss).
-    (loss, (terms, batch_stats)), grads = detector.value_and_grad(
-      state.params, state.batch_stats, batch, rng
-    )
-  else:
-
-    def loss_fn(params):
-      return detector.loss(params, state.batch_stats, batch, rng)
-
-    (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (terms, batch_stats)), grads = detector.value_and_grad(
+    state.params, state.batch_stats, batch, rng
+  )
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updated = state.apply_gradients(grads=grads, batch_stats=batch_stats)
@@ -206,22 +153,15 @@ def train_step(state: TrainState, batch: dict, *, detector, lr_schedule):
   return new_state, metrics
 
 
-def calibrate_state(state: TrainState, detector, source, *, batch_size: int, data_sh):
-  """``state`` with ``detector.calibrate``'s statistics of the training split (e.g. DAAD+'s
-  score scaling), so they are saved with the checkpoint; detectors without it pass through.
-  The new statistics keep the shardings of the old ones."""
-  calibrate = getattr(detector, "calibrate", None)
-  if calibrate is None:
-    return state
-  batches = data_lib.make_eval_batches(
-    source,
-    global_batch_size=batch_size,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
-  stats = calibrate(variables_of(state), (sharding.global_batch(b, data_sh) for b in batches))
-  stats = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), stats, state.batch_stats)
-  return state.replace(batch_stats=stats)
+def fit_statistics(state: TrainState, detector, source, runner) -> TrainState:
+  """``state`` with the detector's statistics of the training split (``Detector.statistics``,
+  e.g. DAAD+'s score ranges) in ``batch_stats["score_stats"]``, so that they are saved with the
+  checkpoint. They keep the shardings of the values they replace."""
+  rows, _ = runner.collect(variables_of(state), source)
+  stats = models_base.reduce_statistics(rows)
+  old = state.batch_stats[models_base.STATISTICS]
+  stats = jax.tree.map(lambda new, o: jax.device_put(new.astype(o.dtype), o.sharding), stats, old)
+  return state.replace(batch_stats={**state.batch_stats, models_base.STATISTICS: stats})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,8 +178,10 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   Resumes from the latest checkpoint in ``<workdir>/checkpoints`` when there is one (model,
   optimizer, PRNG key, step and the data iterator position, all from the same step), so a run
   killed at any moment and restarted ends with exactly the parameters of an uninterrupted one.
-  Scalars go to TensorBoard (when available) and ``<workdir>/metrics.jsonl``. With
-  ``config.eval_at_end`` the eval job runs on the final checkpoint.
+  Durations given in epochs are converted to steps from the training split's size (logged, and
+  written to ``<workdir>/plan.json``). Scalars go to TensorBoard (when available) and
+  ``<workdir>/metrics.jsonl``. With ``config.eval_at_end`` the eval job runs on the final
+  checkpoint.
 
   Args:
     config: an ml_collections ConfigDict (see configs/).
@@ -261,18 +203,21 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   is_main = jax.process_index() == 0
   # Config problems fail before anything is read or written; config.json is (re)written only
   # once the state exists, so a failed start never replaces the config of a run's checkpoints.
-  preflight.check_config(config)
-  if is_main:
-    os.makedirs(workdir, exist_ok=True)
-  total_steps = int(config.total_steps)
+  detector = get_detector(config)
+  preflight.check_config(config, detector)
   mesh = sharding.make_mesh(config.get("mesh", None))
   sharding.check_batch_size(config.batch_size, mesh)
   rep, data_sh = sharding.replicated(mesh), sharding.data_sharding(mesh)
+  eval_bs = int(config.get("eval", {}).get("batch_size", 64))
 
-  # Data.
-  sources = data_lib.get_sources(config.data)
-  train_source = sources["train"]
+  # Data, and the run's durations in steps.
+  train_source = data_lib.get_source(config.data, "train")
   log.info("train data: %s", train_source.describe())
+  plan = durations.plan(config, len(train_source))
+  log.info("training plan: %s", plan.describe())
+  total_steps = plan.total_steps
+  if is_main:
+    os.makedirs(workdir, exist_ok=True)
   it = data_lib.make_train_iterator(
     train_source,
     global_batch_size=config.batch_size,
@@ -281,33 +226,30 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     process_count=jax.process_count(),
   )
 
-  # Model, optimizer, state.
-  detector = get_detector(config)
-  sample = _sample_batch(train_source)
+  # State: created (or restored) directly in its shardings, which come from its abstract shape.
+  spec = train_source.element_spec
   mngr = checkpoint.manager(workdir, max_to_keep=config.get("keep_checkpoints", 3))
   latest = mngr.latest_step()
   if latest is not None and latest > total_steps:
     raise ValueError(
-      f"{checkpoint.checkpoint_dir(workdir)} holds step {latest}, beyond total_steps "
-      f"{total_steps} of this config: use a new workdir or a larger total_steps"
+      f"{checkpoint.checkpoint_dir(workdir)} holds step {latest}, beyond the {total_steps} "
+      f"steps this config plans ({plan.describe()}): use a new workdir or a longer run"
     )
-  # The state's shardings come from its abstract shape; it is created (or restored) directly
-  # in them, never first on one device.
-  template = None if latest is not None else _initial_template(config, train_source)
-  init_fn = functools.partial(initial_state, config, detector, sample, total_steps, template)
-  abstract = jax.eval_shape(init_fn)
-  state_sh = sharding.state_shardings(
-    abstract, mesh, fsdp_min_size=config.get("fsdp_min_size", 2**18)
-  )
+  tx = state_lib.optimizer(config, detector, spec, total_steps)
+  abstract = state_lib.abstract(config, detector, spec, tx)
+  state_sh = state_lib.shardings(abstract, mesh, config)
   if latest is not None:
     state = checkpoint.restore(
       mngr, latest, sharding.with_shardings(abstract, state_sh), it, config=config
     )
     log.info("resumed from %s at step %d", checkpoint.checkpoint_dir(workdir), latest)
   else:
+    init_value = data_init_value(detector, train_source)
+    init_fn = functools.partial(state_lib.create, config, detector, spec, tx, init_value)
     state = jax.jit(init_fn, out_shardings=state_sh)()
   if is_main:
     _write_config(config, workdir)
+    durations.save(workdir, plan)
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
   log.info("model %s: %s trainable parameters", config.model_name, f"{n_params:,}")
   if is_main and latest is None:
@@ -326,11 +268,18 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     out_shardings=(state_sh, rep),
     donate_argnums=0,
   )
+  statistics = None
+  if detector.fits_statistics:
+    statistics = Runner(
+      detector.statistics,
+      mesh=mesh,
+      variables_sharding=variables_of(state_sh),
+      batch_size=eval_bs,
+      keep=(),
+    )
 
   start = int(state.step)
-  log_every = max(1, int(config.log_every_steps))
-  ckpt_every = max(1, int(config.checkpoint_every_steps))
-  eval_bs = int(config.get("eval", {}).get("batch_size", 64))
+  log_every, ckpt_every = plan.log_every_steps, plan.checkpoint_every_steps
   skip_nonfinite = config.get("nonfinite", "stop") == "skip"
   skipped = 0
   losses = []
@@ -365,11 +314,13 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         scalars["loss_mean"] = float(np.mean(losses)) if losses else float("nan")
         scalars["steps_per_sec"] = rate
         scalars["skipped_updates"] = skipped
+        scalars["epoch"] = step * plan.batch_size / plan.train_records
         writer.write_scalars(step, scalars)
         log.info(
-          "step %d/%d | loss %.4f | %.2f steps/s | ETA %s",
+          "step %d/%d (epoch %.2f) | loss %.4f | %.2f steps/s | ETA %s",
           step,
           total_steps,
+          scalars["epoch"],
           scalars["loss_mean"],
           rate,
           _format_eta((total_steps - step) / rate),
@@ -379,10 +330,10 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
       # Preemption: SIGTERM on one process; on several, orbax's preemption sync point, which
       # every process reaches at the same step, so that they all save that step.
       stop = sigterm.received or (jax.process_count() > 1 and mngr.reached_preemption(step))
-      if step % ckpt_every == 0 or step == total_steps:
-        # Not for a preemption-only save: its grace period is short and the resumed run
-        # calibrates at its next checkpoint.
-        state = calibrate_state(state, detector, train_source, batch_size=eval_bs, data_sh=data_sh)
+      if statistics is not None and (step % ckpt_every == 0 or step == total_steps):
+        # Not for a preemption-only save: its grace period is short and the resumed run fits
+        # the statistics at its next checkpoint.
+        state = fit_statistics(state, detector, train_source, statistics)
       if step % ckpt_every == 0 or step == total_steps or stop:
         checkpoint.save(mngr, step, state, it)
       if stop:

@@ -10,13 +10,14 @@ from PIL import Image
 
 from dmad_jax.data import get_sources
 from dmad_jax.data import video as video_mod
-from dmad_jax.data.video import (
-  VideoFrameSource,
+from dmad_jax.data.labels import load_frame_labels
+from dmad_jax.data.templates import (
   estimate_template,
-  extract_frames,
-  load_frame_labels,
+  image_template,
+  template_bank,
   video_templates,
 )
+from dmad_jax.data.video import VideoFrameSource, extract_frames
 
 SIZE = 16
 # Frame numbers as written on disk; test video "01" starts at 3 so that "10.png" sorts last only
@@ -226,6 +227,19 @@ def test_video_templates(tmp_path):
     np.testing.assert_array_equal(bank[1], np.full((SIZE, SIZE, 3), _unit(200)))
 
 
+def test_image_template(dump, tmp_path):
+  path = tmp_path / "bkg.png"
+  Image.fromarray(_frame(0, 5)).save(path)  # channels 40, 41, 42
+  color = image_template(path, VideoFrameSource(dump, "training", image_size=SIZE))
+  assert color.shape == (SIZE, SIZE, 3) and color.dtype == np.float32
+  np.testing.assert_array_equal(color, _unit(_frame(0, 5)))
+  gray = image_template(path, VideoFrameSource(dump, "training", image_size=SIZE, gray=True))
+  assert gray.shape == (SIZE, SIZE, 3) and np.all(gray == gray[..., :1])
+  np.testing.assert_allclose(gray[0, 0, 0], _unit(41), atol=1 / 127.5 + 1e-6)  # luma
+  one = image_template(path, types.SimpleNamespace(image_shape=(8, 8, 1)))
+  assert one.shape == (8, 8, 1) and one.dtype == np.float32
+
+
 def test_load_frame_labels_mat_without_gt(tmp_path):
   path = tmp_path / "x.mat"
   scipy.io.savemat(path, {"labels": np.zeros(3)})
@@ -247,8 +261,6 @@ def test_extract_frames_without_cv2(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "cv2", None)  # Makes `import cv2` raise ImportError.
   with pytest.raises(ImportError, match="pip install opencv-python-headless"):
     extract_frames(tmp_path / "in.avi", tmp_path / "out")
-  with pytest.raises(ImportError, match="opencv-python-headless"):
-    video_mod.main(["extract", str(tmp_path / "in.avi"), str(tmp_path / "out")])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,7 +408,7 @@ def test_template_bank_per_scene(tmp_path):
         frame[i % SIZE, :] = 255 - value  # a passing object the template must ignore
         Image.fromarray(frame).save(folder / f"{i}.png")
   sources = video_mod.video_sources(root, templates="scene", image_size=SIZE)
-  bank = video_mod.template_bank(sources["train"], max_frames=5)
+  bank = template_bank(sources["train"], max_frames=5)
   assert bank.shape == (2, SIZE, SIZE, 3) and bank.dtype == np.float32
   np.testing.assert_array_equal(bank[0], _unit(60))
   np.testing.assert_array_equal(bank[1], _unit(200))

@@ -143,16 +143,18 @@ def test_histogram_validates(tmp_path):
   n=st.integers(0, 5),
 )
 def test_figure_rows_kept_per_batch_are_the_rows_the_figure_picks(labels, batch, n):
-  from dmad_jax.evaluation import job
+  from dmad_jax.evaluation import figures
 
   labels = np.asarray(labels, np.int32)
-  kept = np.zeros((0,), np.int32)
-  kept_positions = []
+  rows = figures.FigureRows(n)
+  positions = np.arange(len(labels))
   for start in range(0, len(labels), batch):
-    rows = job._rows_still_needed(kept, labels[start : start + batch], n)
-    kept = np.concatenate([kept, labels[start : start + batch][rows]])
-    kept_positions.extend((start + rows).tolist())
+    part = slice(start, start + batch)
+    rows.add(labels[part], positions[part] * 0.5, {"images": {"pos": positions[part]}})
   # Only the figure's rows are held, and picking from them equals picking from all rows.
-  assert len(kept) <= 2 * n
-  picked = np.asarray(kept_positions, np.int64)[job._pick_figure_rows(kept, n)]
-  np.testing.assert_array_equal(picked, job._pick_figure_rows(labels, n))
+  assert sum(len(x) for x in rows._labels) <= 2 * n
+  picked_labels, scores, groups = rows.picked()
+  expected = figures.pick_rows(labels, n)
+  np.testing.assert_array_equal(groups.get("images", {}).get("pos", expected[:0]), expected)
+  np.testing.assert_array_equal(picked_labels, labels[expected])
+  np.testing.assert_array_equal(scores, expected * 0.5)

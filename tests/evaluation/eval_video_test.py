@@ -12,6 +12,8 @@ from sklearn.metrics import roc_auc_score
 from dmad_jax.evaluation import video
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The installed console script, run as users run it.
+DMAD = os.path.join(os.path.dirname(sys.executable), "dmad")
 REF = os.path.join(ROOT, "..", "shared", "reference", "dmad_official")
 # Test001..Test012 frame counts; the first 4 frames of each video are not scored.
 PED2_FRAMES = [180, 180, 150, 180, 150, 180, 180, 180, 120, 150, 180, 180]
@@ -121,12 +123,10 @@ def test_macro_auroc_handles_single_class_videos():
 def test_video_auc_command_reproduces_ped2(tmp_path):
   errors, labels, _ = _ped2()
   np.savez(tmp_path / "scores.npz", video_lengths=np.array(PED2_SCORED), **errors)
-  env = dict(os.environ, PYTHONPATH=ROOT)
+  env = dict(os.environ)
   out = subprocess.run(
     [
-      sys.executable,
-      "-m",
-      "dmad_jax",
+      DMAD,
       "video-auc",
       f"--scores={tmp_path / 'scores.npz'}",
       f"--labels={os.path.join(REF, 'frame_labels_ped2.npy')}",

@@ -10,10 +10,14 @@ import numpy as np
 import optax
 import pytest
 
+from dmad_jax import data as data_lib
+from dmad_jax.configs import daad as daad_configs
 from dmad_jax.configs import load_module
 from dmad_jax.evaluation import job
+from dmad_jax.evaluation.inference import Runner
 from dmad_jax.models import daad, get_detector
-from dmad_jax.train import checkpoint, trainer
+from dmad_jax.train import sharding, trainer
+from dmad_jax.train import state as state_lib
 from dmad_jax.train.optim import learning_rate_schedule
 
 CONFIGS = os.path.join(
@@ -57,11 +61,11 @@ _STRUCTURE = {
 }
 
 
-@pytest.mark.parametrize("variant", list(digits_daad.VARIANTS))
+@pytest.mark.parametrize("variant", list(daad_configs.VARIANTS))
 def test_each_variant_trains_a_few_steps(variant):
   config, detector = _detector(variant)
   batch = _batch()
-  state = trainer.make_state(config, detector, batch, total_steps=4)
+  state = state_lib.initial(config, detector, data_lib.element_spec(config.data), total_steps=4)
   memories, skip = _STRUCTURE[variant]
   assert _memories(state.params) == memories
   # dec1_1 reads the up-sampled deepest features (8 channels), plus the level-1 skip (4).
@@ -88,7 +92,8 @@ def test_each_variant_trains_a_few_steps(variant):
 def test_generator_and_discriminator_change_only_through_their_own_optimizer():
   config, detector = _detector("daad_plus")
   batch = _batch()
-  state = trainer.make_state(config, detector, batch, total_steps=4)  # same init as above
+  spec = data_lib.element_spec(config.data)
+  state = state_lib.initial(config, detector, spec, total_steps=4)  # same init as above
   params, stats = state.params, state.batch_stats
   rng = jax.random.key(1)
 
@@ -114,7 +119,7 @@ def test_generator_and_discriminator_change_only_through_their_own_optimizer():
   def changed(lr_gen, lr_disc):
     cfg = _config("daad_plus", lr=lr_gen)
     cfg.discriminator_optimizer.lr = lr_disc
-    tx = get_detector(cfg).make_optimizer(cfg.optimizer, 10, params)
+    tx = state_lib.make_optimizer(cfg, get_detector(cfg), 10, params)
     opt_state = tx.init(params)
     assert set(opt_state.inner_states) == {"generator", "discriminator"}
     new = jax.jit(lambda p, g: optax.apply_updates(p, tx.update(g, opt_state, p)[0]))(params, grads)
@@ -138,25 +143,43 @@ def test_score_scaling_comes_from_the_training_split_and_is_checkpointed(tmp_pat
   trainer.train_and_evaluate(config, workdir)
 
   detector = get_detector(config)
-  sources = trainer.data_lib.get_sources(config.data)
-  abstract = job._abstract_state(config, detector, trainer._sample_batch(sources["train"]))
-  state = checkpoint.restore(checkpoint.manager(workdir, read_only=True), 2, abstract)
-  stats = {k: float(v) for k, v in state.batch_stats["score_stats"].items()}
-  assert stats["calibrated"] == 1.0
-
-  # The stored range is exactly the range of R and L over the training split (no test data).
-  train = sources["train"]
-  images = np.stack([train[i]["image"] for i in range(len(train))])
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  scores = jax.jit(detector.predict)(variables, {"image": jnp.asarray(images)})["scores"]
-  rec, ali = np.asarray(scores["rec"]), np.asarray(scores["ali"])
-  np.testing.assert_allclose(
-    [stats["r_min"], stats["r_max"], stats["l_min"], stats["l_max"]],
-    [rec.min(), rec.max(), ali.min(), ali.max()],
-    rtol=1e-5,
+  train = data_lib.get_source(config.data, "train")
+  mesh = sharding.make_mesh(None)
+  variables, var_sh = state_lib.restore_variables(
+    config, detector, train.element_spec, workdir, 2, mesh
   )
-  fused = 0.9 * (rec - rec.min()) / np.ptp(rec) + 0.1 * (ali - ali.min()) / np.ptp(ali)
-  np.testing.assert_allclose(np.asarray(scores["score"]), fused, rtol=1e-4, atol=1e-6)
+  stats = {k: np.asarray(v) for k, v in variables["batch_stats"]["score_stats"].items()}
+  assert stats.pop("calibrated") == 1.0
+
+  # The stored ranges are those of R and L over the training split: recomputed by the same
+  # function in the same batches as the trainer's statistics step, they are equal, bit for bit
+  # (a recomputation in other batches moves L, about 1e-8 here, by float32 summation order).
+  runner = Runner(
+    detector.statistics,
+    mesh=mesh,
+    variables_sharding=var_sh,
+    batch_size=config.eval.batch_size,
+    keep=(),
+  )
+  rows, _ = runner.collect(variables, train)
+  assert rows["r_min"].shape == (len(train),)
+  assert stats == {
+    "r_min": rows["r_min"].min(),
+    "r_max": rows["r_max"].max(),
+    "l_min": rows["l_min"].min(),
+    "l_max": rows["l_max"].max(),
+  }
+
+  # predict scales both scores with exactly these ranges (Eq. 7). Each float32 operation of the
+  # formula rounds by at most eps = 1.2e-7 relative: a few eps of the result, or of 1 for results
+  # near zero, where the scaled terms are differences of near-equal numbers.
+  test = data_lib.get_source(config.data, "test")
+  images = jnp.asarray(np.stack([test[i]["image"] for i in range(16)]))
+  scores = jax.jit(detector.predict)(variables, {"image": images}).scores
+  rec, ali = np.asarray(scores["rec"], np.float64), np.asarray(scores["ali"], np.float64)
+  r_lo, r_hi, l_lo, l_hi = (float(stats[k]) for k in ("r_min", "r_max", "l_min", "l_max"))
+  fused = 0.9 * (rec - r_lo) / (r_hi - r_lo) + 0.1 * (ali - l_lo) / (l_hi - l_lo)
+  np.testing.assert_allclose(np.asarray(scores["score"]), fused, rtol=1e-6, atol=1e-6)
 
   # The eval job reads them from the checkpoint and reports both parts' AUROC.
   result = job.evaluate(config, workdir)

@@ -40,7 +40,7 @@ def root(tmp_path_factory):
 
 def _shapes(config):
   """Parameter shapes of the config's model at its full size (no compilation)."""
-  model = pdm.PDM(**pdm._plain(config.model))
+  model = get_detector(config).module
   x = jnp.zeros((1, config.model.image_size, config.model.image_size, config.model.in_channels))
   return jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))["params"]
 
@@ -70,13 +70,16 @@ def test_full_size_parameter_counts_equal_the_official_models(root):
 
 @pytest.mark.parametrize("dataset,channels", [("avenue", 12), ("shanghai", 15)])
 def test_runlocal_configs_build_and_initialise(root, dataset, channels):
-  from dmad_jax.data import get_sources
-  from dmad_jax.train.trainer import _sample_batch
+  from dmad_jax.data import get_source
 
   module = avenue_pdm if dataset == "avenue" else shanghai_pdm
   config = module.get_config(f"root={root};runlocal")
-  sources = get_sources(config.data)
-  batch = _sample_batch(sources["train"], 2)
+  train = get_source(config.data, "train")
+  records = [train[i] for i in range(2)]
+  batch = {k: np.stack([r[k] for r in records]) for k in records[0]}
+  assert {k: (v.shape[1:], v.dtype) for k, v in batch.items()} == {
+    k: (s.shape, s.dtype) for k, s in train.element_spec.items()
+  }
   assert batch["frames"].shape == (2, 32, 32, 15)
   # Traced, not run: the end-to-end tests (tests/video_e2e_test.py) run these models.
   variables = jax.eval_shape(get_detector(config).init, jax.random.key(0), batch)

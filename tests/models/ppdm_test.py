@@ -21,8 +21,8 @@ import pytest
 from PIL import Image
 
 from dmad_jax import convert
-from dmad_jax.configs import load_module
-from dmad_jax.models import get_detector, ppdm
+from dmad_jax.configs import load_module, mvtec
+from dmad_jax.models import get_detector, ppdm, teacher
 from dmad_jax.models.pdm import OffsetNet
 from dmad_jax.nn import resnet
 from dmad_jax.ops import filters, sampling
@@ -130,7 +130,7 @@ def test_rd_is_ppdm_with_deformation_and_vq_off():
   assert jax.tree.map(lambda s: s.shape, shapes) == jax.tree.map(
     lambda s: s.shape, jax.eval_shape(plain.init, jax.random.PRNGKey(0), batch)
   )
-  with pytest.raises(ValueError, match="deform=False and vq=False"):
+  with pytest.raises(ValueError, match="model_name 'rd' is PPDM with deform=False"):
     get_detector(_config(mvtec_rd, deform=True))
 
   # PPDM with deformation ON but zero fields (the heads' last convs zeroed) and VQ off gives
@@ -222,14 +222,14 @@ def test_teacher_is_frozen_and_the_offsetnet_learns_through_it():
 
 
 def test_teacher_weights_file_errors(tmp_path):
-  shapes = ppdm.teacher_shapes("resnet18")
+  shapes = teacher.teacher_shapes("resnet18")
   path = convert.save_variables(tmp_path / "r18.npz", _fill(shapes, 0), "resnet18")
-  read = ppdm._read_teacher(path, "resnet18", shapes)
+  read = teacher.read_teacher(path, "resnet18", shapes)
   assert jax.tree.map(lambda a: a.shape, read) == jax.tree.map(lambda s: s.shape, shapes)
   with pytest.raises(ValueError, match="holds resnet18 weights"):
-    ppdm._read_teacher(path, "resnet34", ppdm.teacher_shapes("resnet34"))
+    teacher.read_teacher(path, "resnet34", teacher.teacher_shapes("resnet34"))
   with pytest.raises(FileNotFoundError, match="convert.py"):
-    ppdm._read_teacher(str(tmp_path / "missing.npz"), "resnet18", shapes)
+    teacher.read_teacher(str(tmp_path / "missing.npz"), "resnet18", shapes)
   # A config without weights fails at construction and says how to get them.
   c = _config()
   with c.unlocked():
@@ -247,7 +247,7 @@ def test_random_teacher_warns_and_has_torchvision_statistics(caplog):
   with caplog.at_level(logging.WARNING, logger="dmad_jax"):
     get_detector(_config())
   assert "RANDOM weights" in caplog.text
-  v = ppdm.random_teacher_variables("resnet18", jax.random.PRNGKey(3))
+  v = teacher.random_teacher_variables("resnet18", jax.random.PRNGKey(3))
   k = np.asarray(v["params"]["layer3"]["0"]["conv2"]["kernel"])  # 3x3, 256 -> 256
   assert abs(k.std() - math.sqrt(2 / (9 * 256))) < 0.02 * math.sqrt(2 / (9 * 256))
   assert np.all(np.asarray(v["batch_stats"]["layer1"]["0"]["bn1"]["var"]) == 1)
@@ -276,7 +276,7 @@ def test_identity_fields_give_the_plain_cosine_map():
   # The reference computed independently: per level 1 - cos over channels, upsampled with
   # align_corners=True, summed, then scipy's Gaussian filter.
   plain = 0.0
-  for k in ppdm.STAGES:
+  for k in teacher.STAGES:
     a, b = np.asarray(t[k], np.float64), np.asarray(s[k], np.float64)
     cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
     plain = (
@@ -327,7 +327,7 @@ def test_cycle_loss():
 # Configs.
 # ---------------------------------------------------------------------------------------------
 def test_mvtec_configs():
-  for cat, n in mvtec_ppdm.TRAIN_COUNTS.items():
+  for cat, n in mvtec.TRAIN_COUNTS.items():
     c = mvtec_ppdm.get_config(f"root=/d;category={cat};weights=w.npz")
     assert c.score.alpha == (0.2 if cat in ("screw", "carpet", "metal_nut") else 0.05)
     assert c.total_steps == 400 * math.ceil(n / 8) and c.batch_size == 8
@@ -398,8 +398,8 @@ def test_train_and_evaluate_ppdm_and_rd(tmp_path):
   _write_mvtec(tmp_path / "mvtec" / "bottle", np.random.default_rng(0))
   root = tmp_path / "mvtec"
   # PPDM with the teacher read from a converted file (random numbers, resnet18).
-  teacher = _fill(ppdm.teacher_shapes("resnet18"), 5)
-  weights = convert.save_variables(tmp_path / "r18.npz", teacher, "resnet18")
+  teacher_vars = _fill(teacher.teacher_shapes("resnet18"), 5)
+  weights = convert.save_variables(tmp_path / "r18.npz", teacher_vars, "resnet18")
   config = mvtec_ppdm.get_config(
     f"root={root};category=bottle;image_size={SIZE};weights={weights};runlocal"
   )
@@ -408,7 +408,9 @@ def test_train_and_evaluate_ppdm_and_rd(tmp_path):
   workdir = str(tmp_path / "ppdm")
   state = trainer.train_and_evaluate(config, workdir)
   same = jax.tree.map(
-    lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), state.batch_stats["teacher"], teacher
+    lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
+    state.batch_stats["teacher"],
+    teacher_vars,
   )
   assert all(jax.tree.leaves(same))  # loaded exactly, and untouched by 2 AdamW steps
   assert float(state.batch_stats["score_stats"]["calibrated"]) == 1.0

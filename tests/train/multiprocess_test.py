@@ -32,6 +32,8 @@ CONFIGS = os.path.join(
 digits_pdm = load_module(os.path.join(CONFIGS, "digits_pdm.py"))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The installed console script, run as users run it.
+DMAD = os.path.join(os.path.dirname(sys.executable), "dmad")
 OVERRIDES = (
   "--config.batch_size=16",
   "--config.total_steps=5",
@@ -53,9 +55,8 @@ def _launch(command, workdir, devices, process_id=None, port=None):
     XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
     JAX_PLATFORMS="cpu",
     JAX_ENABLE_X64="1",
-    PYTHONPATH=ROOT,
   )
-  args = [sys.executable, "-m", "dmad_jax", command, "--config=configs/digits_pdm.py:runlocal"]
+  args = [DMAD, command, "--config=configs/digits_pdm.py:runlocal"]
   args += [f"--workdir={workdir}", *OVERRIDES]
   if process_id is not None:
     args += [f"--coordinator_address=localhost:{port}", "--num_processes=2"]

@@ -36,6 +36,8 @@ CONFIGS = os.path.join(
 digits_pdm = load_module(os.path.join(CONFIGS, "digits_pdm.py"))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The installed console script, run as users run it.
+DMAD = os.path.join(os.path.dirname(sys.executable), "dmad")
 STEPS, EVERY = 8, 3  # checkpoints at steps 3, 6 and 8
 TIMEOUT = 300
 # Kill steps are drawn from this seeded generator; the drawn step is in every failure message.
@@ -55,9 +57,7 @@ def cache_dir(request, tmp_path_factory):
 
 def _command(workdir, *overrides):
   return [
-    sys.executable,
-    "-m",
-    "dmad_jax",
+    DMAD,
     "train",
     f"--config={ROOT}/configs/digits_pdm.py:runlocal",
     f"--workdir={workdir}",
@@ -69,7 +69,7 @@ def _command(workdir, *overrides):
 
 
 def _env(cache_dir, **extra):
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.update(
     JAX_COMPILATION_CACHE_DIR=cache_dir,
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",

@@ -1,0 +1,267 @@
+"""The detector interface: what the trainer, the eval job, calibration and ``dmad predict`` call.
+
+A detector is one class in one file of ``dmad_jax/models/`` (or anywhere, registered with
+:func:`register`). It implements three pure functions over batches of the data sources' records
+and declares what it produces; everything else has a default:
+
+* ``init(rng, batch) -> {"params", "batch_stats"}``;
+* ``loss(params, batch_stats, batch, rng) -> (loss, (terms, new_batch_stats))``;
+* ``predict(variables, batch) -> Prediction``: image scores by name (``"score"`` is the one
+  thresholds and figures use), optionally pixel maps and pictures for the figures;
+* ``score_names``: the names ``predict`` returns, every one reported by the eval job;
+  ``pixel_map``: the map scored against ground-truth masks (None: none);
+  ``figure_rows``: the pictures of the eval figure, in order.
+
+Optional hooks (defaults in :class:`Detector`): ``value_and_grad`` (gradients that are not those
+of one scalar loss, e.g. a GAN's players); ``optimizer_groups`` (parts of the model with an
+optimizer of their own, declared as data); ``statistics`` (values over the training split whose
+extrema are kept in the checkpoint, e.g. score ranges for min-max scaling); ``data_init``
+(initial parameter values estimated from the training data, e.g. PDM's background template).
+
+Config: a detector reads only the sections it declares in ``config_sections`` (plus the top-level
+keys in ``config_keys``), each through :func:`dmad_jax.configs.schema.section`, which refuses an
+unknown key with the closest known one.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import difflib
+import importlib
+import pkgutil
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dmad_jax.configs import schema
+
+__all__ = [
+  "Detector",
+  "ImageFile",
+  "MedianImage",
+  "Prediction",
+  "TemplateBank",
+  "get_detector",
+  "names",
+  "register",
+]
+
+# Key of the statistics the trainer fits on the training split (see Detector.statistics).
+STATISTICS = "score_stats"
+
+
+@flax.struct.dataclass
+class Prediction:
+  """What ``Detector.predict`` returns for a batch of B records (a pytree: jit returns it).
+
+  Attributes:
+    scores: image scores by name, (B,) each, higher = more anomalous; ``"score"`` is the main one.
+    maps: pixel maps by name, (B, H, W).
+    images: pictures for the figures by name, (B, H, W, C) in [-1, 1].
+    frame_errors: per-record errors that a video score recipe fuses into frame scores, named
+      with the recipe's prefix (``dmad_jax.evaluation.video.ERROR_PREFIX``, e.g. ``ped2_``).
+    host_maps: per-record maps that the eval job turns into scores on the host (video recipes
+      that need the previous frames or connected components).
+  """
+
+  scores: dict[str, jax.Array]
+  maps: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+  images: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+  frame_errors: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+  host_maps: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Initial values from the training data, requested by Detector.data_init.
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class MedianImage:
+  """The per-pixel median of up to ``max_items`` training records' ``"image"``, (H, W, C)."""
+
+  max_items: int = 2000
+
+
+@dataclasses.dataclass(frozen=True)
+class TemplateBank:
+  """One background template per template index of a video source, (T, H, W, 3) in [-1, 1]
+  (``dmad_jax.data.templates.template_bank``)."""
+
+  method: str = "hist_mode"
+  max_frames: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFile:
+  """An image file read at the training records' size and channels, in [-1, 1] (gray frames
+  repeated to 3 channels as the video source repeats them)."""
+
+  path: str
+
+
+# ---------------------------------------------------------------------------------------------
+# The interface.
+# ---------------------------------------------------------------------------------------------
+class Detector(abc.ABC):
+  """Base class of every detector; see the module docstring for the contract.
+
+  Subclasses set ``config_sections`` ({section name: schema}) and read them with
+  :meth:`section` in ``__init__``.
+  """
+
+  name: ClassVar[str] = ""  # set by @register
+  config_sections: ClassVar[Mapping[str, Any]] = {}
+  config_keys: ClassVar[tuple[str, ...]] = ()
+  figure_rows: tuple[str, ...] = ("input",)
+  pixel_map: str | None = None
+
+  def __init__(self, config):
+    self.config = config
+
+  def section(self, name: str, *, extra=()) -> dict:
+    """The config section ``name`` checked against ``config_sections[name]``."""
+    return schema.section(self.config, name, self.config_sections[name], extra=extra)
+
+  # -- required ------------------------------------------------------------------------------
+  @property
+  @abc.abstractmethod
+  def score_names(self) -> tuple[str, ...]:
+    """Every image score ``predict`` returns; ``"score"`` first."""
+
+  @abc.abstractmethod
+  def init(self, rng: jax.Array, batch: Mapping[str, jax.Array]) -> dict:
+    """Variables ``{"params", "batch_stats"}`` for a batch of the training records' format."""
+
+  @abc.abstractmethod
+  def loss(self, params, batch_stats, batch, rng) -> tuple[jax.Array, tuple[dict, Any]]:
+    """The training loss: ``(loss, (terms, new_batch_stats))``; ``terms`` are logged."""
+
+  @abc.abstractmethod
+  def predict(self, variables: dict, batch: Mapping[str, jax.Array]) -> Prediction:
+    """Scores (and maps, pictures) of a batch, eval-mode."""
+
+  # -- optional hooks ------------------------------------------------------------------------
+  def value_and_grad(self, params, batch_stats, batch, rng):
+    """``((loss, (terms, new_batch_stats)), grads)``; by default the gradient of :meth:`loss`."""
+    return jax.value_and_grad(self.loss, has_aux=True)(params, batch_stats, batch, rng)
+
+  def optimizer_groups(self) -> Mapping[str, str] | None:
+    """``{top-level params key: config section of its optimizer}`` when parts of the model
+    are trained by optimizers of their own (one optax state each); None: every parameter by
+    ``config.optimizer``."""
+    return None
+
+  def statistics(self, variables: dict, batch: Mapping[str, jax.Array]) -> dict | None:
+    """Per-record values of a batch of the training split, or None (the default) when the
+    detector keeps no statistics.
+
+    The trainer runs this over the whole training split before every checkpoint and stores, in
+    ``batch_stats["score_stats"]``, the minimum over the split of every key ending in ``_min``
+    and the maximum of every key ending in ``_max`` (plus ``calibrated = 1``). Declare the
+    initial values in ``init`` (they are used until the first checkpoint).
+    """
+    del variables, batch
+    return None
+
+  @property
+  def fits_statistics(self) -> bool:
+    """Whether :meth:`statistics` is implemented (the trainer then reads the training split)."""
+    return type(self).statistics is not Detector.statistics
+
+  def data_init(self) -> MedianImage | TemplateBank | ImageFile | None:
+    """The initial value this detector estimates from the training data (None: none)."""
+    return None
+
+  def apply_data_init(self, params: dict, value: np.ndarray) -> dict:
+    """``params`` with the value requested by :meth:`data_init` put in place."""
+    del value
+    return params
+
+
+def min_max_scale(value: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
+  """``(value - lo) / (hi - lo)``: [lo, hi] onto [0, 1] (a zero-width range divides by 1), the
+  scaling that fitted statistics are kept for."""
+  width = hi - lo
+  return (value - lo) / jnp.where(width > 0, width, 1.0)
+
+
+def reduce_statistics(rows: Mapping[str, np.ndarray]) -> dict[str, jnp.ndarray]:
+  """The stored statistics of :meth:`Detector.statistics` rows collected over a split.
+
+  Raises:
+    ValueError: for a key without a ``_min`` / ``_max`` suffix, no rows, or non-finite values.
+  """
+  out = {}
+  for key, values in rows.items():
+    values = np.asarray(values, np.float64)
+    if not values.size:
+      raise ValueError(f"statistics {key!r}: no training records to compute it from")
+    if key.endswith("_min"):
+      value = values.min()
+    elif key.endswith("_max"):
+      value = values.max()
+    else:
+      raise ValueError(f"statistics key {key!r} must end in '_min' or '_max'")
+    if not np.isfinite(value):
+      raise ValueError(f"statistics {key!r} is not finite on the training split: {value}")
+    out[key] = jnp.asarray(value, jnp.float32)
+  out["calibrated"] = jnp.ones((), jnp.float32)
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry.
+# ---------------------------------------------------------------------------------------------
+_REGISTRY: dict[str, type[Detector]] = {}
+
+
+def register(name: str):
+  """Class decorator: makes a :class:`Detector` subclass available as ``model_name = name``."""
+
+  def wrap(cls: type[Detector]) -> type[Detector]:
+    if not (isinstance(cls, type) and issubclass(cls, Detector)):
+      raise TypeError(f"register({name!r}): {cls!r} is not a Detector subclass")
+    known = _REGISTRY.get(name)
+    if known is not None and known.__qualname__ != cls.__qualname__:
+      raise ValueError(f"model name {name!r} is already registered by {known.__qualname__}")
+    cls.name = name
+    _REGISTRY[name] = cls
+    return cls
+
+  return wrap
+
+
+def _import_package_models() -> None:
+  """Imports every module of ``dmad_jax.models``, so their detectors register themselves."""
+  package = importlib.import_module("dmad_jax.models")
+  for info in pkgutil.iter_modules(package.__path__):
+    importlib.import_module(f"dmad_jax.models.{info.name}")
+
+
+def names() -> tuple[str, ...]:
+  """Every registered model name (the package's and any registered since)."""
+  _import_package_models()
+  return tuple(sorted(_REGISTRY))
+
+
+def get_detector(config) -> Detector:
+  """The detector named by ``config.model_name``, built from ``config``.
+
+  Raises:
+    ConfigError: for an unknown name (listing the known ones and the closest) or a config
+      section the detector does not accept.
+  """
+  name = config.get("model_name", None) if hasattr(config, "get") else None
+  if name not in _REGISTRY:
+    known = names()
+    if name not in _REGISTRY:
+      close = difflib.get_close_matches(str(name), known, n=1)
+      hint = f" (did you mean {close[0]!r}?)" if close else ""
+      raise schema.ConfigError(
+        f"unknown config.model_name {name!r}{hint}; known: {', '.join(known)}"
+      )
+  return _REGISTRY[name](config)
