@@ -170,3 +170,29 @@ def restore_variables(config, detector, element_spec, workdir: str, step: int, m
   target = sharding.with_shardings(shapes, var_sh)
   variables = checkpoint.restore_subset(workdir, step, target, config=config)
   return variables, var_sh
+
+
+def state_at(config, workdir: str, step: int | None = None) -> TrainState:
+  """The whole train state of checkpoint ``step`` (None: the latest) of a run of ``config``,
+  optimizer state included, with shapes from ``config.data`` alone (for scripts and tests that
+  compare runs)."""
+  from dmad_jax import data as data_lib
+  from dmad_jax.models import get_detector
+
+  step = checkpoint.latest_step(workdir, step)
+  target = abstract(config, get_detector(config), data_lib.element_spec(config.data))
+  mngr = checkpoint.manager(workdir, read_only=True)
+  return checkpoint.restore(mngr, step, target, config=config)
+
+
+def variables_at(config, workdir: str, step: int | None = None) -> dict:
+  """The ``{"params", "batch_stats"}`` of checkpoint ``step`` (None: the latest) of a run of
+  ``config``, on the config's mesh, with shapes from ``config.data`` alone (for scripts and
+  tests that read a run's result)."""
+  from dmad_jax import data as data_lib
+  from dmad_jax.models import get_detector
+
+  step = checkpoint.latest_step(workdir, step)
+  mesh = sharding.make_mesh(config.get("mesh", None))
+  spec = data_lib.element_spec(config.data)
+  return restore_variables(config, get_detector(config), spec, workdir, step, mesh)[0]

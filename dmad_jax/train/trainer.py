@@ -213,6 +213,9 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   # Data, and the run's durations in steps.
   train_source = data_lib.get_source(config.data, "train")
   log.info("train data: %s", train_source.describe())
+  # The test split is opened (and, with data.validate, checked) now too, so that a bad test file
+  # or label file stops the run at start-up rather than at its first evaluation.
+  log.info("test data: %s", data_lib.get_source(config.data, "test").describe())
   plan = durations.plan(config, len(train_source))
   log.info("training plan: %s", plan.describe())
   total_steps = plan.total_steps

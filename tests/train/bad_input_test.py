@@ -20,10 +20,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dmad_jax import data as data_lib
 from dmad_jax.configs import load_module
 from dmad_jax.data import ImageReadError
-from dmad_jax.evaluation import job
+from dmad_jax.models import get_detector
 from dmad_jax.train import checkpoint, preflight, trainer
+from dmad_jax.train import state as state_lib
 
 CONFIGS = os.path.join(
   os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs"
@@ -35,14 +37,10 @@ SIZE = 32
 
 
 def _abstract(config):
-  """The config's TrainState structure, from a dummy batch (no data, no compilation)."""
-  c = config.data.get("channels", 1)
-  sample = {
-    "image": np.zeros((1, SIZE, SIZE, c), np.float32),
-    "label": np.zeros(1, np.int32),
-    "index": np.zeros(1, np.int32),
-  }
-  return job._abstract_state(config, trainer.get_detector(config), sample)
+  """The config's TrainState structure, from the data config's shapes (no data, no
+  compilation)."""
+  spec = data_lib.element_spec(config.data)
+  return state_lib.abstract(config, get_detector(config), spec)
 
 
 def _digest(workdir) -> dict[str, str]:
@@ -157,7 +155,7 @@ def test_unknown_model_key_is_named_with_the_known_ones(digits_run):
   with pytest.raises(preflight.ConfigError, match="did you mean 'channels'") as info:
     trainer.train_and_evaluate(config, digits_run.workdir)
   msg = str(info.value)
-  assert "config.model has an unknown key 'chanels'" in msg and "num_codes" in msg
+  assert "unknown config key config.model.chanels" in msg and "num_codes" in msg
   digits_run.assert_intact()
 
 
@@ -165,7 +163,7 @@ def test_unknown_data_key_is_named(folder_run, folder_data):
   config = _folder_config(folder_data)
   with config.unlocked():
     config.data.validat = False
-  with pytest.raises(ValueError, match="unknown key.*'validat'.*reads: channels") as info:
+  with pytest.raises(ValueError, match="config.data.validat .*accepts: channels") as info:
     trainer.train_and_evaluate(config, folder_run.workdir)
   assert "validate" in str(info.value)
   folder_run.assert_intact()

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 
 from dmad_jax.configs import load_module
-from dmad_jax.evaluation import job
-from dmad_jax.train import checkpoint, trainer
+from dmad_jax.train import checkpoint
+from dmad_jax.train import state as state_lib
 
 CONFIGS = os.path.join(
   os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs"
@@ -88,10 +88,7 @@ def _losses(workdir):
 
 
 def _restored_params(workdir, config):
-  detector = trainer.get_detector(config)
-  sample = trainer._sample_batch(trainer.data_lib.get_sources(config.data)["train"])
-  mngr = checkpoint.manager(workdir, read_only=True)
-  return checkpoint.restore(mngr, 5, job._abstract_state(config, detector, sample)).params
+  return state_lib.variables_at(config, workdir, 5)["params"]
 
 
 @pytest.mark.multidevice

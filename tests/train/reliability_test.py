@@ -27,8 +27,9 @@ import numpy as np
 import pytest
 
 from dmad_jax.configs import load_module
-from dmad_jax.evaluation import job
+from dmad_jax.models import base as models_base
 from dmad_jax.train import checkpoint, trainer
+from dmad_jax.train import state as state_lib
 
 CONFIGS = os.path.join(
   os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs"
@@ -42,6 +43,33 @@ STEPS, EVERY = 8, 3  # checkpoints at steps 3, 6 and 8
 TIMEOUT = 300
 # Kill steps are drawn from this seeded generator; the drawn step is in every failure message.
 KILL_RNG = random.Random(20240607)
+# With this variable set to a step number, the training process SIGKILLs itself while saving
+# that step, after every file is written into the temporary directory and before the rename
+# that commits it: the worst moment for a crash. The hook lives in a sitecustomize module that
+# only these tests put on the subprocess's path; the installed `dmad` script runs unchanged.
+CRASH_ENV = "DMAD_TEST_CRASH_IN_CHECKPOINT_STEP"
+_CRASH_HOOK = f"""
+import os, signal
+if os.environ.get({CRASH_ENV!r}):
+  from orbax.checkpoint._src.path import atomicity
+
+  _finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+  async def finalize(self):
+    if self.get_final().name == os.environ[{CRASH_ENV!r}]:
+      os.kill(os.getpid(), signal.SIGKILL)
+    return await _finalize(self)
+
+  atomicity.AtomicRenameTemporaryPath.finalize = finalize
+"""
+
+
+@pytest.fixture(scope="module")
+def hook_dir(tmp_path_factory):
+  """A folder holding the crash hook's sitecustomize.py."""
+  folder = tmp_path_factory.mktemp("crash_hook")
+  (folder / "sitecustomize.py").write_text(_CRASH_HOOK)
+  return str(folder)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +103,7 @@ def _env(cache_dir, **extra):
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
   )
-  env.pop(checkpoint.CRASH_ENV, None)
+  env.pop(CRASH_ENV, None)
   env.update(extra)
   return env
 
@@ -114,10 +142,7 @@ def _params(workdir, step=STEPS):
   """The parameters (and BatchNorm statistics, optimizer state) saved at ``step``."""
   config = digits_pdm.get_config("runlocal")
   config.total_steps = STEPS
-  detector = trainer.get_detector(config)
-  sample = trainer._sample_batch(trainer.data_lib.get_sources(config.data)["train"])
-  abstract = job._abstract_state(config, detector, sample)
-  state = checkpoint.restore(checkpoint.manager(workdir, read_only=True), step, abstract)
+  state = state_lib.state_at(config, workdir, step)
   return [
     np.asarray(x) for x in jax.tree.leaves((state.params, state.batch_stats, state.opt_state))
   ]
@@ -202,11 +227,14 @@ def test_sigkill_at_a_random_step_then_rerun_is_bit_identical(tmp_path, cache_di
 
 
 @pytest.mark.slow
-def test_sigkill_inside_a_checkpoint_write_never_commits_it(tmp_path, cache_dir, reference):
+def test_sigkill_inside_a_checkpoint_write_never_commits_it(
+  tmp_path, cache_dir, reference, hook_dir
+):
   workdir = str(tmp_path / "run")
   # The hook kills the process after step 6's files are written, before the rename that
   # commits them.
-  code, log = _finish(_start(workdir, cache_dir, **{checkpoint.CRASH_ENV: "6"}))
+  hook = {CRASH_ENV: "6", "PYTHONPATH": hook_dir}
+  code, log = _finish(_start(workdir, cache_dir, **hook))
   assert code == -signal.SIGKILL, log[-3000:]
   ckpt = checkpoint.checkpoint_dir(workdir)
   partial = [name for name in os.listdir(ckpt) if name.startswith("6.")]
@@ -243,9 +271,19 @@ def test_sigterm_saves_the_current_step_and_exits(tmp_path, cache_dir, reference
   _assert_bit_identical(reference, _params(workdir), f"stopped by SIGTERM at step {step}")
 
 
-class _NaNSometimes:
+class _NaNSometimes(models_base.Detector):
   """A one-parameter detector whose loss is NaN on about half of the steps (drawn from the
   step's key), so the test compiles in a second instead of building PDM."""
+
+  score_names = ("score",)
+  # It stands in for PDM under the digits PDM config, whose sections it leaves unread.
+  config_keys = ("model", "loss", "score", "t_length", "template_init", "template_median_items")
+
+  def __init__(self, config=None):
+    super().__init__(config)
+
+  def predict(self, variables, batch):
+    return models_base.Prediction(scores={"score": jnp.mean(batch["image"], axis=(1, 2, 3))})
 
   def init(self, rng, batch):
     del rng, batch
@@ -274,8 +312,8 @@ def test_nonfinite_skip_leaves_the_state_untouched_and_continues(tmp_path, monke
     assert f"step {step}: non-finite" in caplog.text and "'mse': nan" in caplog.text
 
   mngr = checkpoint.manager(workdir, read_only=True)
-  sample = {"image": np.zeros((1, 32, 32, 1), np.float32)}
-  abstract = jax.eval_shape(lambda: trainer.make_state(config, _NaNSometimes(), sample, 6))
+  spec = trainer.data_lib.element_spec(config.data)
+  abstract = state_lib.abstract(config, _NaNSometimes(), spec)
   w = {s: float(checkpoint.restore(mngr, s, abstract).params["w"][0]) for s in range(1, 7)}
   w[0] = 1.0
   for step in range(1, 7):

@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent(
   import jax, numpy as np
   from dmad_jax.configs import load_module
   from dmad_jax.evaluation import job
-  from dmad_jax.train import checkpoint, trainer
+  from dmad_jax.train import state, trainer
 
   assert jax.device_count() == 8, jax.devices()
 
@@ -29,25 +29,22 @@ SCRIPT = textwrap.dedent(
     return c
 
   def state_at(c, work, step):
-    sources = trainer.data_lib.get_sources(c.data)
-    det = trainer.get_detector(c)
-    abstract = job._abstract_state(c, det, trainer._sample_batch(sources["train"]))
-    state = checkpoint.restore(checkpoint.manager(work, read_only=True), step, abstract)
-    return [np.asarray(p).tolist() for p in jax.tree.leaves((state.params, state.batch_stats))]
+    variables = state.variables_at(c, work, step)
+    return [np.asarray(p).tolist() for p in jax.tree.leaves(variables)]
 
   out = {{}}
   meshes = dict(eight=[("data", -1)], fsdp=[("data", 2), ("fsdp", 4)], one=[("data", 1)])
   for name in {runs!r}:
     mesh = meshes[name]
     c, work = config(mesh), {tmp!r} + "/" + name
-    state = trainer.train_and_evaluate(c, work)
+    final = trainer.train_and_evaluate(c, work)
     with open(work + "/metrics.jsonl") as f:
       rows = [json.loads(l) for l in f]
-    shardings = [str(x.sharding.spec) for x in jax.tree.leaves(state.params)]
+    shardings = [str(x.sharding.spec) for x in jax.tree.leaves(final.params)]
     out[name] = dict(losses=[r["loss"] for r in rows], perplexity=[r["perplexity"] for r in rows],
                      state1=state_at(c, work, 1), state5=state_at(c, work, 5),
-                     dtypes=sorted({{str(x.dtype) for x in jax.tree.leaves(state.params)}}),
-                     sharding=str(jax.tree.leaves(state.params)[0].sharding),
+                     dtypes=sorted({{str(x.dtype) for x in jax.tree.leaves(final.params)}}),
+                     sharding=str(jax.tree.leaves(final.params)[0].sharding),
                      split=sum("fsdp" in x for x in shardings), leaves=len(shardings))
   # The eval job on the same checkpoint, sharded over 8 devices and on one.
   for name, mesh in {evals!r}:

@@ -11,6 +11,7 @@ from sklearn.metrics import roc_auc_score
 from dmad_jax.configs import load_module
 from dmad_jax.evaluation import job
 from dmad_jax.train import checkpoint, trainer
+from dmad_jax.train import state as state_lib
 
 CONFIGS = os.path.join(
   os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs"
@@ -32,11 +33,7 @@ def _read_jsonl(path):
 
 
 def _params(workdir, config, step):
-  mngr = checkpoint.manager(workdir, read_only=True)
-  detector = trainer.get_detector(config)
-  sources = trainer.data_lib.get_sources(config.data)
-  abstract = job._abstract_state(config, detector, trainer._sample_batch(sources["train"]))
-  return checkpoint.restore(mngr, step, abstract).params
+  return state_lib.variables_at(config, workdir, step)["params"]
 
 
 def test_one_step_train_then_eval(tmp_path):
@@ -55,7 +52,7 @@ def test_one_step_train_then_eval(tmp_path):
   assert written["step"] == 1 and written["num_test"] == result["num_test"]
   # Every test image scored exactly once although 540 is not a multiple of the batch (64).
   scores = np.load(os.path.join(workdir, "eval", "scores_1.npz"))
-  n_test = len(trainer.data_lib.get_sources(config.data)["test"])
+  n_test = len(trainer.data_lib.get_source(config.data, "test"))
   assert n_test % config.eval.batch_size != 0
   assert sorted(scores["index"].tolist()) == list(range(n_test))
   # The reported AUROC is scikit-learn's on the same scores.
@@ -140,15 +137,16 @@ def test_template_initialised_from_an_image_file(tmp_path):
   img = (np.arange(32 * 32) % 256).astype(np.uint8).reshape(32, 32)
   Image.fromarray(img).save(tmp_path / "bkg.png")
   config = _config(template_init=str(tmp_path / "bkg.png"))
-  source = trainer.data_lib.get_sources(config.data)["train"]
-  template = trainer._initial_template(config, source)
+  source = trainer.data_lib.get_source(config.data, "train")
+  template = trainer.data_init_value(trainer.get_detector(config), source)
   np.testing.assert_allclose(template[..., 0], img / 127.5 - 1, atol=1e-6)
-  median = trainer._initial_template(_config(template_init="median"), source)
+  median_config = _config(template_init="median")
+  median = trainer.data_init_value(trainer.get_detector(median_config), source)
   assert median.shape == (32, 32, 1) and -1 <= median.min() and median.max() <= 1
 
 
 def test_checkpoint_beyond_total_steps_is_an_error(tmp_path):
   workdir = str(tmp_path / "run")
   trainer.train_and_evaluate(_config(total_steps=2), workdir)
-  with pytest.raises(ValueError, match="holds step 2, beyond total_steps 1"):
+  with pytest.raises(ValueError, match="holds step 2, beyond the 1 steps this config plans"):
     trainer.train_and_evaluate(_config(total_steps=1), workdir)
