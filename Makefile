@@ -38,6 +38,7 @@ test: $(VENV)/.installed-test
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest -q -p no:cacheprovider tests/layers_test.py
 
 bench: $(VENV)/.installed-test
 	$(PY) experiments/bench_ops.py

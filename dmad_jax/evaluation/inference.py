@@ -12,15 +12,18 @@ device or process count.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
 
 from dmad_jax import data as data_lib
-from dmad_jax.train import sharding
+from dmad_jax.train import distributed, sharding
 
 __all__ = ["Runner"]
+
+_SERIALS = itertools.count()
 
 
 class Runner:
@@ -50,6 +53,9 @@ class Runner:
     sharding.check_batch_size(batch_size, mesh)
     self.batch_size = int(batch_size)
     self.traces = 0
+    self._ready = False
+    # Runners are built in the same order on every process: the serial names their barrier.
+    self._serial = next(_SERIALS)
     self._keep = tuple(keep)
     self._data_sh = sharding.data_sharding(mesh)
 
@@ -66,9 +72,13 @@ class Runner:
     )
 
   def _call(self, variables, local_batch: Mapping[str, np.ndarray]):
-    out, kept = jax.device_get(
-      self._jit(variables, sharding.global_batch(dict(local_batch), self._data_sh))
-    )
+    batch = sharding.global_batch(dict(local_batch), self._data_sh)
+    if jax.process_count() > 1 and not self._ready:
+      # Every process compiles before any runs the program's collectives (see
+      # distributed.compiled_everywhere); the jit cache then holds the executable.
+      distributed.compiled_everywhere(self._jit, variables, batch, name=f"runner{self._serial}")
+      self._ready = True
+    out, kept = jax.device_get(self._jit(variables, batch))
     real = np.asarray(kept.pop(data_lib.MASK_KEY), bool)
     out = jax.tree.map(lambda a: np.asarray(a)[real], out)
     return out, {k: np.asarray(v)[real] for k, v in kept.items()}

@@ -161,8 +161,9 @@ class Detector(abc.ABC):
 
     The trainer runs this over the whole training split before every checkpoint and stores, in
     ``batch_stats["score_stats"]``, the minimum over the split of every key ending in ``_min``
-    and the maximum of every key ending in ``_max`` (plus ``calibrated = 1``). Declare the
-    initial values in ``init`` (they are used until the first checkpoint).
+    and the maximum of every key ending in ``_max`` (plus ``calibrated = 1``). ``init`` must
+    declare every one of them, ``calibrated`` included (the values used until the first
+    checkpoint).
     """
     del variables, batch
     return None

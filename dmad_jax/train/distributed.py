@@ -17,6 +17,9 @@ import jax
 
 log = logging.getLogger("dmad_jax")
 
+# How long a process waits at a barrier for the others (compiling a big model can take minutes).
+BARRIER_TIMEOUT_MS = 60 * 60 * 1000
+
 
 def initialize(
   coordinator_address: str | None = None,
@@ -55,3 +58,24 @@ def initialize(
     jax.device_count(),
     jax.devices()[0].platform,
   )
+
+
+def compiled_everywhere(jitted, *args, name: str):
+  """``jitted`` compiled for ``args`` (arrays or ``jax.ShapeDtypeStruct``), once every process
+  has compiled it.
+
+  With several processes, a program's first cross-process collective must come within a short
+  timeout of every process reaching it (30 s for CPU's gloo collectives). Compile times differ
+  between hosts, all the more with a persistent compilation cache that some hosts hit and others
+  miss, so each process compiles first and all meet at a barrier of the coordination service
+  (which waits as long as needed) before the program runs. With one process this is
+  ``jitted`` itself, compiled on its first call.
+  """
+  if jax.process_count() == 1:
+    return jitted
+  compiled = jitted.lower(*args).compile()
+  from orbax.checkpoint import multihost
+
+  # A barrier of the coordination service's key-value store, not a collective.
+  multihost.get_barrier_sync_fn()(key=f"dmad_compiled_{name}", timeout_ms=BARRIER_TIMEOUT_MS)
+  return compiled

@@ -26,7 +26,7 @@ from dmad_jax.data import templates
 from dmad_jax.evaluation.inference import Runner
 from dmad_jax.models import base as models_base
 from dmad_jax.models import get_detector
-from dmad_jax.train import checkpoint, durations, preflight, sharding
+from dmad_jax.train import checkpoint, distributed, durations, preflight, sharding
 from dmad_jax.train import state as state_lib
 from dmad_jax.train.optim import learning_rate_schedule
 from dmad_jax.train.state import TrainState, variables_of
@@ -159,7 +159,12 @@ def fit_statistics(state: TrainState, detector, source, runner) -> TrainState:
   checkpoint. They keep the shardings of the values they replace."""
   rows, _ = runner.collect(variables_of(state), source)
   stats = models_base.reduce_statistics(rows)
-  old = state.batch_stats[models_base.STATISTICS]
+  old = state.batch_stats.get(models_base.STATISTICS, {})
+  if set(old) != set(stats):
+    raise ValueError(
+      f"{detector.name}: init() declares batch_stats[{models_base.STATISTICS!r}] with keys "
+      f"{sorted(old)}, but statistics() fits {sorted(stats)}: declare every one in init()"
+    )
   stats = jax.tree.map(lambda new, o: jax.device_put(new.astype(o.dtype), o.sharding), stats, old)
   return state.replace(batch_stats={**state.batch_stats, models_base.STATISTICS: stats})
 
@@ -290,6 +295,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   with _StopOnSigterm() as sigterm:
     for step in range(start + 1, total_steps + 1):
       batch = sharding.global_batch(next(it), data_sh)
+      if step == start + 1:
+        step_fn = distributed.compiled_everywhere(step_fn, state, batch, name="train_step")
       state, metrics = step_fn(state, batch)
       loss, finite = jax.device_get((metrics["loss"], metrics["finite"]))
       if not finite:

@@ -1,0 +1,78 @@
+"""The eval job as a separate job: one compiled predict program for every checkpoint it watches,
+and nothing of the training split read when the model keeps no training statistics."""
+
+import builtins
+import os
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from dmad_jax.configs import load_module
+from dmad_jax.evaluation import job
+from dmad_jax.train import train_and_evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+digits_pdm = load_module(os.path.join(ROOT, "configs", "digits_pdm.py"))
+folder_pdm = load_module(os.path.join(ROOT, "configs", "folder_pdm.py"))
+
+
+@pytest.mark.slow
+def test_watch_compiles_the_predict_program_once_for_three_checkpoints(tmp_path):
+  config = digits_pdm.get_config("runlocal")
+  config.total_steps, config.checkpoint_every_steps, config.keep_checkpoints = 3, 1, 3
+  workdir = str(tmp_path / "run")
+  train_and_evaluate(config, workdir)
+  evaluator = job.Evaluator(config, workdir)
+  results = job.watch(config, workdir, poll_seconds=0.0, timeout_seconds=600, evaluator=evaluator)
+  assert sorted(results) == [1, 2, 3]
+  assert len({r["image_AUROC"] for r in results.values()}) > 1  # three different checkpoints
+  # Traced once, and one executable in jit's cache: the three checkpoints shared one program.
+  assert evaluator.runner.traces == 1
+  assert evaluator.runner._jit._cache_size() == 1
+
+
+def _write_folder(root, n_train=8):
+  rng = np.random.default_rng(0)
+  for split, folder, n in (("train", "good", n_train), ("test", "good", 3), ("test", "bad", 3)):
+    (root / split / folder).mkdir(parents=True)
+    for i in range(n):
+      img = rng.integers(0, 100 if folder == "good" else 256, (32, 32), np.uint8)
+      PIL.Image.fromarray(img).save(root / split / folder / f"{i}.png")
+
+
+def test_eval_job_opens_no_file_of_the_training_split(tmp_path, monkeypatch):
+  root = tmp_path / "data"
+  _write_folder(root)
+  config = folder_pdm.get_config(f"root={root},image_size=32,channels=1,runlocal")
+  with config.unlocked():
+    del config["calibration"]  # a threshold from the training images would read them
+  config.total_steps = 1
+  workdir = str(tmp_path / "run")
+  train_and_evaluate(config, workdir)
+
+  # Training files made unreadable, and every open of a file under train/ recorded.
+  train_dir = str(root / "train")
+  for name in os.listdir(os.path.join(train_dir, "good")):
+    with open(os.path.join(train_dir, "good", name), "wb") as f:
+      f.write(b"not an image")
+  opened = []
+  real_open, real_pil_open = builtins.open, PIL.Image.open
+
+  def record(path):
+    if isinstance(path, str | os.PathLike) and os.fspath(path).startswith(train_dir):
+      opened.append(os.fspath(path))
+
+  def spy_open(file, *args, **kwargs):
+    record(file)
+    return real_open(file, *args, **kwargs)
+
+  def spy_pil_open(fp, *args, **kwargs):
+    record(fp)
+    return real_pil_open(fp, *args, **kwargs)
+
+  monkeypatch.setattr(builtins, "open", spy_open)
+  monkeypatch.setattr(PIL.Image, "open", spy_pil_open)
+  result = job.evaluate(config, workdir)
+  assert result["num_test"] == 6 and 0.0 <= result["image_AUROC"] <= 1.0
+  assert opened == []
