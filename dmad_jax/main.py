@@ -7,6 +7,7 @@ same):
   dmad predict --workdir DIR IMAGES... --out DIR [--step N]
   dmad config --config configs/<x>.py[:ARG] [--config.KEY=VALUE ...]
   dmad video-auc --scores F.npz --labels L.npy --recipe R [--plot P.png]
+  dmad extract-frames IN.avi OUT_DIR
   dmad convert-weights IN.pth OUT.npz [--arch=wide_resnet50_2]
 
 ``train`` calls ``dmad_jax.train.train_and_evaluate``; ``eval`` runs the separate eval job on
@@ -14,8 +15,9 @@ the latest (or ``--step``) checkpoint, or with ``--watch`` on every new checkpoi
 final one; ``calibrate`` fits and stores a checkpoint's decision threshold
 (``dmad_jax.evaluation.calibration``; without --config the run's config.json); ``predict``
 writes heatmaps and scores of new images (``dmad_jax.predict``); ``video-auc`` re-scores saved
-per-frame errors; ``config`` prints a config as JSON; ``convert-weights`` turns torchvision
-ResNet weights into a teacher file.
+per-frame errors; ``config`` prints a config as JSON; ``extract-frames`` turns a video file into
+the frame-dump layout of the video sources; ``convert-weights`` turns torchvision ResNet weights
+into a teacher file.
 
 ``--config`` takes a config file path, relative to the working directory or absolute; the
 config files import only the installed package, so any working directory works.
@@ -56,6 +58,10 @@ COMMANDS = {
   "video-auc": (
     "--scores F.npz --labels L.npy [--recipe R] [--plot P.png]",
     "frame AUROC of saved per-frame errors under a score recipe",
+  ),
+  "extract-frames": (
+    "IN.avi OUT_DIR",
+    "every frame of a video file as OUT_DIR/000000.jpg, ... (needs OpenCV)",
   ),
   "convert-weights": (
     "IN.pth|IN.safetensors OUT.npz [--arch=A]",
@@ -150,6 +156,17 @@ def convert_weights(src: str, dst: str, arch: str | None = None) -> None:
   print(json.dumps(summary, indent=2))
 
 
+def extract_frames(video: str, out_dir: str) -> None:
+  """``dmad extract-frames IN OUT_DIR``: a video file as numbered frame images."""
+  from dmad_jax.data.video import extract_frames as extract
+
+  try:
+    count = extract(video, out_dir)
+  except (ImportError, ValueError, FileNotFoundError) as e:
+    sys.exit(f"extract-frames: {e}")
+  print(f"{count} frames: {os.path.abspath(out_dir)}")
+
+
 def calibrate() -> None:
   """``dmad calibrate``: fits and stores the decision threshold of a checkpoint step."""
   from dmad_jax import predict
@@ -187,7 +204,7 @@ def main(argv):
       raise app.UsageError(usage("predict"))
     predict_images(argv[2:])
     return
-  positional = 2 if command == "convert-weights" else 0  # IN OUT
+  positional = 2 if command in ("convert-weights", "extract-frames") else 0  # IN OUT
   if len(argv) != 2 + positional:
     raise app.UsageError(f"unexpected arguments {argv[2:]}\n{usage(command)}")
   if command == "calibrate":
@@ -197,6 +214,9 @@ def main(argv):
     return
   if command == "convert-weights":
     convert_weights(argv[2], argv[3], _ARCH.value)
+    return
+  if command == "extract-frames":
+    extract_frames(argv[2], argv[3])
     return
   if command == "video-auc":
     video_auc()

@@ -80,17 +80,19 @@ def run_case(name, repeats):
 
   import jax
 
+  from dmad_jax import data as data_lib
   from dmad_jax.models import get_detector
+  from dmad_jax.train import state as state_lib
   from dmad_jax.train.optim import learning_rate_schedule
   from dmad_jax.train.state import variables_of
-  from dmad_jax.train.trainer import make_state, train_step
+  from dmad_jax.train.trainer import train_step
 
   kind, batch = CASES[name]
   config = _ped2_config()
   detector = get_detector(config)
   rng = np.random.default_rng(0)
   data = {"frames": rng.uniform(-1, 1, (batch, 256, 256, 15)).astype(np.float32)}
-  state = make_state(config, detector, data, 1000)
+  state = state_lib.initial(config, detector, data_lib.element_spec(config.data), 1000)
   if kind == "train":
     step = functools.partial(
       train_step,

@@ -24,8 +24,8 @@ import jax
 import numpy as np
 
 from dmad_jax.configs import load
-from dmad_jax.evaluation import job
-from dmad_jax.train import checkpoint, sharding, trainer
+from dmad_jax.train import sharding, trainer
+from dmad_jax.train import state as state_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -50,16 +50,14 @@ def main():
   root = tempfile.mkdtemp()
   c = config(1, args.param_dtype)
   detector = trainer.get_detector(c)
-  source = trainer.data_lib.get_sources(c.data)["train"]
-  abstract = job._abstract_state(c, detector, trainer._sample_batch(source))
+  source = trainer.data_lib.get_source(c.data, "train")
   runs = {}
   for n in (8, 1):
     work = os.path.join(root, str(n))
     trainer.train_and_evaluate(config(n, args.param_dtype), work)
     with open(os.path.join(work, "metrics.jsonl")) as f:
       losses = [json.loads(line)["loss"] for line in f]
-    mngr = checkpoint.manager(work, read_only=True)
-    params = [checkpoint.restore(mngr, s, abstract).params for s in range(1, 6)]
+    params = [state_lib.variables_at(c, work, s)["params"] for s in range(1, 6)]
     runs[n] = (losses, params)
   loss_rel = [abs(a - b) / abs(b) for a, b in zip(runs[8][0], runs[1][0], strict=True)]
   param_abs = [
@@ -71,10 +69,9 @@ def main():
   ]
 
   # Gradients of one batch at the step-1 parameters, on 8 devices and on one.
-  state = checkpoint.restore(
-    checkpoint.manager(os.path.join(root, "1"), read_only=True), 1, abstract
-  )
-  batch = trainer._sample_batch(source, 16)
+  state = state_lib.state_at(c, os.path.join(root, "1"), 1)
+  records = [source[i] for i in range(16)]
+  batch = {k: np.stack([r[k] for r in records]) for k in records[0]}
 
   def grads(params, batch):
     loss = lambda p: detector.loss(p, state.batch_stats, batch, jax.random.PRNGKey(0))[0]  # noqa: E731

@@ -38,16 +38,18 @@ OUT = os.path.join(HERE, "results", "profile_train_step.json")
 
 
 def _step(batch):
+  from dmad_jax import data as data_lib
   from dmad_jax.configs import load
   from dmad_jax.models import get_detector
+  from dmad_jax.train import state as state_lib
   from dmad_jax.train.optim import learning_rate_schedule
-  from dmad_jax.train.trainer import make_state, train_step
+  from dmad_jax.train.trainer import train_step
 
   config = load(os.path.join(os.path.dirname(HERE), "configs", "ped2_pdm.py"), "root=unused")
   detector = get_detector(config)
   rng = np.random.default_rng(0)
   data = {"frames": rng.uniform(-1, 1, (batch, 256, 256, 15)).astype(np.float32)}
-  state = make_state(config, detector, data, 1000)
+  state = state_lib.initial(config, detector, data_lib.element_spec(config.data), 1000)
   schedule = learning_rate_schedule(config.optimizer, 1000)
   fn = jax.jit(
     functools.partial(train_step, detector=detector, lr_schedule=schedule), donate_argnums=0

@@ -156,3 +156,14 @@ def test_usage_lists_every_command(tmp_path):
     cwd=tmp_path,
   )
   assert unknown.returncode != 0 and "no_such_key" in unknown.stderr
+
+
+def test_extract_frames_command(tmp_path):
+  import importlib.util
+
+  out = dmad("extract-frames", "in.avi", "frames", cwd=tmp_path)
+  assert out.returncode != 0
+  if importlib.util.find_spec("cv2") is None:  # OpenCV is not a dependency of dmad_jax
+    assert "pip install opencv-python-headless" in out.stderr, out.stderr[-2000:]
+  else:
+    assert "in.avi' does not exist" in out.stderr, out.stderr[-2000:]

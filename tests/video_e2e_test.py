@@ -99,7 +99,7 @@ def test_eval_memory_does_not_grow_with_video_length(tmp_path, monkeypatch):
 
   # Measure from the end of the checkpoint restore: tensorstore sometimes keeps a ~7 MB buffer
   # from it and sometimes not, whatever the test set, which would decide the comparison.
-  restore, after_restore = job.checkpoint.restore, {}
+  restore, after_restore = job.checkpoint.restore_subset, {}
 
   def measured_restore(*args, **kwargs):
     state = restore(*args, **kwargs)
@@ -108,7 +108,7 @@ def test_eval_memory_does_not_grow_with_video_length(tmp_path, monkeypatch):
       tracemalloc.reset_peak()
     return state
 
-  monkeypatch.setattr(job.checkpoint, "restore", measured_restore)
+  monkeypatch.setattr(job.checkpoint, "restore_subset", measured_restore)
   # One untraced evaluation first: compiling (or loading from the persistent compilation cache,
   # which other tests fill in any order) allocates Python objects once, whichever run comes first.
   job.evaluate(config(tmp_path / "short", tmp_path / "short.npy"), work)

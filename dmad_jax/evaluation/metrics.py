@@ -21,13 +21,12 @@ from collections.abc import Mapping
 
 import numpy as np
 from scipy import ndimage
-from sklearn.metrics import auc, precision_recall_curve, roc_auc_score
+from sklearn.metrics import auc, roc_auc_score
 
 __all__ = [
   "aupro",
   "aupro_rd4ad",
   "auroc_report",
-  "f1_optimal_threshold",
   "image_auroc",
   "pixel_auroc",
   "region_labels",
@@ -125,34 +124,6 @@ def auroc_report(scores: Mapping[str, np.ndarray], labels) -> dict[str, float]:
       # Without the name, an error in one of several variants is hard to trace back.
       raise ValueError(f"score {name!r}: {err}") from err
   return report
-
-
-def f1_optimal_threshold(scores, labels) -> tuple[float, float]:
-  """Threshold on the scores that maximises the F1 of the anomalous class.
-
-  Intended for turning scores into binary predictions: predict anomalous where
-  ``score >= threshold``. Candidates are the distinct score values, as returned by
-  `sklearn.metrics.precision_recall_curve`; choosing the threshold on the test labels is
-  optimistic, so use it for visualisation or on a held-out split, not as a reported metric.
-
-  Args:
-    scores: Array-like of N anomaly scores, higher = more anomalous.
-    labels: Array-like of N labels, 1 = anomalous, 0 = normal.
-
-  Returns:
-    ``(threshold, f1)`` as Python floats; ties in F1 resolve to the lowest such threshold.
-
-  Raises:
-    ValueError: As `image_auroc`.
-  """
-  scores, labels = _validate(scores, labels)
-  precision, recall, thresholds = precision_recall_curve(labels, scores)
-  # The last (precision, recall) pair is the (1, 0) end point with no threshold attached.
-  precision, recall = precision[:-1], recall[:-1]
-  denom = precision + recall
-  f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
-  best = int(np.argmax(f1))
-  return float(thresholds[best]), float(f1[best])
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ torch's defaults translated to Flax: momentum 0.1 in torch is 0.9 here, epsilon 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -202,8 +201,3 @@ _max_pool2_even.defvjp(_max_pool2_fwd, _max_pool2_bwd)
 def count_params(params) -> int:
   """Number of scalar parameters in a pytree."""
   return int(sum(math.prod(p.shape) for p in jax.tree.leaves(params)))
-
-
-def as_tuple(v: int | Sequence[int]) -> tuple[int, ...]:
-  """An int or a sequence as a tuple of ints."""
-  return (int(v),) if isinstance(v, int) else tuple(int(i) for i in v)

@@ -18,10 +18,7 @@ from dmad_jax.ops.filters import (
 )
 from dmad_jax.ops.memory import block_memory_read, hard_shrink, memory_init
 from dmad_jax.ops.quantize import (
-  EMAState,
   VQAux,
-  ema_codebook_update,
-  ema_init,
   reseed_dead_codes,
   uniform_codebook_init,
   vector_quantize,
@@ -33,11 +30,9 @@ from dmad_jax.ops.sampling import (
   offsets_to_grid,
   resize_bilinear,
   warp,
-  warp_chain,
 )
 
 __all__ = [
-  "EMAState",
   "VQAux",
   "add_coords",
   "block_memory_read",
@@ -46,8 +41,6 @@ __all__ = [
   "conv_general_dilated",
   "conv_transpose",
   "coord_channels",
-  "ema_codebook_update",
-  "ema_init",
   "gaussian_blur",
   "gradient_difference",
   "grid_sample",
@@ -65,5 +58,4 @@ __all__ = [
   "uniform_codebook_init",
   "vector_quantize",
   "warp",
-  "warp_chain",
 ]

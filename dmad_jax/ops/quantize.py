@@ -2,8 +2,8 @@
 
 This is the VQ layer shared by DMAD-PDM and DMAD-PPDM (spec section 0): a codebook of K codes of
 width D, squared-L2 nearest-code assignment, a straight-through estimator and the two VQ-VAE
-losses. The released DMAD code uses no EMA update and no dead-code restarts; both are provided
-here as separate pure functions so that a model can opt into them without touching this path.
+losses. The released DMAD code restarts no dead codes; :func:`reseed_dead_codes` does it as a
+separate pure function, so that a model can opt into it without touching this path.
 
 Shapes: ``z`` is ``(..., D)`` with any leading shape (typically NHWC with D = channels); all
 leading axes are flattened into ``N`` rows for the assignment. The codebook is ``(K, D)``.
@@ -46,20 +46,6 @@ class VQAux(NamedTuple):
   commitment_loss: jax.Array
   perplexity: jax.Array
   usage: jax.Array
-
-
-class EMAState(NamedTuple):
-  """State of the exponential-moving-average codebook update (VQ-VAE-2 style).
-
-  Attributes:
-    cluster_size: ``(K,)`` EMA of the number of rows assigned to each code (not smoothed).
-    embed_sum: ``(K, D)`` EMA of the sum of the rows assigned to each code.
-    codebook: ``(K, D)`` current codebook, ``embed_sum / smoothed(cluster_size)``.
-  """
-
-  cluster_size: jax.Array
-  embed_sum: jax.Array
-  codebook: jax.Array
 
 
 def _check_codebook(codebook: jax.Array, dim: int | None = None) -> tuple[int, int]:
@@ -222,85 +208,6 @@ def uniform_codebook_init(
   return jax.random.uniform(key, (num_codes, dim), dtype=dtype, minval=-bound, maxval=bound)
 
 
-def ema_init(codebook: jax.Array) -> EMAState:
-  """Initial EMA state for ``codebook``.
-
-  The cluster sizes start at one and the sums at the codebook itself, so that
-  ``embed_sum / cluster_size == codebook`` from the start. Starting the sizes at zero (as some
-  VQ-VAE-2 ports do) makes every code unused in the first batch jump to ``codebook / eps``.
-
-  Args:
-    codebook: ``(K, D)`` initial codes.
-
-  Returns:
-    The :class:`EMAState`.
-
-  Raises:
-    ValueError: if ``codebook`` is not 2-D.
-  """
-  num_codes, _ = _check_codebook(codebook)
-  return EMAState(
-    cluster_size=jnp.ones((num_codes,), codebook.dtype),
-    embed_sum=codebook,
-    codebook=codebook,
-  )
-
-
-def ema_codebook_update(
-  state: EMAState,
-  z: jax.Array,
-  indices: jax.Array,
-  *,
-  decay: float = 0.99,
-  eps: float = 1e-5,
-) -> EMAState:
-  """One VQ-VAE-2 style EMA codebook update.
-
-  With ``n_k`` the number of rows assigned to code k and ``s_k`` their sum in this batch::
-
-    cluster_size <- decay * cluster_size + (1 - decay) * n_k
-    embed_sum    <- decay * embed_sum    + (1 - decay) * s_k
-    n = sum(cluster_size)
-    smoothed_k = (cluster_size_k + eps) / (n + K * eps) * n      # Laplace smoothing
-    codebook_k = embed_sum_k / smoothed_k
-
-  The smoothing keeps the division finite for codes that are never used while preserving the
-  total count ``n``. The update is not differentiable by design (it replaces codebook gradients);
-  ``z`` and ``indices`` are stop-gradiented.
-
-  Args:
-    state: current :class:`EMAState` with ``(K,)``, ``(K, D)`` and ``(K, D)`` fields.
-    z: ``(..., D)`` the inputs that were quantised.
-    indices: int array with the leading shape of ``z`` (``aux.indices`` of
-      :func:`vector_quantize`).
-    decay: EMA decay.
-    eps: Laplace smoothing constant.
-
-  Returns:
-    The new :class:`EMAState`.
-
-  Raises:
-    ValueError: if the shapes do not match.
-  """
-  num_codes, dim = _check_codebook(state.codebook, z.shape[-1])
-  if indices.shape != z.shape[:-1]:
-    raise ValueError(
-      f"indices shape {indices.shape} must equal the leading shape of z {z.shape[:-1]}"
-    )
-  z_flat = jax.lax.stop_gradient(z).reshape(-1, dim).astype(state.embed_sum.dtype)
-  flat_indices = jax.lax.stop_gradient(indices).reshape(-1)
-  # Segment sums avoid the (N, K) one-hot matrix of the reference implementations.
-  counts = jnp.bincount(flat_indices, length=num_codes).astype(state.cluster_size.dtype)
-  sums = jax.ops.segment_sum(z_flat, flat_indices, num_segments=num_codes)
-
-  cluster_size = decay * state.cluster_size + (1.0 - decay) * counts
-  embed_sum = decay * state.embed_sum + (1.0 - decay) * sums
-  total = jnp.sum(cluster_size)
-  smoothed = (cluster_size + eps) / (total + num_codes * eps) * total
-  codebook = (embed_sum / smoothed[:, None]).astype(state.codebook.dtype)
-  return EMAState(cluster_size=cluster_size, embed_sum=embed_sum, codebook=codebook)
-
-
 def reseed_dead_codes(
   codebook: jax.Array,
   usage: jax.Array,
@@ -314,12 +221,11 @@ def reseed_dead_codes(
   A candidate row of ``z`` is drawn for EVERY code and selected with ``jnp.where`` only for the
   dead ones, so shapes are static and the function is jittable. Candidates are drawn without
   replacement when there are at least K rows (so two dead codes never get the same row) and with
-  replacement otherwise. Callers that also keep an :class:`EMAState` should reset its statistics
-  for the re-seeded codes (e.g. with :func:`ema_init` on the new codebook).
+  replacement otherwise.
 
   Args:
     codebook: ``(K, D)`` codes.
-    usage: ``(K,)`` usage counts (e.g. ``aux.usage``, or an EMA of it).
+    usage: ``(K,)`` usage counts (e.g. ``aux.usage``, or a running average of it).
     z: ``(..., D)`` inputs; all leading axes are flattened into candidate rows.
     key: PRNG key.
     threshold: codes with ``usage < threshold`` are dead.

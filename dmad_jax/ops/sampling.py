@@ -417,26 +417,3 @@ def warp(x: jax.Array, offsets: jax.Array, *, clamp: bool = True) -> jax.Array:
   """
   grid = offsets_to_grid(offsets, x.shape[1:3], clamp=clamp)
   return grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-
-
-def warp_chain(
-  x: jax.Array, offsets: Sequence[jax.Array], *, clamp: bool = True
-) -> list[jax.Array]:
-  """Applies warps one after another: ``warp(warp(x, o1), o2)``, ...
-
-  This is DMAD's coarse-to-fine deformation pyramid: each stage warps the *raw* output of the
-  previous one.
-
-  Args:
-    x: (N, H, W, C).
-    offsets: sequence of (N, h_k, w_k, 2) offset fields, coarse first.
-    clamp: as in ``warp``.
-
-  Returns:
-    The list of intermediate results, one per offset field (the last is the final warp).
-  """
-  outs = []
-  for o in offsets:
-    x = warp(x, o, clamp=clamp)
-    outs.append(x)
-  return outs

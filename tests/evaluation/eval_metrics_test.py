@@ -5,7 +5,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dmad_jax.evaluation.metrics import auroc_report, f1_optimal_threshold, image_auroc
+from dmad_jax.evaluation.calibration import f1_threshold
+from dmad_jax.evaluation.metrics import auroc_report, image_auroc
 
 
 def _pairwise_auroc(scores, labels):
@@ -82,12 +83,13 @@ def test_auroc_report_error_names_the_score():
 
 
 def test_f1_threshold_separable():
+  # The one F1-optimal threshold of the package (calibration: anomalous iff score > threshold).
   scores = np.array([0.1, 0.3, 0.2, 0.7, 0.9, 0.8])
   labels = np.array([0, 0, 0, 1, 1, 1])
-  threshold, f1 = f1_optimal_threshold(scores, labels)
-  assert f1 == pytest.approx(1.0)
-  assert 0.3 < threshold <= 0.7
-  np.testing.assert_array_equal(scores >= threshold, labels.astype(bool))
+  threshold, at = f1_threshold(scores, labels)
+  assert at["F1"] == pytest.approx(1.0)
+  assert 0.3 < threshold < 0.7
+  np.testing.assert_array_equal(scores > threshold, labels.astype(bool))
 
 
 def test_f1_threshold_overlap_matches_brute_force():
@@ -95,7 +97,7 @@ def test_f1_threshold_overlap_matches_brute_force():
   labels = rng.integers(0, 2, size=60)
   labels[:2] = [0, 1]
   scores = rng.normal(size=60) + labels
-  threshold, f1 = f1_optimal_threshold(scores, labels)
+  threshold, at = f1_threshold(scores, labels)
 
   def f1_at(t):
     pred = scores >= t
@@ -103,10 +105,10 @@ def test_f1_threshold_overlap_matches_brute_force():
     return 2 * tp / (pred.sum() + labels.sum())
 
   best = max(f1_at(t) for t in np.unique(scores))
-  assert f1 == pytest.approx(best)
-  assert f1_at(threshold) == pytest.approx(f1)
+  assert at["F1"] == pytest.approx(best)
+  assert f1_at(np.min(scores[scores > threshold])) == pytest.approx(at["F1"])
 
 
 def test_f1_threshold_validates():
   with pytest.raises(ValueError, match=r"2 normal and 0 anomalous"):
-    f1_optimal_threshold([0.1, 0.2], [0, 0])
+    f1_threshold([0.1, 0.2], [0, 0])

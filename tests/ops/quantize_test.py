@@ -1,4 +1,4 @@
-"""Tests for dmad_jax.ops.quantize: VQ assignment, straight-through, losses, EMA, re-seeding."""
+"""Tests for dmad_jax.ops.quantize: VQ assignment, straight-through, losses, re-seeding."""
 
 import chex
 import hypothesis.strategies as st
@@ -192,48 +192,6 @@ def test_parity_with_torch_official_vq():
   np.testing.assert_allclose(np.asarray(g_cb), cb_t.grad.numpy(), atol=1e-5)
 
 
-def _np_ema_step(cluster_size, embed_sum, z, idx, decay, eps):
-  """numpy EMA update written with an explicit one-hot matrix, as in VQ-VAE-2 ports."""
-  num_codes = cluster_size.shape[0]
-  onehot = np.eye(num_codes)[idx.reshape(-1)]
-  flat = z.reshape(-1, z.shape[-1])
-  cluster_size = decay * cluster_size + (1 - decay) * onehot.sum(0)
-  embed_sum = decay * embed_sum + (1 - decay) * onehot.T @ flat
-  n = cluster_size.sum()
-  smoothed = (cluster_size + eps) / (n + num_codes * eps) * n
-  return cluster_size, embed_sum, embed_sum / smoothed[:, None]
-
-
-def test_ema_update_matches_numpy():
-  rng = np.random.default_rng(1)
-  codebook = rng.normal(size=(7, 3)).astype(np.float32)
-  state = vq.ema_init(jnp.asarray(codebook))
-  np.testing.assert_array_equal(np.asarray(state.cluster_size), np.ones(7))
-  np.testing.assert_array_equal(np.asarray(state.codebook), codebook)
-  ref = (np.ones(7), codebook.astype(np.float64))
-  for decay, eps in [(0.99, 1e-5), (0.9, 1e-3), (0.5, 1e-5)]:
-    z = rng.normal(size=(2, 4, 4, 3)).astype(np.float32)
-    idx = vq.vector_quantize(jnp.asarray(z), state.codebook)[1].indices
-    state = vq.ema_codebook_update(state, jnp.asarray(z), idx, decay=decay, eps=eps)
-    cluster, embed_sum, codebook_ref = _np_ema_step(*ref, z, np.asarray(idx), decay, eps)
-    ref = (cluster, embed_sum)
-    np.testing.assert_allclose(np.asarray(state.cluster_size), cluster, rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(state.embed_sum), embed_sum, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(state.codebook), codebook_ref, rtol=1e-4, atol=1e-6)
-
-
-def test_ema_unused_codes_stay_put():
-  # With ema_init's cluster_size = 1, a code that is never chosen keeps its value (up to the
-  # tiny Laplace smoothing) instead of blowing up to codebook / eps.
-  codebook = jnp.array([[0.0, 0.0], [10.0, 10.0]])
-  state = vq.ema_init(codebook)
-  z = jnp.full((16, 2), 0.5)
-  for _ in range(5):
-    state = vq.ema_codebook_update(state, z, jnp.zeros((16,), jnp.int32), decay=0.9)
-  np.testing.assert_allclose(np.asarray(state.codebook[1]), [10.0, 10.0], rtol=1e-3)
-  assert float(state.codebook[0, 0]) > 0.2  # pulled towards the assigned rows
-
-
 @pytest.mark.parametrize("num_rows", [12, 4])  # at least K rows (no replacement) and fewer
 def test_reseed_replaces_exactly_the_dead_codes(num_rows):
   rng = np.random.default_rng(2)
@@ -280,13 +238,12 @@ def test_jit_vmap_grad_compile_once():
 
     (grads, aux) = jax.grad(loss, argnums=(0, 1), has_aux=True)(z, cb)
     per_example = jax.vmap(lambda x: vq.vector_quantize(x, cb, chunk_size=7)[1])(z)
-    ema = vq.ema_codebook_update(vq.ema_init(cb), z, aux.indices)
     reseeded = vq.reseed_dead_codes(cb, aux.usage, z, key)
-    return grads, aux, per_example, ema, reseeded
+    return grads, aux, per_example, reseeded
 
   for seed in range(3):
     z = jnp.asarray(rng.normal(size=(3, 5, 4)), jnp.float32)
-    _, aux, per_example, _, _ = step(z, codebook, jax.random.key(seed))
+    _, aux, per_example, _ = step(z, codebook, jax.random.key(seed))
     np.testing.assert_array_equal(np.asarray(per_example.indices), np.asarray(aux.indices))
     for i in range(3):
       single = vq.vector_quantize(z[i], codebook)[1]
