@@ -71,7 +71,14 @@ def run(protocol: str, steps: int | None, workroot: str, model: str = "pdm") -> 
     result["model"] = model
   result["total_steps"] = int(config.total_steps)
   result["wall_seconds"] = time.time() - t0
-  return result
+  # Stored results name files relative to the repository.
+  return {k: _relative(v) for k, v in result.items()}
+
+
+def _relative(value):
+  if isinstance(value, str) and os.path.isabs(value) and value.startswith(ROOT + os.sep):
+    return os.path.relpath(value, ROOT)
+  return value
 
 
 def main():
@@ -103,7 +110,9 @@ def main():
   summary = {
     "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
     "model": args.model,
-    "command": " ".join(sys.argv),
+    "command": " ".join(
+      ["python", os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)] + sys.argv[1:]
+    ),
     "runs": results,
   }
   if one_class:

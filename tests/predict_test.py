@@ -21,6 +21,7 @@ from dmad_jax.evaluation import calibration, job
 from dmad_jax.models import get_detector
 from dmad_jax.predict import Predictor, load_config
 from dmad_jax.train import checkpoint, trainer
+from dmad_jax.train import state as state_lib
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 folder_pdm = load_module(os.path.join(CONFIGS, "folder_pdm.py"))
@@ -56,12 +57,8 @@ def _write_run(config, workdir, steps):
   state of the trainer's structure with random parameters (BatchNorm scales and variances 1):
   nothing tested here depends on training, and neither the train step nor the initialisation
   (~20 s of CPU for PDM) is compiled."""
-  train = data_lib.get_sources(config.data)["train"]
-  abstract = jax.eval_shape(
-    lambda: trainer.make_state(
-      config, get_detector(config), trainer._sample_batch(train), config.total_steps
-    )
-  )
+  spec = data_lib.get_source(config.data, "train").element_spec
+  abstract = state_lib.abstract(config, get_detector(config), spec)
   rng = np.random.default_rng(0)
 
   def fill(path, leaf):
