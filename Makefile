@@ -29,8 +29,8 @@ $(VENV)/.installed-test: pyproject.toml | $(PY)
 # separate eval job, print image AUROC and where the figures are.
 demo: $(VENV)/.installed-runtime
 	rm -rf runs/demo
-	$(PY) -m dmad_jax train --config configs/digits_pdm.py --workdir runs/demo
-	$(PY) -m dmad_jax eval --config configs/digits_pdm.py --workdir runs/demo
+	$(VENV)/bin/dmad train --config configs/digits_pdm.py --workdir runs/demo
+	$(VENV)/bin/dmad eval --config configs/digits_pdm.py --workdir runs/demo
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q -n auto --durations=15 $(PYTEST_ARGS)

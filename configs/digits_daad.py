@@ -5,7 +5,7 @@
       --workdir runs/daad_plus3
   dmad eval  --config 'configs/digits_daad.py:variant=daad_plus;protocol=one_class=3' \\
       --workdir runs/daad_plus3
-  dmad train --config 'configs/digits_daad.py:variant=memae;runlocal' --workdir /tmp/t   # tests
+  dmad train --config 'configs/digits_daad.py:variant=memae;runlocal' --workdir /tmp/t_daad
 
 Args (';'-separated): ``variant`` (ae, memae, ae_skip, daad, daad_plus; default daad),
 ``protocol`` (as configs/digits_pdm.py; default normal=1,3,5,7,9), ``runlocal``. The paper's

@@ -43,6 +43,7 @@ from dmad_jax import data as data_lib
 from dmad_jax.configs import schema
 from dmad_jax.evaluation import calibration, figures, metrics, video
 from dmad_jax.evaluation.inference import Runner
+from dmad_jax.models import base as models_base
 from dmad_jax.models import get_detector
 from dmad_jax.train import checkpoint, durations, sharding
 from dmad_jax.train import state as state_lib
@@ -303,6 +304,16 @@ class Evaluator:
     """
     step = checkpoint.latest_step(self.workdir, step)
     variables = self.restore(step)
+    if self.detector.fits_statistics:
+      fitted = variables["batch_stats"].get(models_base.STATISTICS, {}).get("calibrated")
+      if fitted is not None and not float(fitted):
+        log.warning(
+          "step %d was saved without the training split's statistics (a save on SIGTERM or "
+          "preemption): %s's scores that use them are unscaled; evaluate a scheduled "
+          "checkpoint, or resume training to the next one",
+          step,
+          self.config.model_name,
+        )
     scored = self.score(variables)
     result = {**self.metrics(scored), "step": int(step)}
     # The step's decision threshold (fitted first on its named split when the config has a
