@@ -39,7 +39,6 @@ import ml_collections
 
 from dmad_jax.configs import common, pdm
 
-TRAIN_CLIPS = 15264  # Avenue training frames (15328) minus 4 per video (16 videos)
 OFFICIAL_BKG = os.path.join(
   os.path.dirname(os.path.abspath(__file__)),
   "..",
@@ -96,5 +95,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.gen_features = 64
   c.model.offset_features = 64
   c.optimizer.lr_multipliers = {"template": 50.0}
-  pdm.full_size_video_run(c, epochs=a["epochs"], train_clips=TRAIN_CLIPS)
+  pdm.full_size_video_run(c, epochs=a["epochs"])
   return c

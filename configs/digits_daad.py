@@ -46,9 +46,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.augment.hflip = False
   c.augment.vflip = False
   c.batch_size = 32
-  c.total_steps = 200
+  common.set_duration(c, "total", steps=200)
   c.log_every_steps = 50
-  c.checkpoint_every_steps = 200
+  common.set_duration(c, "checkpoint_every", steps=200)
   c.eval.batch_size = 128
   if a["runlocal"]:
     daad.shrink_for_tests(c)

@@ -10,7 +10,8 @@
 Args (';'-separated): root (required), variant (ae, memae, ae_skip, daad, daad_plus; default
 daad_plus), image_size (default 256; divisible by 16 and, with the paper's rates, by 128),
 channels (3 or 1), runlocal (tiny model and run, for tests). The recipe is the paper's MVTec one
-(``dmad_jax.configs.daad.paper_config``); set the run length with ``--config.total_steps``.
+(``dmad_jax.configs.daad.paper_config``: 1000 epochs of the training folder); set the run length
+with ``--config.total_epochs``.
 """
 
 import ml_collections

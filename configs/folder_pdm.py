@@ -60,9 +60,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.lr = 2e-4
     c.optimizer.lr_multipliers = {"template": 50.0}
     c.batch_size = 8
-    del c["total_steps"], c["checkpoint_every_steps"]
-    c.total_epochs = 100.0
-    c.checkpoint_every_epochs = 10.0
+    common.set_duration(c, "total", epochs=100.0)
+    common.set_duration(c, "checkpoint_every", epochs=10.0)
     c.log_every_steps = 100
     c.eval.batch_size = 8
   return c

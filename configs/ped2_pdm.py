@@ -11,16 +11,15 @@ Arg keys: root, labels, bkg (template image; default: median of training frames)
 runlocal (tiny model and image size 32 for tests). The paper's Ped2 frame AUROC is 99.7; it is
 not yet reproduced here (the data set is not available on this machine).
 
-Deviations from the official code, by design: the cosine schedule decays per step rather than
-per epoch, the template's learning rate stays at 50x (the official code drops it to 20x after
+Deviations from the official code, by design: an epoch is (training clips) / 8 steps, counted
+from the data when training starts (the official loop drops each epoch's last partial batch),
+the cosine schedule decays per step rather than per epoch, the template's learning rate stays at 50x (the official code drops it to 20x after
 epoch 5), and the checkpoint is the last one rather than the best on the test set.
 """
 
 import ml_collections
 
 from dmad_jax.configs import common, pdm
-
-TRAIN_CLIPS = 2486  # Ped2 training frames (2550) minus 4 per video (16 videos)
 
 
 def parse_arg(arg: str | None) -> dict:
@@ -46,5 +45,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.gen_features = 32
   c.model.offset_features = 64
   c.optimizer.lr_multipliers = {"template": 50.0}
-  pdm.full_size_video_run(c, epochs=a["epochs"], train_clips=TRAIN_CLIPS)
+  pdm.full_size_video_run(c, epochs=a["epochs"])
   return c

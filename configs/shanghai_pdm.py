@@ -47,7 +47,6 @@ import ml_collections
 from dmad_jax.configs import common, pdm
 from dmad_jax.data.video import count_templates
 
-TRAIN_CLIPS = 273195  # ShanghaiTech training frames (274,515) minus 4 per video (330 videos)
 HEAD_STRIDES = pdm.HEAD_STRIDES
 
 
@@ -114,5 +113,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.num_codes = 1000
   c.model.gen_features = 64
   c.model.offset_features = 64
-  pdm.full_size_video_run(c, epochs=a["epochs"], train_clips=TRAIN_CLIPS)
+  pdm.full_size_video_run(c, epochs=a["epochs"])
   return c

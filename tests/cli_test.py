@@ -104,13 +104,13 @@ def test_every_config_loads_through_the_installed_script(name, tmp_path):
     assert out.returncode == 0, (cwd, out.stderr[-3000:])
     config = json.loads(out.stdout)
     assert config["model_name"] in ("pdm", "daad", "daad_plus", "ppdm", "rd")
-    if arg is not None:
-      # Without its required arg the config says which arg to pass, in its own words.
-      missing = dmad("config", f"--config={path}", cwd=cwd)
-      assert missing.returncode != 0
-      assert f"configs/{name} needs the config arg" in missing.stderr, missing.stderr[-2000:]
-      assert "--config configs/" in missing.stderr
-      assert "ModuleNotFoundError" not in missing.stderr and "ImportError" not in missing.stderr
+  if arg is not None:
+    # Without its required arg the config says which arg to pass, in its own words.
+    missing = dmad("config", f"--config={os.path.join(ROOT, 'configs', name)}", cwd=elsewhere)
+    assert missing.returncode != 0
+    assert f"configs/{name} needs the config arg" in missing.stderr, missing.stderr[-2000:]
+    assert "--config configs/" in missing.stderr
+    assert "ModuleNotFoundError" not in missing.stderr and "ImportError" not in missing.stderr
 
 
 @pytest.mark.slow

@@ -59,3 +59,14 @@ def dmad_cli():
     )
 
   return run
+
+
+def pytest_collection_modifyitems(config, items):
+  """Long tests first: pytest-xdist hands tests out in collection order, so a long test
+  collected last can leave one worker running it alone at the end of the session."""
+  del config
+
+  def long(item):
+    return item.get_closest_marker("slow") or item.get_closest_marker("multidevice")
+
+  items.sort(key=lambda item: 0 if long(item) else 1)  # stable: the file order is kept

@@ -15,6 +15,18 @@ from collections.abc import Mapping, Sequence
 FLAGS = ("runlocal",)
 
 
+def set_duration(c, name: str, *, steps: int | None = None, epochs: float | None = None) -> None:
+  """Sets duration ``name`` ("total", "log_every", "checkpoint_every") of config ``c`` in steps
+  or in epochs of the training split, removing the other form (the trainer refuses both)."""
+  for unit, value in (("steps", steps), ("epochs", epochs)):
+    key = f"{name}_{unit}"
+    if value is None:
+      if key in c:
+        del c[key]
+    else:
+      c[key] = value
+
+
 def _items(arg: str, keys: Sequence[str], flags: Sequence[str]) -> list[str]:
   """The items of ``arg``: split on ';', and on ',' where a known key or flag follows."""
   names = "|".join(map(re.escape, [*keys, *flags]))

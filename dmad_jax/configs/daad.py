@@ -104,9 +104,9 @@ def paper_config(image_size: int = 256, channels: int = 3) -> ml_collections.Con
   c.optimizer = _adam(1e-4)
   c.discriminator_optimizer = _adam(1e-4)
   c.batch_size = 8
-  c.total_steps = 30000  # the paper trains 1000 epochs; configs/mvtec_daad.py counts them
+  c.total_epochs = 1000.0  # the paper's
   c.log_every_steps = 100
-  c.checkpoint_every_steps = 1000
+  c.checkpoint_every_epochs = 100.0
   c.keep_checkpoints = 3
   c.nonfinite = "stop"
   c.eval_at_end = False
@@ -124,9 +124,9 @@ def shrink_for_tests(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.discriminator.features = 4
   c.discriminator.feature_dim = 8
   c.batch_size = 4
-  c.total_steps = 2
-  c.log_every_steps = 1
-  c.checkpoint_every_steps = 1
+  common.set_duration(c, "total", steps=2)
+  common.set_duration(c, "log_every", steps=1)
+  common.set_duration(c, "checkpoint_every", steps=1)
   c.eval.batch_size = 64
   c.eval.figure_samples = 2
   return c

@@ -3,13 +3,11 @@ DMAD-PPDM / RD recipe of the official code (shared/spec/seed_systems.md Sec. 2 a
 
 from __future__ import annotations
 
-import math
-
 import ml_collections
 
 from dmad_jax.configs import common
 
-# Training images per category of MVTec AD (train/good), to turn epochs into steps.
+# Training images per category of MVTec AD (train/good).
 TRAIN_COUNTS = {
   "bottle": 209,
   "cable": 224,
@@ -112,12 +110,11 @@ def ppdm_base(a: dict, *, model_name: str, epochs: int, batch_size: int):
       grad_clip_norm=0.0,
     )
   )
-  epochs = a["epochs"] or epochs
-  steps_per_epoch = math.ceil(TRAIN_COUNTS[a["category"]] / batch_size)
   c.batch_size = batch_size
-  c.total_steps = epochs * steps_per_epoch
-  c.log_every_steps = steps_per_epoch
-  c.checkpoint_every_steps = 10 * steps_per_epoch
+  # Epochs of the category's training images, converted to steps from the data itself.
+  common.set_duration(c, "total", epochs=float(a["epochs"] or epochs))
+  common.set_duration(c, "log_every", epochs=1.0)
+  common.set_duration(c, "checkpoint_every", epochs=10.0)
   c.keep_checkpoints = 2
   c.nonfinite = "stop"
   c.eval_at_end = False
@@ -134,8 +131,8 @@ def shrink_ppdm_for_tests(c, a: dict) -> None:
   # An explicit weights arg still loads them; otherwise the teacher is random (with a warning).
   c.model.random_teacher = not a["weights"]
   c.batch_size = 4
-  c.total_steps = 2
-  c.log_every_steps = 1
-  c.checkpoint_every_steps = 1
+  common.set_duration(c, "total", steps=2)
+  common.set_duration(c, "log_every", steps=1)
+  common.set_duration(c, "checkpoint_every", steps=1)
   c.eval.batch_size = 8
   c.eval.figure_samples = 2

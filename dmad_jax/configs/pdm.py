@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from dmad_jax.configs import common
+
 # The head strides of the released Avenue / ShanghaiTech model files ("code") and of the spec's
 # prose ("spec"); see configs/avenue_pdm.py.
 HEAD_STRIDES = {"code": ((2, 2, 1), (1, 1)), "spec": ((1, 2, 1), (2, 1))}
@@ -100,9 +102,9 @@ def base(runlocal: bool = False) -> ml_collections.ConfigDict:
     c.model.gen_features = 8
     c.model.offset_features = 8
     c.batch_size = 8
-    c.total_steps = 2
-    c.log_every_steps = 1
-    c.checkpoint_every_steps = 1
+    common.set_duration(c, "total", steps=2)
+    common.set_duration(c, "log_every", steps=1)
+    common.set_duration(c, "checkpoint_every", steps=1)
     c.template_median_items = 16
     c.eval.batch_size = 64
     c.eval.figure_samples = 2
@@ -146,12 +148,13 @@ def video_base(
   return c
 
 
-def full_size_video_run(c: ml_collections.ConfigDict, *, epochs: int, train_clips: int):
-  """The official optimisation of the video models: AdamW 2e-4, batch 8, ``epochs`` passes."""
+def full_size_video_run(c: ml_collections.ConfigDict, *, epochs: int):
+  """The official optimisation of the video models: AdamW 2e-4, batch 8, ``epochs`` passes over
+  the training clips (converted to steps from the data when training starts)."""
   c.optimizer.lr = 2e-4
   c.optimizer.warmup_steps = 0
   c.batch_size = 8
-  c.total_steps = epochs * (train_clips // 8)
+  common.set_duration(c, "total", epochs=float(epochs))
   c.log_every_steps = 100
   c.checkpoint_every_steps = 1000
   c.eval.batch_size = 8

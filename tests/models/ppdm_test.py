@@ -26,7 +26,7 @@ from dmad_jax.models import get_detector, ppdm, teacher
 from dmad_jax.models.pdm import OffsetNet
 from dmad_jax.nn import resnet
 from dmad_jax.ops import filters, sampling
-from dmad_jax.train import trainer
+from dmad_jax.train import durations, trainer
 from dmad_jax.train.state import TrainState
 
 CONFIGS = os.path.join(
@@ -330,12 +330,14 @@ def test_mvtec_configs():
   for cat, n in mvtec.TRAIN_COUNTS.items():
     c = mvtec_ppdm.get_config(f"root=/d;category={cat};weights=w.npz")
     assert c.score.alpha == (0.2 if cat in ("screw", "carpet", "metal_nut") else 0.05)
-    assert c.total_steps == 400 * math.ceil(n / 8) and c.batch_size == 8
+    # 400 epochs of the category's training images, in steps once the data is read.
+    assert c.total_epochs == 400 and c.batch_size == 8
+    assert durations.plan(c, n).total_steps == math.ceil(400 * n / 8)
     assert c.data.root == f"/d/{cat}" and c.model.arch == "wide_resnet50_2"
     assert (c.optimizer.lr, c.optimizer.b1, c.optimizer.weight_decay) == (5e-3, 0.5, 0.01)
     assert c.model.backbone_weights == "w.npz" and not c.model.random_teacher
     r = mvtec_rd.get_config(f"root=/d;category={cat};weights=w.npz")
-    assert r.total_steps == 200 * math.ceil(n / 16) and r.optimizer.name == "adam"
+    assert r.total_epochs == 200 and r.optimizer.name == "adam"
     assert not r.model.deform and not r.model.vq
   assert (
     set(mvtec_ppdm.PAPER_AUROC) == set(mvtec_ppdm.CATEGORIES) and len(mvtec_ppdm.CATEGORIES) == 15
