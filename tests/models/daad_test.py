@@ -62,6 +62,7 @@ _STRUCTURE = {
 
 
 @pytest.mark.parametrize("variant", list(daad_configs.VARIANTS))
+@pytest.mark.slow
 def test_each_variant_trains_a_few_steps(variant):
   config, detector = _detector(variant)
   batch = _batch()

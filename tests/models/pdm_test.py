@@ -40,6 +40,7 @@ def _small(**kw):
 
 
 @pytest.mark.parametrize("size,in_ch,out_ch", [(32, 1, 1), (64, 12, 3)])
+@pytest.mark.slow
 def test_forward_shapes_image_and_video_mode(size, in_ch, out_ch):
   model = _small(image_size=size, in_channels=in_ch, out_channels=out_ch, coord_blocks=size // 8)
   x = jax.random.uniform(jax.random.key(0), (2, size, size, in_ch), minval=-1, maxval=1)
@@ -67,6 +68,7 @@ def test_generic_sizes_and_bad_sizes():
   assert len(out["stages"]) == 3
 
 
+@pytest.mark.slow
 def test_loss_terms_and_gradients():
   model = _small()
   x = jax.random.uniform(jax.random.key(0), (4, 32, 32, 1), minval=-1, maxval=1)

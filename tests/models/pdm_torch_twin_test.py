@@ -102,6 +102,7 @@ _BIASES_BEFORE_BN = {
 }
 
 
+@pytest.mark.slow
 def test_in_float64_loss_and_every_gradient_match(twins):
   """Same weights, same batch, float64 in both: the loss and all 150 parameter gradients agree
   to float64 rounding, so the two programs compute the same function (float32 adds only the
@@ -159,4 +160,8 @@ def test_eval_scores_match(twins):
   tscores = torch_pdm.eval_step(copy.deepcopy(tmodel), _nchw(frames))
   assert sorted(tscores) == sorted(scores)
   for k, v in scores.items():
-    np.testing.assert_allclose(v, tscores[k].numpy(), rtol=1e-4, err_msg=k)
+    # Two frameworks' float32 convolutions differ by rounding relative to the magnitude of the
+    # computation, not of each result: a score near zero gets an absolute floor at the scale of
+    # that score's largest value.
+    ref = tscores[k].numpy()
+    np.testing.assert_allclose(v, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max(), err_msg=k)

@@ -197,6 +197,7 @@ def test_foreground_weights_reduce_to_the_plain_loss(tiny):
   assert not {"mask", "template_masked"} & set(terms)
 
 
+@pytest.mark.slow
 def test_shanghai_mask_loss_and_template_gradients(tiny):
   model, params, bs, x, _ = tiny
   target = jax.random.uniform(jax.random.key(5), (2, 32, 32, 3), minval=-1, maxval=1)

@@ -122,6 +122,7 @@ def test_paper_size_shapes():
 # ---------------------------------------------------------------------------------------------
 # RD is PPDM without deformation and VQ.
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_rd_is_ppdm_with_deformation_and_vq_off():
   batch = _batch()
   rd = get_detector(_config(mvtec_rd))
@@ -171,6 +172,7 @@ def test_rd_is_ppdm_with_deformation_and_vq_off():
 # ---------------------------------------------------------------------------------------------
 # The frozen teacher.
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_teacher_is_frozen_and_the_offsetnet_learns_through_it():
   """Two trainer steps with ONLY the distillation loss: the teacher is bit-identical, and the
   OffsetNet moves, which it can only do through the teacher (the loss sees the warped image

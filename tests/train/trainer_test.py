@@ -62,6 +62,7 @@ def test_one_step_train_then_eval(tmp_path):
     assert os.path.getsize(os.path.join(workdir, "eval", name)) > 0
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_saved_step(tmp_path):
   config = _config(total_steps=4, checkpoint_every_steps=2)
   full = str(tmp_path / "full")
@@ -83,6 +84,7 @@ def test_resume_continues_from_the_saved_step(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
   workdir = str(tmp_path / "run")
   config = _config(total_steps=2)
@@ -121,6 +123,7 @@ def test_eval_without_checkpoint_names_the_directory(tmp_path):
     job.evaluate(_config(), str(tmp_path / "empty"))
 
 
+@pytest.mark.slow
 def test_watch_evaluates_every_checkpoint_until_the_last(tmp_path):
   workdir = str(tmp_path / "run")
   config = _config(total_steps=2, checkpoint_every_steps=1)
