@@ -13,8 +13,9 @@ not yet reproduced here (the data set is not available on this machine).
 
 Deviations from the official code, by design: an epoch is (training clips) / 8 steps, counted
 from the data when training starts (the official loop drops each epoch's last partial batch),
-the cosine schedule decays per step rather than per epoch, the template's learning rate stays at 50x (the official code drops it to 20x after
-epoch 5), and the checkpoint is the last one rather than the best on the test set.
+the cosine schedule decays per step rather than per epoch, the template's learning rate stays
+at 50x (the official code drops it to 20x after epoch 5), and the checkpoint is the last one
+rather than the best on the test set.
 """
 
 import ml_collections
