@@ -32,8 +32,10 @@ demo: $(VENV)/.installed-runtime
 	$(VENV)/bin/dmad train --config configs/digits_pdm.py --workdir runs/demo
 	$(VENV)/bin/dmad eval --config configs/digits_pdm.py --workdir runs/demo
 
+# worksteal: a worker that runs out of tests takes queued ones from the other (with xdist's default
+# `load`, one worker held the long tests' queue while the other idled for 19 minutes).
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q -n auto --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n auto --dist worksteal --durations=15 $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .

@@ -17,9 +17,13 @@ DMAD = os.path.join(os.path.dirname(sys.executable), "dmad")
 CONFIG_FILES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.py")))
 
 
-def dmad(*args, cwd, timeout=600):
-  """Runs the installed script with the environment a user has: no PYTHONPATH."""
+def dmad(*args, cwd, timeout=600, user_flags=False):
+  """Runs the installed script with the environment a user has: no PYTHONPATH; with
+  ``user_flags``, also XLA's default optimisation level rather than the suite's -O0."""
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  if user_flags:
+    flags = env.get("XLA_FLAGS", "").split()
+    env["XLA_FLAGS"] = " ".join(f for f in flags if "xla_backend_optimization_level" not in f)
   return subprocess.run(
     [DMAD, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
   )
@@ -115,15 +119,30 @@ def test_every_config_loads_through_the_installed_script(name, tmp_path):
 
 @pytest.mark.slow
 def test_train_eval_predict_of_folder_pdm_through_the_installed_script(tmp_path):
-  """The README's own-data commands, from a directory outside the repository."""
+  """The README's own-data commands, from a directory outside the repository, with the user's
+  XLA flags."""
   _write_folder(tmp_path / "data", np.random.default_rng(0))
   elsewhere = tmp_path / "cwd"
   elsewhere.mkdir()
   cfg = f"{ROOT}/configs/folder_pdm.py:root={tmp_path / 'data'},image_size=32,runlocal"
-  train = dmad("train", f"--config={cfg}", "--workdir=run", "--config.total_steps=3", cwd=elsewhere)
+  train = dmad(
+    "train",
+    f"--config={cfg}",
+    "--workdir=run",
+    "--config.total_steps=3",
+    cwd=elsewhere,
+    user_flags=True,
+  )
   assert train.returncode == 0, train.stderr[-3000:]
   assert "checkpoints:" in train.stdout
-  ev = dmad("eval", f"--config={cfg}", "--workdir=run", "--config.total_steps=3", cwd=elsewhere)
+  ev = dmad(
+    "eval",
+    f"--config={cfg}",
+    "--workdir=run",
+    "--config.total_steps=3",
+    cwd=elsewhere,
+    user_flags=True,
+  )
   assert ev.returncode == 0, ev.stderr[-3000:]
   assert "metrics:" in ev.stdout and "figures:" in ev.stdout
   with open(elsewhere / "run" / "eval" / "metrics.json") as f:
@@ -131,7 +150,7 @@ def test_train_eval_predict_of_folder_pdm_through_the_installed_script(tmp_path)
   assert (m["step"], m["num_normal"], m["num_anomalous"]) == (3, 6, 5)
   assert 0.0 <= m["image_AUROC"] <= 1.0 and "threshold" in m  # folder_pdm calibrates
   new = sorted(glob.glob(str(tmp_path / "data" / "test" / "scratch" / "*.png")))[:2]
-  pred = dmad("predict", "--workdir=run", *new, "--out=pred", cwd=elsewhere)
+  pred = dmad("predict", "--workdir=run", *new, "--out=pred", cwd=elsewhere, user_flags=True)
   assert pred.returncode == 0, pred.stderr[-3000:]
   with open(elsewhere / "pred" / "predictions.json") as f:
     rows = json.load(f)["images"]

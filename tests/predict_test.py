@@ -105,6 +105,7 @@ def _eval_scores(run):
     return {k: f[k] for k in f.files}
 
 
+@pytest.mark.slow
 def test_predictor_reproduces_the_eval_job_scores(run, predictor):
   saved = _eval_scores(run)
   test = FolderSource(run["data"], "test", image_size=SIZE)
@@ -185,6 +186,7 @@ def test_calibrate_f1_on_the_test_split_is_stored_as_optimistic(run, caplog):
   assert (record["num_normal"], record["num_anomalous"]) == (3, 3)
 
 
+@pytest.mark.slow
 def test_predict_command_writes_heatmaps(run, predictor, dmad_cli, tmp_path):
   test = FolderSource(run["data"], "test", image_size=SIZE)
   images = [test.paths[0], test.paths[-1]]  # One normal, one anomalous.

@@ -41,6 +41,7 @@ def _write_folder(root, n_train=8):
       PIL.Image.fromarray(img).save(root / split / folder / f"{i}.png")
 
 
+@pytest.mark.slow
 def test_eval_job_opens_no_file_of_the_training_split(tmp_path, monkeypatch):
   root = tmp_path / "data"
   _write_folder(root)

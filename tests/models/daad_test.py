@@ -90,6 +90,7 @@ def test_each_variant_trains_a_few_steps(variant):
   assert mse[-1] < mse[0], mse  # the same batch four times: the reconstruction improves
 
 
+@pytest.mark.slow
 def test_generator_and_discriminator_change_only_through_their_own_optimizer():
   config, detector = _detector("daad_plus")
   batch = _batch()

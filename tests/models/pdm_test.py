@@ -56,6 +56,7 @@ def test_forward_shapes_image_and_video_mode(size, in_ch, out_ch):
   assert float(out["mask"].min()) >= 0 and float(out["mask"].max()) <= 1
 
 
+@pytest.mark.slow
 def test_generic_sizes_and_bad_sizes():
   with pytest.raises(ValueError, match="divisible by 2\\*\\*3"):
     _small(image_size=36).init(jax.random.key(0), jnp.zeros((1, 36, 36, 1)), train=False)

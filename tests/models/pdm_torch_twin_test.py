@@ -148,6 +148,7 @@ def test_in_float64_loss_and_every_gradient_match(twins):
       assert err < 1e-10, (key, err)
 
 
+@pytest.mark.slow
 def test_eval_scores_match(twins):
   """The twin's eval step computes the scores of ``PDMDetector.predict`` (Ped2 config)."""
   tmodel, module, variables, frames = twins

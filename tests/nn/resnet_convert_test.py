@@ -369,6 +369,7 @@ def test_save_load_and_load_backbone(tmp_path, resnet18_torch):
     convert.load_state_dict(tmp_path / "bad.pth")
 
 
+@pytest.mark.slow
 def test_convert_weights_cli_round_trip(tmp_path, dmad_cli, resnet18_torch):
   sd = resnet18_torch.state_dict()
   torch.save(sd, tmp_path / "r18.pth")

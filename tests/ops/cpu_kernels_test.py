@@ -123,6 +123,7 @@ def test_a_failing_compiler_is_reported_with_its_command(tmp_path, monkeypatch):
   assert not list(tmp_path.iterdir())  # no half-written library left behind
 
 
+@pytest.mark.slow
 def test_concurrent_first_builds_share_one_library(tmp_path, monkeypatch):
   """pytest-xdist workers or the processes of one job may all build at once."""
   if cpu_kernels._compiler() is None:

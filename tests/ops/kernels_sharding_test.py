@@ -75,7 +75,7 @@ SCRIPT = textwrap.dedent(
 def test_sharded_kernels_stay_local_and_match_one_device(kernels):
   env = dict(
     os.environ,
-    XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
     JAX_PLATFORMS="cpu",
     DMAD_JAX_CPU_KERNELS=kernels,
   )

@@ -97,6 +97,7 @@ def test_grid_sample_on_exact_pixel_borders_matches_torch(formulation):
       np.testing.assert_allclose(a, b, rtol=0, atol=1e-5, err_msg=f"{name} {kw}")
 
 
+@pytest.mark.slow
 @settings(max_examples=12)  # each new shape compiles; 12 shapes cover the edge sizes
 @given(
   n=st.integers(1, 3),

@@ -52,7 +52,8 @@ def _free_port() -> int:
 def _launch(command, workdir, devices, process_id=None, port=None):
   env = dict(
     os.environ,
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
+    + f" --xla_force_host_platform_device_count={devices}",
     JAX_PLATFORMS="cpu",
     JAX_ENABLE_X64="1",
   )

@@ -65,7 +65,7 @@ SCRIPT = textwrap.dedent(
 def _run_on_eight_devices(tmp_path, param_dtype, runs, evals=()):
   env = dict(
     os.environ,
-    XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
     JAX_PLATFORMS="cpu",
     JAX_ENABLE_X64="1" if param_dtype == "float64" else "0",
     PYTHONPATH=ROOT,

@@ -36,6 +36,7 @@ def _params(workdir, config, step):
   return state_lib.variables_at(config, workdir, step)["params"]
 
 
+@pytest.mark.slow
 def test_one_step_train_then_eval(tmp_path):
   workdir = str(tmp_path / "run")
   config = _config(total_steps=1)
@@ -148,6 +149,7 @@ def test_template_initialised_from_an_image_file(tmp_path):
   assert median.shape == (32, 32, 1) and -1 <= median.min() and median.max() <= 1
 
 
+@pytest.mark.slow
 def test_checkpoint_beyond_total_steps_is_an_error(tmp_path):
   workdir = str(tmp_path / "run")
   trainer.train_and_evaluate(_config(total_steps=2), workdir)
