@@ -2,6 +2,8 @@
 
   python experiments/bench_train.py [--repeats 5] [--rounds 3] [--no-torch] [--json]
 
+``--json`` prints the result as JSON and stores it in experiments/results/bench_train.json.
+
 Cases: train step at batch 1 and 4 (AdamW, donated state, the official Ped2 loss), eval step
 (forward + anomaly maps + scores) at batch 1. For each: median seconds per step, compile seconds,
 FLOPs per step from XLA's cost analysis, achieved GFLOP/s, its ratio to a float32 matmul peak
@@ -230,6 +232,9 @@ def main():
     "results": rows,
   }
   if args.json:
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_train.json")
+    with open(path, "w") as f:
+      json.dump(result, f, indent=2)
     print(json.dumps(result))
     return
   print(
