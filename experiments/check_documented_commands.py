@@ -86,6 +86,13 @@ MANIFEST = DATA / ".check_documented_commands.json"
 RESULTS = REPO / "experiments" / "results" / "documented_commands.json"
 DEFAULT_TIMEOUT = 1800.0  # seconds per dmad invocation
 
+
+def portable(text: str) -> str:
+  """``text`` with this machine's paths made relative: the repository's as relative paths, the
+  scratch folder's as ``$SCRATCH``."""
+  return text.replace(f"{REPO}/", "").replace(str(REPO), ".").replace(str(SCRATCH), "$SCRATCH")
+
+
 # Lines that cannot run on this machine by their nature: (pattern, reason).
 CANNOT_RUN = (
   (r"\bgcloud\s+compute\s+tpus\b", "needs a Cloud TPU pod slice (gcloud compute tpus ...)"),
@@ -1539,7 +1546,7 @@ def main() -> int:
       "exit_status": exit_code,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+    RESULTS.write_text(portable(json.dumps(result, indent=1)) + "\n")
     print(f"wrote {RESULTS.relative_to(REPO)}")
   return exit_code
 
