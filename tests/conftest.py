@@ -32,8 +32,8 @@ os.environ.setdefault(
 # CPU time 128 s against 77 s). Tests compile at -O0 unless XLA_FLAGS already chooses a level.
 # -O0 changes float rounding, not the computation (4 training steps of the tiny digits config end
 # with other parameter bits): every assertion is a property with a tolerance or a comparison of
-# two runs under the same flags. The end-to-end
-# test of the installed `dmad` script runs with the user's default flags (tests/cli_test.py).
+# two runs under the same flags. The end-to-end test of the installed `dmad` script runs with the
+# user's default flags (tests/cli_test.py).
 O0_FLAG = "--xla_backend_optimization_level=0"
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + O0_FLAG).strip()

@@ -27,6 +27,13 @@ def set_duration(c, name: str, *, steps: int | None = None, epochs: float | None
       c[key] = value
 
 
+def set_test_durations(c) -> None:
+  """The test-sized run length: 2 steps, logged and checkpointed at each."""
+  set_duration(c, "total", steps=2)
+  set_duration(c, "log_every", steps=1)
+  set_duration(c, "checkpoint_every", steps=1)
+
+
 def _items(arg: str, keys: Sequence[str], flags: Sequence[str]) -> list[str]:
   """The items of ``arg``: split on ';', and on ',' where a known key or flag follows."""
   names = "|".join(map(re.escape, [*keys, *flags]))

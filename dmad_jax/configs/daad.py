@@ -124,9 +124,7 @@ def shrink_for_tests(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.discriminator.features = 4
   c.discriminator.feature_dim = 8
   c.batch_size = 4
-  common.set_duration(c, "total", steps=2)
-  common.set_duration(c, "log_every", steps=1)
-  common.set_duration(c, "checkpoint_every", steps=1)
+  common.set_test_durations(c)
   c.eval.batch_size = 64
   c.eval.figure_samples = 2
   return c

@@ -131,8 +131,6 @@ def shrink_ppdm_for_tests(c, a: dict) -> None:
   # An explicit weights arg still loads them; otherwise the teacher is random (with a warning).
   c.model.random_teacher = not a["weights"]
   c.batch_size = 4
-  common.set_duration(c, "total", steps=2)
-  common.set_duration(c, "log_every", steps=1)
-  common.set_duration(c, "checkpoint_every", steps=1)
+  common.set_test_durations(c)
   c.eval.batch_size = 8
   c.eval.figure_samples = 2

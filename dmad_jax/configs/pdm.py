@@ -102,9 +102,7 @@ def base(runlocal: bool = False) -> ml_collections.ConfigDict:
     c.model.gen_features = 8
     c.model.offset_features = 8
     c.batch_size = 8
-    common.set_duration(c, "total", steps=2)
-    common.set_duration(c, "log_every", steps=1)
-    common.set_duration(c, "checkpoint_every", steps=1)
+    common.set_test_durations(c)
     c.template_median_items = 16
     c.eval.batch_size = 64
     c.eval.figure_samples = 2
