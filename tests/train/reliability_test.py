@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 
+import filelock
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,7 +65,7 @@ if os.environ.get({CRASH_ENV!r}):
 """
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def hook_dir(tmp_path_factory):
   """A folder holding the crash hook's sitecustomize.py."""
   folder = tmp_path_factory.mktemp("crash_hook")
@@ -72,7 +73,7 @@ def hook_dir(tmp_path_factory):
   return str(folder)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cache_dir(request, tmp_path_factory):
   """JAX's persistent compilation cache for the subprocesses, kept in pytest's cache directory
   across sessions when there is one (entries are keyed by the program, the JAX version and the
@@ -183,13 +184,26 @@ def _committed(workdir):
     return False
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory, cache_dir):
-  """Final state of an uninterrupted run (seed 0)."""
-  workdir = str(tmp_path_factory.mktemp("reference") / "run")
-  _train(workdir, cache_dir)
-  assert checkpoint.manager(workdir, read_only=True).all_steps() == [3, 6, 8]
-  return _params(workdir)
+  """Final state of an uninterrupted run (seed 0), computed once per pytest session: under
+  pytest-xdist the workers share it through a file next to their temporary directories, taken
+  under a lock by the first worker that needs it (a per-worker, per-module fixture ran the same
+  40-s training three times in one `make test`)."""
+  shared = tmp_path_factory.getbasetemp().parent  # common to all workers of the session
+  if os.environ.get("PYTEST_XDIST_WORKER") is None:
+    shared = tmp_path_factory.getbasetemp()
+  saved = shared / "reliability_reference.npz"
+  with filelock.FileLock(str(saved) + ".lock"):
+    if not saved.exists():
+      workdir = str(shared / "reliability_reference")
+      _train(workdir, cache_dir)
+      assert checkpoint.manager(workdir, read_only=True).all_steps() == [3, 6, 8]
+      params = _params(workdir)
+      np.savez(str(saved) + ".tmp.npz", *params)
+      os.replace(str(saved) + ".tmp.npz", saved)
+  with np.load(saved) as f:
+    return [f[f"arr_{i}"] for i in range(len(f.files))]
 
 
 @pytest.mark.slow
