@@ -1,4 +1,4 @@
-"""Pure JAX functions (no Flax), NHWC: sampling, quantisation, block memory, filters.
+"""Pure JAX functions (no Flax), NHWC: sampling, quantisation, block memory, filters, SSIM.
 
 Every function is jit-, vmap- and grad-safe and matches the PyTorch semantics of the official
 DMAD code where one exists (see the tests for the parity checks).
@@ -31,6 +31,7 @@ from dmad_jax.ops.sampling import (
   resize_bilinear,
   warp,
 )
+from dmad_jax.ops.ssim import ms_ssim, ms_ssim_maps, ssim, ssim_maps
 
 __all__ = [
   "VQAux",
@@ -48,6 +49,8 @@ __all__ = [
   "identity_grid",
   "lhs_dilated_conv",
   "memory_init",
+  "ms_ssim",
+  "ms_ssim_maps",
   "offsets_to_grid",
   "reseed_dead_codes",
   "resize_bilinear",
@@ -55,6 +58,8 @@ __all__ = [
   "smoothness_2d",
   "smoothness_kernel_1d",
   "smoothness_kernel_2d",
+  "ssim",
+  "ssim_maps",
   "uniform_codebook_init",
   "vector_quantize",
   "warp",
