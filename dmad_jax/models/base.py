@@ -15,8 +15,11 @@ and declares what it produces; everything else has a default:
 Optional hooks (defaults in :class:`Detector`): ``value_and_grad`` (gradients that are not those
 of one scalar loss, e.g. a GAN's players); ``optimizer_groups`` (parts of the model with an
 optimizer of their own, declared as data); ``statistics`` (values over the training split whose
-extrema are kept in the checkpoint, e.g. score ranges for min-max scaling); ``data_init``
-(initial parameter values estimated from the training data, e.g. PDM's background template).
+extrema are kept in the checkpoint, e.g. score ranges for min-max scaling); ``fit_to_data``
+(values estimated from the training split before training and every ``refit_every`` steps, kept
+in ``batch_stats`` and used by the loss, e.g. IGD's Gaussian centre and width: the E-step of an
+EM scheme); ``data_init`` (initial parameter values estimated from the training data, e.g.
+PDM's background template).
 
 Config: a detector reads only the sections it declares in ``config_sections`` (plus the top-level
 keys in ``config_keys``), each through :func:`dmad_jax.configs.schema.section`, which refuses an
@@ -167,6 +170,30 @@ class Detector(abc.ABC):
     """
     del variables, batch
     return None
+
+  def fit_to_data(self, variables: dict, collect) -> dict | None:
+    """Values estimated from the training split, or None (the default: nothing is fitted).
+
+    The trainer calls it before step 1 and then before every step that follows a multiple of
+    ``config.refit_every_steps`` (or ``refit_every_epochs``); the values are saved with the
+    state, so a resumed run fits where the uninterrupted one did.
+    ``collect(fn)`` runs the pure ``fn(variables, batch) -> {name: (B, ...) array}`` over one
+    exact pass of the training split (jitted and sharded as the eval job runs ``predict``; no
+    augmentation, records in order, padding dropped) with the current ``variables`` and returns
+    ``{name: numpy array over all records}``; it may be called several times (e.g. a centre, then
+    a width around it).
+
+    Returns:
+      ``{batch_stats key: {name: array}}``: each replaces that entry of ``batch_stats``, which
+      ``init`` must declare with the same names and shapes.
+    """
+    del variables, collect
+    return None
+
+  @property
+  def fits_data(self) -> bool:
+    """Whether :meth:`fit_to_data` is implemented (the trainer then reads the training split)."""
+    return type(self).fit_to_data is not Detector.fit_to_data
 
   @property
   def fits_statistics(self) -> bool:

@@ -33,14 +33,14 @@ WEIGHTS_HELP = (
 )
 
 
-def make_teacher(arch: str, dtype: Any = jnp.float32) -> resnet.ResNet:
-  """The frozen teacher trunk (stages layer1-3), as a detached module.
+def make_teacher(arch: str, dtype: Any = jnp.float32, stages=STAGES) -> resnet.ResNet:
+  """The frozen teacher trunk (by default stages layer1-3), as a detached module.
 
   ``parent=None`` keeps it out of any enclosing module's variables even when it is built inside
   one: it is only ever used through ``teacher.apply(teacher_variables, x, train=False)``.
   """
   resnet.check_arch(arch)
-  return resnet.ResNet(arch=arch, stages=STAGES, dtype=dtype, parent=None)
+  return resnet.ResNet(arch=arch, stages=tuple(stages), dtype=dtype, parent=None)
 
 
 def teacher_features(
@@ -54,14 +54,14 @@ def teacher_features(
   return make_teacher(arch, dtype).apply(jax.lax.stop_gradient(variables), x, train=False)
 
 
-def teacher_shapes(arch: str) -> dict:
+def teacher_shapes(arch: str, stages=STAGES) -> dict:
   """``jax.ShapeDtypeStruct`` tree of the teacher's {"params", "batch_stats"} (nothing runs)."""
   dummy = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)  # shapes do not depend on it
-  shapes = jax.eval_shape(make_teacher(arch).init, jax.random.PRNGKey(0), dummy)
+  shapes = jax.eval_shape(make_teacher(arch, stages=stages).init, jax.random.PRNGKey(0), dummy)
   return {c: shapes[c] for c in ("params", "batch_stats")}
 
 
-def random_teacher_variables(arch: str, rng: jax.Array) -> dict:
+def random_teacher_variables(arch: str, rng: jax.Array, stages=STAGES) -> dict:
   """Teacher variables drawn from torchvision's initial distribution (tests only).
 
   Convolutions N(0, 2 / fan_out) (kaiming normal, fan_out mode, ReLU gain), BatchNorm scale 1,
@@ -72,8 +72,9 @@ def random_teacher_variables(arch: str, rng: jax.Array) -> dict:
   Args:
     arch: teacher arch.
     rng: PRNG key (raw uint32 data or a typed key).
+    stages: the stages the teacher computes (default layer1-3).
   """
-  shapes = teacher_shapes(arch)
+  shapes = teacher_shapes(arch, stages)
   flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
   sizes = [int(np.prod(s.shape)) for path, s in flat if path[-1].key == "kernel"]
   noise = jax.random.normal(rng, (sum(sizes),), jnp.float32)
@@ -92,18 +93,19 @@ def random_teacher_variables(arch: str, rng: jax.Array) -> dict:
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def read_teacher(path: str, arch: str, shapes) -> dict:
+def read_teacher(path: str, arch: str, shapes, stages=STAGES) -> dict:
   """Host side of the teacher loading: the converted weights as float32 numpy arrays."""
+  stages = tuple(stages)
   from dmad_jax import convert
 
   if not os.path.isfile(path):
     raise FileNotFoundError(f"model.backbone_weights: no file at {path!r}. {WEIGHTS_HELP}")
-  _, variables = convert.load_backbone(path, arch, STAGES)
+  _, variables = convert.load_backbone(path, arch, stages)
   variables = {c: variables[c] for c in ("params", "batch_stats")}
   want = jax.tree.map(lambda s: tuple(s.shape), shapes)
   got = jax.tree.map(lambda a: tuple(a.shape), variables)
   if want != got:
-    raise ValueError(f"model.backbone_weights {path!r} does not hold {arch} stages {STAGES}")
+    raise ValueError(f"model.backbone_weights {path!r} does not hold {arch} stages {stages}")
   return jax.tree.map(lambda a: np.asarray(a, np.float32), variables)
 
 
@@ -116,12 +118,14 @@ class Teacher:
     weights: the converted weights file (``model.backbone_weights``).
     random: torchvision's random initialisation instead (``model.random_teacher``; tests only).
     owner: the detector's name, for messages.
+    stages: the stages it computes (RD / PPDM: layer1-3; IGD's global encoder: layer1-4).
   """
 
   arch: str
   weights: str = ""
   random: bool = False
   owner: str = "ppdm"
+  stages: tuple[str, ...] = STAGES
 
   def __post_init__(self):
     resnet.check_arch(self.arch)
@@ -152,7 +156,7 @@ class Teacher:
     through a callback, so that a jitted init neither embeds them as constants nor reads the
     file when only shapes are traced), or a draw from torchvision's initial distribution."""
     if self.random:
-      return random_teacher_variables(self.arch, rng)
-    shapes = teacher_shapes(self.arch)
-    read = functools.partial(read_teacher, self.weights, self.arch, shapes)
+      return random_teacher_variables(self.arch, rng, self.stages)
+    shapes = teacher_shapes(self.arch, self.stages)
+    read = functools.partial(read_teacher, self.weights, self.arch, shapes, self.stages)
     return jax.pure_callback(read, shapes)

@@ -2,7 +2,9 @@
 
 A config gives each duration either in steps or in epochs: ``total_steps`` or ``total_epochs``,
 ``log_every_steps`` or ``log_every_epochs``, ``checkpoint_every_steps`` or
-``checkpoint_every_epochs``. Epochs are passes over the training split: with N training records
+``checkpoint_every_epochs``; and, for detectors that fit values to the training split during
+training (``Detector.fit_to_data``), ``refit_every_steps`` or ``refit_every_epochs`` (default:
+never after the start). Epochs are passes over the training split: with N training records
 and a global batch of B, one epoch is N / B steps, so a config written for a 50-image folder
 trains it for as many passes as a 5,000-image one. :func:`plan` converts everything to steps
 once, from the data source's size, and the trainer writes the result to ``<workdir>/plan.json``
@@ -17,7 +19,12 @@ import math
 import os
 
 # Duration name -> default when the config gives neither form (None: required).
-DURATIONS = {"total": None, "log_every": ("steps", 50), "checkpoint_every": ("steps", 1000)}
+DURATIONS = {
+  "total": None,
+  "log_every": ("steps", 50),
+  "checkpoint_every": ("steps", 1000),
+  "refit_every": ("steps", 0),  # 0: never (only before the first step)
+}
 PLAN_FILE = "plan.json"
 
 
@@ -31,6 +38,8 @@ class Plan:
     total_steps: optimizer steps of the run.
     log_every_steps: steps between logged scalars.
     checkpoint_every_steps: steps between checkpoints (the last step is always saved).
+    refit_every_steps: steps between the detector's fits to the training split (0: none after
+      the one before the first step).
   """
 
   train_records: int
@@ -38,6 +47,7 @@ class Plan:
   total_steps: int
   log_every_steps: int
   checkpoint_every_steps: int
+  refit_every_steps: int = 0
 
   @property
   def epochs(self) -> float:
@@ -49,6 +59,7 @@ class Plan:
       f"{self.total_steps} steps of batch {self.batch_size} = {self.epochs:.4g} epochs of "
       f"{self.train_records} training records; log every {self.log_every_steps} steps, "
       f"checkpoint every {self.checkpoint_every_steps}"
+      + (f", refit every {self.refit_every_steps}" if self.refit_every_steps else "")
     )
 
 
@@ -91,7 +102,7 @@ def to_steps(config, name: str, train_records: int, batch_size: int) -> int:
   """Duration ``name`` in steps (at least 1)."""
   unit, value = given(config, name) or DURATIONS[name]
   if unit == "steps":
-    return int(value)
+    return int(value)  # 0 only for refit_every's default: never
   return max(1, math.ceil(value * train_records / batch_size))
 
 
@@ -106,6 +117,7 @@ def plan(config, train_records: int) -> Plan:
     total_steps=to_steps(config, "total", train_records, bs),
     log_every_steps=to_steps(config, "log_every", train_records, bs),
     checkpoint_every_steps=to_steps(config, "checkpoint_every", train_records, bs),
+    refit_every_steps=to_steps(config, "refit_every", train_records, bs),
   )
 
 

@@ -1,4 +1,5 @@
-"""Optimizers from the config: AdamW with a schedule and per-group learning-rate multipliers."""
+"""Optimizers from the config: AdamW or Adam with a schedule and per-group learning-rate
+multipliers."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ OPTIMIZER_KEYS = (
   "eps",
   "weight_decay",
   "schedule",
+  "power",
   "warmup_steps",
   "lr_multipliers",
   "grad_clip_norm",
@@ -29,9 +31,17 @@ def learning_rate_schedule(cfg, total_steps: int) -> optax.Schedule:
   """Base learning-rate schedule.
 
   ``cfg.schedule``: "cosine" (DMAD's CosineAnnealingLR to 0 over the run, here per step rather
-  than per epoch, with ``cfg.warmup_steps`` of linear warm-up) or "constant".
+  than per epoch, with ``cfg.warmup_steps`` of linear warm-up), "constant", or "poly"
+  (``lr * (1 - step / total_steps) ** cfg.power``, IGD's per-iteration decay; power 0.9 unless
+  given).
   """
   warmup = int(cfg.get("warmup_steps", 0))
+  if cfg.schedule == "poly":
+    if warmup:
+      raise ValueError("optimizer.schedule 'poly' has no warm-up: set warmup_steps=0")
+    return optax.polynomial_schedule(
+      cfg.lr, 0.0, float(cfg.get("power", 0.9)), max(int(total_steps), 1)
+    )
   if cfg.schedule == "constant":
     sched = optax.constant_schedule(cfg.lr)
     if warmup:
@@ -41,7 +51,9 @@ def learning_rate_schedule(cfg, total_steps: int) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(
       0.0 if warmup else cfg.lr, cfg.lr, warmup, max(total_steps, warmup + 1), end_value=0.0
     )
-  raise ValueError(f"optimizer.schedule must be 'cosine' or 'constant', got {cfg.schedule!r}")
+  raise ValueError(
+    f"optimizer.schedule must be 'cosine', 'constant' or 'poly', got {cfg.schedule!r}"
+  )
 
 
 def _path_name(path) -> str:
@@ -66,7 +78,9 @@ def param_groups(params, multipliers: dict[str, float]) -> Any:
 def make_optimizer(
   cfg, total_steps: int, params, *, where: str = "optimizer"
 ) -> optax.GradientTransformation:
-  """AdamW (torch semantics: decoupled weight decay on every parameter, as DMAD's code does).
+  """AdamW (torch semantics: decoupled weight decay on every parameter, as DMAD's code does) or
+  Adam (torch semantics: ``weight_decay`` is an L2 term added to the gradient before the moments,
+  as IGD's code uses it).
 
   Config keys: ``name`` ("adamw" or "adam"), ``lr``, ``b1``, ``b2``, ``eps``, ``weight_decay``,
   ``schedule``, ``warmup_steps``, ``lr_multipliers`` ({path regex: multiplier}, e.g.
@@ -81,7 +95,9 @@ def make_optimizer(
     if cfg.name == "adamw":
       return optax.adamw(lr, cfg.b1, cfg.b2, cfg.get("eps", 1e-8), weight_decay=cfg.weight_decay)
     if cfg.name == "adam":
-      return optax.adam(lr, cfg.b1, cfg.b2, cfg.get("eps", 1e-8))
+      adam = optax.adam(lr, cfg.b1, cfg.b2, cfg.get("eps", 1e-8))
+      wd = float(cfg.get("weight_decay", 0.0))
+      return optax.chain(optax.add_decayed_weights(wd), adam) if wd else adam
     raise ValueError(f"optimizer.name must be 'adamw' or 'adam', got {cfg.name!r}")
 
   multipliers = dict(cfg.get("lr_multipliers", {}) or {})

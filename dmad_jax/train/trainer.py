@@ -169,6 +169,51 @@ def fit_statistics(state: TrainState, detector, source, runner) -> TrainState:
   return state.replace(batch_stats={**state.batch_stats, models_base.STATISTICS: stats})
 
 
+class DataFitter:
+  """Runs :meth:`Detector.fit_to_data` on the training split: one :class:`Runner` (jitted once)
+  per function the detector collects with, the state's shardings for the variables."""
+
+  def __init__(self, detector, source, *, mesh, variables_sharding, batch_size: int):
+    self.detector, self.source = detector, source
+    self._runner = functools.partial(
+      Runner, mesh=mesh, variables_sharding=variables_sharding, batch_size=batch_size, keep=()
+    )
+    self._runners = {}
+
+  def __call__(self, state: TrainState) -> TrainState:
+    """``state`` with the fitted values in place of those ``batch_stats`` held (same shardings
+    and dtypes)."""
+    variables = variables_of(state)
+
+    def collect(fn):
+      if fn not in self._runners:
+        self._runners[fn] = self._runner(fn)
+      rows, _ = self._runners[fn].collect(variables, self.source)
+      return rows
+
+    fitted = self.detector.fit_to_data(variables, collect)
+    stats = dict(state.batch_stats)
+    for key, values in fitted.items():
+      old = stats.get(key)
+      want = None if old is None else jax.tree.map(lambda a: tuple(a.shape), old)
+      got = jax.tree.map(lambda a: tuple(np.shape(a)), values)
+      if want != got:
+        raise ValueError(
+          f"{self.detector.name}: fit_to_data() returned batch_stats[{key!r}] of shapes {got}, "
+          f"but init() declares {want}"
+        )
+      for name, value in values.items():
+        if not np.all(np.isfinite(value)):
+          raise ValueError(
+            f"{self.detector.name}: {key}/{name} fitted to the training split is not finite: "
+            f"{value}"
+          )
+      stats[key] = jax.tree.map(
+        lambda new, o: jax.device_put(np.asarray(new, o.dtype), o.sharding), values, old
+      )
+    return state.replace(batch_stats=stats)
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop.
 # ---------------------------------------------------------------------------------------------
@@ -276,6 +321,15 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     out_shardings=(state_sh, rep),
     donate_argnums=0,
   )
+  fitter = None
+  if detector.fits_data:
+    fitter = DataFitter(
+      detector,
+      train_source,
+      mesh=mesh,
+      variables_sharding=variables_of(state_sh),
+      batch_size=eval_bs,
+    )
   statistics = None
   if detector.fits_statistics:
     statistics = Runner(
@@ -294,6 +348,12 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   t_last, step_last = time.time(), start
   with _StopOnSigterm() as sigterm:
     for step in range(start + 1, total_steps + 1):
+      # The detector's fit to the training split before step 1 and then before every step that
+      # follows a multiple of refit_every: a function of the step alone, so a resumed run fits
+      # where the uninterrupted one did (the values are saved with the state).
+      refit = plan.refit_every_steps
+      if fitter is not None and (step == 1 or (refit and (step - 1) % refit == 0)):
+        state = fitter(state)
       batch = sharding.global_batch(next(it), data_sh)
       if step == start + 1:
         step_fn = distributed.compiled_everywhere(step_fn, state, batch, name="train_step")

@@ -58,3 +58,12 @@ def test_final_step_of_a_run_in_epochs_comes_from_the_trainers_plan(tmp_path):
   with open(tmp_path / durations.PLAN_FILE) as f:
     assert json.load(f)["epochs"] == pytest.approx(2.0)
   assert durations.final_step(_config(total_steps=7), str(tmp_path)) == 7
+
+
+def test_refit_every_is_a_duration_and_never_by_default():
+  assert durations.plan(_config(total_steps=10), 50).refit_every_steps == 0
+  plan = durations.plan(_config(total_epochs=100.0, refit_every_epochs=10.0), 50)
+  assert plan.refit_every_steps == 63  # 10 epochs of 50 records in batches of 8
+  assert plan.describe().endswith(", refit every 63")
+  (bad,) = durations.check(_config(total_steps=5, refit_every_steps=0))
+  assert bad == "config.refit_every_steps must be an int >= 1, got 0"
