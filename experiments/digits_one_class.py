@@ -3,9 +3,11 @@
   python experiments/digits_one_class.py [--steps 300] [--digits 0,1,...] [--odd_even]
   python experiments/digits_one_class.py --model daad --steps 150
   python experiments/digits_one_class.py --model daad_plus --steps 150
+  python experiments/digits_one_class.py --model igd
 
 For each digit k: train the model (``--model``: ``pdm`` = DMAD-PDM, configs/digits_pdm.py; or a
-DAAD row of configs/digits_daad.py: ``ae``, ``memae``, ``ae_skip``, ``daad``, ``daad_plus``) with
+DAAD row of configs/digits_daad.py: ``ae``, ``memae``, ``ae_skip``, ``daad``, ``daad_plus``; or
+``igd``, configs/digits_igd.py) with
 protocol one_class=k on the normal training images of the seeded stratified split, evaluate on
 the whole test part (all ten digits, label 1 unless the digit is k) with the separate eval job,
 and record the image AUROCs. With ``--odd_even`` the paper's toy protocol (normal = 1,3,5,7,9)
@@ -38,11 +40,12 @@ from dmad_jax.train import train_and_evaluate
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-MODELS = ("pdm", *daad.VARIANTS)
+MODELS = ("pdm", *daad.VARIANTS, "igd")
 # Score columns of the printed table per model: (metric key, header).
 COLUMNS = {
   "pdm": (("image_AUROC_rec", "AUROC (rec only)"), ("image_AUROC_df", "AUROC (deformation only)")),
   "daad_plus": (("image_AUROC_rec", "AUROC (R only)"), ("image_AUROC_ali", "AUROC (L only)")),
+  "igd": (("image_AUROC_recon", "AUROC (recon only)"), ("image_AUROC_gsvdd", "AUROC (GSVDD only)")),
 }
 
 
@@ -50,6 +53,8 @@ def get_config(model: str, protocol: str):
   """The digits config of ``model`` for ``protocol``."""
   if model == "pdm":
     return load(os.path.join(ROOT, "configs", "digits_pdm.py"), f"protocol={protocol}")
+  if model == "igd":
+    return load(os.path.join(ROOT, "configs", "digits_igd.py"), f"protocol={protocol}")
   return load(
     os.path.join(ROOT, "configs", "digits_daad.py"), f"variant={model};protocol={protocol}"
   )
@@ -79,6 +84,15 @@ def _relative(value):
   if isinstance(value, str) and os.path.isabs(value) and value.startswith(ROOT + os.sep):
     return os.path.relpath(value, ROOT)
   return value
+
+
+def _settings(config, steps: int | None) -> dict:
+  keep = ("model_name", "model", "loss", "score", "optimizer", "batch_size", "total_steps")
+  d = json.loads(config.to_json_best_effort())
+  out = {k: d[k] for k in keep if k in d}
+  if steps:
+    out["total_steps"] = steps
+  return out
 
 
 def main():
@@ -114,6 +128,9 @@ def main():
       ["python", os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)] + sys.argv[1:]
     ),
     "runs": results,
+    # The settings that produced the numbers (those of the first protocol; only the protocol
+    # differs between runs).
+    "settings": _settings(get_config(args.model, protocols[0]), args.steps),
   }
   if one_class:
     summary["mean_image_AUROC_one_class"] = sum(r["image_AUROC"] for r in one_class) / len(

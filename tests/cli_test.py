@@ -77,6 +77,10 @@ def _complete_arg(name, tmp_path):
     "ped2_pdm.py": "root=/data/ped2",
     "avenue_pdm.py": "root=/data/avenue",
     "shanghai_pdm.py": f"root={frames}",
+    "digits_igd.py": None,
+    "folder_igd.py": "root=/data/x;weights=r18.npz",
+    "mvtec_igd.py": "root=/data/mvtec;category=bottle;weights=r18.npz",
+    "oneclass_igd.py": "dataset=mnist;normal=3",
   }[name]
 
 
@@ -92,6 +96,10 @@ def test_every_config_is_known_to_this_test():
     "ped2_pdm.py",
     "avenue_pdm.py",
     "shanghai_pdm.py",
+    "digits_igd.py",
+    "folder_igd.py",
+    "mvtec_igd.py",
+    "oneclass_igd.py",
   }
   assert set(CONFIG_FILES) == names, "a new config file: add its complete arg to this test"
 
@@ -107,7 +115,7 @@ def test_every_config_loads_through_the_installed_script(name, tmp_path):
     out = dmad("config", f"--config={path}{spec}", cwd=cwd)
     assert out.returncode == 0, (cwd, out.stderr[-3000:])
     config = json.loads(out.stdout)
-    assert config["model_name"] in ("pdm", "daad", "daad_plus", "ppdm", "rd")
+    assert config["model_name"] in ("pdm", "daad", "daad_plus", "ppdm", "rd", "igd")
   if arg is not None:
     # Without its required arg the config says which arg to pass, in its own words.
     missing = dmad("config", f"--config={os.path.join(ROOT, 'configs', name)}", cwd=elsewhere)
@@ -186,3 +194,31 @@ def test_extract_frames_command(tmp_path):
     assert "pip install opencv-python-headless" in out.stderr, out.stderr[-2000:]
   else:
     assert "in.avi' does not exist" in out.stderr, out.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_train_eval_predict_of_igd_through_the_installed_script(tmp_path):
+  """A model added as one model file plus configs runs through the same three commands: IGD's
+  local model on 32x32 images (one patch each), with an E-step after every step."""
+  _write_folder(tmp_path / "data", np.random.default_rng(1))
+  data = tmp_path / "data"
+  cfg = f"{ROOT}/configs/folder_igd.py:root={data};variant=local;image_size=32;runlocal"
+  common = (f"--config={cfg}", "--workdir=run")
+  train = dmad("train", *common, cwd=tmp_path)
+  assert train.returncode == 0, train.stderr[-3000:]
+  assert "refit every 1" in train.stderr  # the training plan names the E-step schedule
+  ev = dmad("eval", *common, cwd=tmp_path)
+  assert ev.returncode == 0, ev.stderr[-3000:]
+  with open(tmp_path / "run" / "eval" / "metrics.json") as f:
+    m = json.load(f)
+  assert (m["step"], m["num_normal"], m["num_anomalous"]) == (2, 6, 5)
+  for key in ("image_AUROC", "image_AUROC_recon", "image_AUROC_gsvdd"):
+    assert 0.0 <= m[key] <= 1.0, (key, m)
+  assert "pixel_AUROC" not in m and "threshold" in m  # no masks in this folder; calibrated
+  new = sorted(glob.glob(str(tmp_path / "data" / "test" / "scratch" / "*.png")))[:2]
+  pred = dmad("predict", "--workdir=run", *new, "--out=pred", cwd=tmp_path)
+  assert pred.returncode == 0, pred.stderr[-3000:]
+  with open(tmp_path / "pred" / "predictions.json") as f:
+    rows = json.load(f)["images"]
+  assert [r["path"] for r in rows] == new
+  assert all(os.path.isfile(tmp_path / r["heatmap"]) for r in rows)

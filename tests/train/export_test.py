@@ -24,6 +24,7 @@ SMALLEST = {
   "daad_plus": ("digits_daad.py", "variant=daad_plus;runlocal"),
   "ppdm": ("mvtec_ppdm.py", MVTEC),
   "rd": ("mvtec_rd.py", MVTEC),
+  "igd": ("digits_igd.py", "runlocal"),
 }
 _DMAD_CALL = re.compile(r"custom_call\s*@dmad_|call_target_name\s*=\s*\"dmad_")
 
