@@ -15,7 +15,8 @@ Metrics: ``image_AUROC`` of the main score and ``image_AUROC_<name>`` of every o
 detector names (``Detector.score_names``). Video sources add the frame AUROC of
 ``eval.recipe`` (:mod:`dmad_jax.evaluation.video`). When the test records carry ground-truth
 masks (key ``"mask"``, MVTec layout with ``ground_truth/``), the detector's pixel map
-(``Detector.pixel_map``) is also scored: ``pixel_AUROC`` (all pixels pooled), ``pixel_AUPRO``
+(``Detector.pixel_map``) is also scored: ``pixel_AUROC`` (all pixels pooled),
+``pixel_AUROC_per_image`` (each anomalous image's own, averaged: IGD's protocol), ``pixel_AUPRO``
 (pooled MVTec AD definition, FPR limit ``eval.aupro_fpr_limit`` = 0.3) and ``pixel_AUPRO_rd4ad``
 (RD4AD's per-image variant, see `metrics.aupro_rd4ad`); ``heatmaps_<step>.png`` overlays the
 maps on the images with the ground-truth contours, and with ``eval.save_pixel_maps`` the maps,
@@ -89,6 +90,7 @@ def _pixel_metrics(maps, masks, fpr_limit):
   out = {}
   for key, fn in (
     ("pixel_AUROC", lambda: metrics.pixel_auroc(maps, masks)),
+    ("pixel_AUROC_per_image", lambda: metrics.pixel_auroc_per_image(maps, masks)),
     ("pixel_AUPRO", lambda: metrics.aupro(maps, masks, fpr_limit)),
     ("pixel_AUPRO_rd4ad", lambda: metrics.aupro_rd4ad(maps, masks, fpr_limit)),
   ):

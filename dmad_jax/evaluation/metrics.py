@@ -9,6 +9,8 @@ Pixel metrics take ``anomaly_maps`` and binary ground-truth ``masks`` of shape `
   0.3, normalised to [0, 1] (report it as ``pixel_AUPRO``).
 * `aupro_rd4ad`: the per-image variant the RD4AD (and DMAD-PPDM) code computes; it gives different
   numbers and must be reported under its own name (``pixel_AUPRO_rd4ad``).
+* `pixel_auroc_per_image`: the pixel AUROC of each anomalous image, averaged (the CAVGA protocol
+  the IGD code reports; ``pixel_AUROC_per_image``, next to the pooled one).
 
 The checks are strict on purpose: scikit-learn either raises a terse error (one class present) or
 silently propagates NaN scores into a meaningless AUROC, and a diverged model that emits NaN is
@@ -29,6 +31,7 @@ __all__ = [
   "auroc_report",
   "image_auroc",
   "pixel_auroc",
+  "pixel_auroc_per_image",
   "region_labels",
 ]
 
@@ -207,6 +210,25 @@ def pixel_auroc(anomaly_maps, masks) -> float:
   """
   maps, masks = _validate_pixels(anomaly_maps, masks)
   return float(roc_auc_score(masks.reshape(-1), maps.reshape(-1)))
+
+
+def pixel_auroc_per_image(anomaly_maps, masks) -> float:
+  """The mean over anomalous images of each image's own pixel ROC AUC (the per-image protocol
+  of CAVGA that the IGD code reports); images whose mask is all normal or all anomalous have no
+  AUROC of their own and are left out.
+
+  Raises:
+    ValueError: as :func:`pixel_auroc`, or when no image has both kinds of pixel.
+  """
+  maps, masks = _validate_pixels(anomaly_maps, masks)
+  per_image = []
+  for m, g in zip(maps, masks, strict=True):
+    n = int(g.sum())
+    if 0 < n < g.size:
+      per_image.append(roc_auc_score(g.reshape(-1), m.reshape(-1)))
+  if not per_image:
+    raise ValueError("no image has both anomalous and normal pixels: no per-image pixel AUROC")
+  return float(np.mean(per_image))
 
 
 def region_labels(masks) -> tuple[np.ndarray, int]:

@@ -224,3 +224,20 @@ def test_chunked_cumulative_sums_give_the_same_curve(monkeypatch, chunk):
   fpr, _, _ = pro_curve(maps, masks, max_fpr=0.3)
   assert fpr[-2] <= 0.3 < fpr[-1] and fpr.size < full_fpr.size
   np.testing.assert_array_equal(fpr, full_fpr[: fpr.size])
+
+
+def test_per_image_pixel_auroc_is_the_mean_over_anomalous_images():
+  """IGD's localisation number: each anomalous image's own pixel AUROC, averaged; all-normal
+  (and all-anomalous) masks have none and are left out; it differs from the pooled AUROC."""
+  rng = np.random.default_rng(0)
+  masks = np.zeros((4, 16, 16), bool)
+  masks[0, 2:6, 2:6] = True
+  masks[2, 8:14, 1:5] = True
+  masks[3] = True  # no normal pixel: no AUROC of its own
+  maps = rng.normal(0, 1, masks.shape) + 1.5 * masks
+  maps[2] += 3.0  # a brighter image: changes the pooled AUROC, not its own
+  want = np.mean([roc_auc_score(masks[i].ravel(), maps[i].ravel()) for i in (0, 2)])
+  assert metrics_lib.pixel_auroc_per_image(maps, masks) == pytest.approx(want, abs=1e-12)
+  assert abs(metrics_lib.pixel_auroc_per_image(maps, masks) - pixel_auroc(maps, masks)) > 1e-3
+  with pytest.raises(ValueError, match="no image has both"):
+    metrics_lib.pixel_auroc_per_image(maps[:2], np.stack([masks[1], masks[3]]))

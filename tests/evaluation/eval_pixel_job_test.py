@@ -13,7 +13,7 @@ from dmad_jax.configs import load_module
 from dmad_jax.data import FolderSource
 from dmad_jax.evaluation import job
 from dmad_jax.evaluation.figures import heatmap_overlays
-from dmad_jax.evaluation.metrics import aupro, aupro_rd4ad, pixel_auroc
+from dmad_jax.evaluation.metrics import aupro, aupro_rd4ad, pixel_auroc, pixel_auroc_per_image
 from dmad_jax.train import trainer
 
 CONFIGS = os.path.join(
@@ -74,6 +74,7 @@ def test_eval_job_reports_pixel_metrics_of_the_saved_maps(tmp_path):
   np.testing.assert_array_equal(masks, np.stack([test[int(i)]["mask"] > 0.5 for i in index]))
   expected = {
     "pixel_AUROC": pixel_auroc(maps, masks),
+    "pixel_AUROC_per_image": pixel_auroc_per_image(maps, masks),
     "pixel_AUPRO": aupro(maps, masks, 0.3),
     "pixel_AUPRO_rd4ad": aupro_rd4ad(maps, masks, 0.3),
   }
