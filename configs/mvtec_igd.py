@@ -12,9 +12,10 @@ resnet18-f37072fd.pth r18.npz``.
 
 Args (';'-separated): root (the MVTec AD folder), category (one of ``CATEGORIES``), variant
 (global, local or fused; default global), weights (the converted ResNet18), encoder (frozen or
-trainable; the local model's frozen encoder needs the knowledge-distillation pre-training, which
-dmad_jax does not run yet, so local and fused need encoder=trainable), epochs (default 256),
-runlocal (tiny widths, random frozen backbone, 2 steps: tests only).
+trainable), kd (the workdir of the local encoder's distillation run, configs/mvtec_igd_kd.py:
+the released setup; without it local and fused need encoder=trainable, which trains the encoder
+with the generator), epochs (default 256), runlocal (tiny widths, random frozen backbone, 2
+steps: tests only).
 
 Recipe: 256x256, ImageNet normalisation, random horizontal flips; Adam lr 1e-4, betas (0, 0.9),
 L2 weight decay 1e-6 (critic 0), poly decay 0.9 per step; batch 16 images (local: 2 images = 450
@@ -42,6 +43,7 @@ def parse_arg(arg: str | None) -> dict:
       "weights": "",
       "encoder": "frozen",
       "epochs": 256.0,
+      "kd": "",
     },
     choices={"category": CATEGORIES, "variant": igd.VARIANTS, "encoder": igd.ENCODERS},
     required=("root", "category"),
@@ -53,7 +55,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = parse_arg(arg)
   c = igd.recipe(a["variant"], encoder=a["encoder"], weights=a["weights"], epochs=a["epochs"])
   c.data.root = mvtec.category_root(a["root"], a["category"])
-  c.category = a["category"]
+  if a["kd"]:
+    igd.use_kd(c, a["kd"])
   if a["runlocal"]:
     igd.shrink_for_tests(c)
   return c

@@ -35,7 +35,6 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 
-import ml_collections
 import numpy as np
 
 from dmad_jax.data import base as data_base
@@ -52,29 +51,8 @@ PREDICTIONS_JSON = "predictions.json"
 PREDICTIONS_CSV = "predictions.csv"
 
 
-def _tuples(value):
-  """JSON lists back to the tuples the configs use (recursively)."""
-  if isinstance(value, list):
-    return tuple(_tuples(v) for v in value)
-  if isinstance(value, dict):
-    return {k: _tuples(v) for k, v in value.items()}
-  return value
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The run's config from ``<workdir>/config.json`` (lists read back as tuples).
-
-  Raises:
-    FileNotFoundError: when the file is missing (not a ``dmad train`` workdir).
-  """
-  path = os.path.join(os.path.abspath(workdir), "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-      f"{path} does not exist: {workdir!r} is not a dmad train workdir (train first, or give "
-      "the workdir of a run)"
-    )
-  with open(path) as f:
-    return ml_collections.ConfigDict(_tuples(json.load(f)))
+# The run's config from <workdir>/config.json (lists read back as tuples).
+load_config = state_lib.load_run_config
 
 
 def _missing_calibration(workdir: str, step: int) -> str:

@@ -44,8 +44,9 @@ label per test frame after the first four of each video) and the templates /data
 create them; before a unit that uses one without creating it (a config docstring), this script
 creates it when it is missing. Files that commands read at the repository root are created there
 (``new1.png`` for ``dmad predict``; ``*.pth`` inputs of ``dmad convert-weights`` and literal
-``weights=*.npz`` config args: torchvision's wide_resnet50_2 with RANDOM weights, same
-architecture and state-dict keys, since the ImageNet download cannot run here). Before the run
+``weights=*.npz`` config args: torchvision's resnet18 for names with ``r18`` / ``resnet18``,
+wide_resnet50_2 otherwise, with RANDOM weights, same architecture and state-dict keys, since the
+ImageNet download cannot run here). Before the run
 and after it, the ``runs/<name>`` folders the commands name are removed, and so are the files
 this script or the commands created at the repository root (pre-existing ones are moved aside
 and put back); ``--keep`` keeps them. /data and the scratch folder (/tmp/dmad_doc_check: shim,
@@ -53,14 +54,14 @@ scripts, logs, raw videos) are left in place. The README's MVTec loop trains 15 
 models; ``--quick`` shortens every ``for x in a b c ...; do`` list of names (not numbers) to its
 first item and says so.
 
-What it cannot check: lines that need other machines or the internet are listed, not run
-(``gcloud compute tpus ...``, ``--coordinator_address`` of another host, ``srun``, the
-``weights='IMAGENET1K_V1'`` download); inline spans with placeholders (``DIR``, ``<x>``,
-``L.npy``, ``...``) are listed as templates; the ```bash block of ``make demo`` / ``make test``
-holds no dmad command and is not run. Runs are stopped after one step, so nothing here says that
-a recipe trains well or reaches its metrics, only that the command starts, trains, checkpoints,
-evaluates, calibrates and predicts on data in the documented layout. Docstrings of the package
-(dmad_jax/main.py, ...) are not read.
+What it cannot check: lines that need other machines or the internet are listed, not run (``gcloud
+compute tpus ...``, ``--coordinator_address`` of another host, ``srun``, the
+``weights='IMAGENET1K_V1'`` download, the TFDS data sets of configs/oneclass_igd.py); inline spans
+with placeholders (``DIR``, ``<x>``, ``L.npy``, ``...``) are listed as templates; the ```bash block
+of ``make demo`` / ``make test`` holds no dmad command and is not run. Runs are stopped after one
+step, so nothing here says that a recipe trains well or reaches its metrics, only that the command
+starts, trains, checkpoints, evaluates, calibrates and predicts on data in the documented layout.
+Docstrings of the package (dmad_jax/main.py, ...) are not read.
 """
 
 from __future__ import annotations
@@ -102,6 +103,10 @@ CANNOT_RUN = (
   ),
   (r"(?:^|[\s;&|#:(])srun\s", "needs a SLURM allocation (srun)"),
   (r"IMAGENET1K|weights=[\\'\"]*IMAGENET", "downloads ImageNet weights from the internet"),
+  (
+    r"configs/oneclass_igd\.py",
+    "needs MNIST / Fashion-MNIST / CIFAR-10 prepared by TFDS (downloaded from the internet)",
+  ),
 )
 # Shell words that can precede a command on the same line.
 KEYWORDS = {"do", "then", "else", "elif", "{", "!", "time", "exec"}
@@ -899,9 +904,14 @@ def ensure_video_root(name: str, raw: dict[str, Path]) -> str:
   return f"{root} created by this script (the unit uses it but does not create it)"
 
 
-def random_teacher(path: Path, python: str) -> None:
-  """torchvision's wide_resnet50_2 with random weights (the state-dict keys of the ImageNet
-  file), saved with torch.save; torchvision is imported as tests/nn/resnet_convert_test.py does
+def arch_of(name: str) -> str:
+  """The torchvision architecture a weights file name stands for (r18 / resnet18: IGD's)."""
+  return "resnet18" if re.search(r"(?:^|[^a-z0-9])r(?:esnet)?18\b", name) else "wide_resnet50_2"
+
+
+def random_teacher(path: Path, python: str, arch: str = "wide_resnet50_2") -> None:
+  """torchvision's ``arch`` with random weights (the state-dict keys of the ImageNet file),
+  saved with torch.save; torchvision is imported as tests/nn/resnet_convert_test.py does
   next to the CPU-only torch wheel."""
   code = textwrap.dedent(
     """
@@ -918,11 +928,12 @@ def random_teacher(path: Path, python: str) -> None:
       lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
       import torchvision
     torch.manual_seed(0)
-    torch.save(torchvision.models.wide_resnet50_2(weights=None).state_dict(), sys.argv[1])
+    model = getattr(torchvision.models, sys.argv[2])(weights=None)
+    torch.save(model.state_dict(), sys.argv[1])
     """
   )
   path.parent.mkdir(parents=True, exist_ok=True)
-  subprocess.run([python, "-c", code, str(path)], check=True)
+  subprocess.run([python, "-c", code, str(path), arch], check=True)
 
 
 def ensure_cv2(python: str, notes: list[str]) -> None:
@@ -1124,27 +1135,32 @@ def prepare(units: list[Unit], dmad: Path, notes: list[str]) -> dict[str, Path]:
     if not (REPO / image).exists():
       save_image(REPO / image, texture(np.random.default_rng(7), 40, 40, 3, defect=True))
       notes.append(f"{image}: a 40x40 test image for dmad predict")
-  if need["pth"] or need["npz"]:
-    cache = SCRATCH / "cache" / "wide_resnet50_2_random.pth"
+
+  def random_weights(arch: str) -> Path:
+    cache = SCRATCH / "cache" / f"{arch}_random.pth"
     if not cache.exists():
-      print("creating wide_resnet50_2 with random weights (torchvision, weights=None) ...")
-      random_teacher(cache, python)
-    for name in need["pth"]:
-      if not (REPO / name).exists():
-        (REPO / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(cache, REPO / name)
-        notes.append(
-          f"{name}: torchvision wide_resnet50_2(weights=None), RANDOM weights with the "
-          "ImageNet file's architecture and state-dict keys (the download cannot run here)"
-        )
-    for name in need["npz"]:
-      if not (REPO / name).exists():
-        subprocess.run(
-          [str(dmad), "convert-weights", str(cache), str(REPO / name)],
-          check=True,
-          capture_output=True,
-        )
-        notes.append(f"{name}: converted from the RANDOM wide_resnet50_2 weights")
+      print(f"creating {arch} with random weights (torchvision, weights=None) ...")
+      random_teacher(cache, python, arch)
+    return cache
+
+  for name in need["pth"]:
+    if not (REPO / name).exists():
+      arch = arch_of(name)
+      (REPO / name).parent.mkdir(parents=True, exist_ok=True)
+      shutil.copyfile(random_weights(arch), REPO / name)
+      notes.append(
+        f"{name}: torchvision {arch}(weights=None), RANDOM weights with the ImageNet file's "
+        "architecture and state-dict keys (the download cannot run here)"
+      )
+  for name in need["npz"]:
+    if not (REPO / name).exists():
+      arch = arch_of(name)
+      subprocess.run(
+        [str(dmad), "convert-weights", str(random_weights(arch)), str(REPO / name)],
+        check=True,
+        capture_output=True,
+      )
+      notes.append(f"{name}: converted from the RANDOM {arch} weights")
   return raw
 
 

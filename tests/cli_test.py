@@ -80,6 +80,7 @@ def _complete_arg(name, tmp_path):
     "digits_igd.py": None,
     "folder_igd.py": "root=/data/x;weights=r18.npz",
     "mvtec_igd.py": "root=/data/mvtec;category=bottle;weights=r18.npz",
+    "mvtec_igd_kd.py": "root=/data/mvtec;category=bottle;weights=r18.npz",
     "oneclass_igd.py": "dataset=mnist;normal=3",
   }[name]
 
@@ -99,6 +100,7 @@ def test_every_config_is_known_to_this_test():
     "digits_igd.py",
     "folder_igd.py",
     "mvtec_igd.py",
+    "mvtec_igd_kd.py",
     "oneclass_igd.py",
   }
   assert set(CONFIG_FILES) == names, "a new config file: add its complete arg to this test"
@@ -115,7 +117,7 @@ def test_every_config_loads_through_the_installed_script(name, tmp_path):
     out = dmad("config", f"--config={path}{spec}", cwd=cwd)
     assert out.returncode == 0, (cwd, out.stderr[-3000:])
     config = json.loads(out.stdout)
-    assert config["model_name"] in ("pdm", "daad", "daad_plus", "ppdm", "rd", "igd")
+    assert config["model_name"] in ("pdm", "daad", "daad_plus", "ppdm", "rd", "igd", "igd_kd")
   if arg is not None:
     # Without its required arg the config says which arg to pass, in its own words.
     missing = dmad("config", f"--config={os.path.join(ROOT, 'configs', name)}", cwd=elsewhere)

@@ -13,6 +13,9 @@ ENCODERS = ("frozen", "trainable")
 # Paper Tab. 1-4: one-class mean AUC and MVTec AD detection AUC (not reproduced by dmad_jax).
 PAPER_ONE_CLASS = {"mnist": 0.9912, "fashion_mnist": 0.9332, "cifar10": 0.8234}
 PAPER_MVTEC_DETECTION = 0.901
+# The runlocal local encoder of the distillation and of the IGD configs that load it: the output
+# stays ResNet18's 512-d feature.
+KD_TEST_ENCODER = dict(local_encoder=(8, 8, 8), first=8, features=512)
 
 
 def _adam(weight_decay: float) -> ml_collections.ConfigDict:
@@ -133,11 +136,39 @@ def shrink_for_tests(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   small(c, 32)
   if c.model.variant != "local":
     c.model.random_backbone = True
-  else:
+  if c.get("init_from", None):  # a distilled local encoder: its (test-sized) widths
+    c.model.update(KD_TEST_ENCODER)
+  elif c.model.variant == "local":
     c.model.encoder = "trainable"
   c.batch_size = 4 if c.model.variant != "local" else 2
   common.set_test_durations(c)
   common.set_duration(c, "refit_every", steps=1)
   c.eval.batch_size = 8
   c.eval.figure_samples = 2
+  return c
+
+
+def kd_recipe(*, weights: str = "", image_size: int = 256, channels: int = 3):
+  """The local encoder's distillation (paper): Adam lr 1e-4, weight decay 1e-5 (L2), 50,000
+  iterations; batches of 2 images (450 patches, the local model's batch; the paper's 64 is not
+  said to be images or patches)."""
+  c = recipe("local", weights=weights, image_size=image_size, channels=channels)
+  c.model_name = "igd_kd"
+  for key in ("loss", "score", "critic_optimizer", "refit_every_epochs"):
+    del c[key]
+  c.optimizer = _adam(1e-5)
+  c.optimizer.b1, c.optimizer.b2, c.optimizer.schedule = 0.9, 0.999, "constant"
+  del c["total_epochs"]
+  common.set_duration(c, "total", steps=50_000)
+  common.set_duration(c, "checkpoint_every", steps=5_000)
+  c.batch_size = 2
+  return c
+
+
+def use_kd(c: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """The local encoder frozen at the distilled one of the ``igd_kd`` run in ``workdir``."""
+  from dmad_jax.models.igd import KD_ASSIGN
+
+  c.model.encoder = "frozen"
+  c.init_from = ml_collections.ConfigDict(dict(workdir=workdir, step=None, assign=KD_ASSIGN))
   return c

@@ -459,11 +459,13 @@ class IGDDetector(base.Detector):
         owner="igd",
         stages=resnet.STAGES,
       )
-    if m.encoder == "frozen" and "local" in self.branches and not m.random_backbone:
+    pretrained = bool(self.config.get("init_from", None))
+    if m.encoder == "frozen" and "local" in self.branches and not (m.random_backbone or pretrained):
       raise base.schema.ConfigError(
         "igd: the local model's frozen encoder comes from its knowledge-distillation "
-        "pre-training, which dmad_jax does not run yet; set model.encoder='trainable' (trained "
-        "with the generator) or model.random_backbone=True (tests only)"
+        "pre-training (model_name='igd_kd', configs/mvtec_igd_kd.py): pass its workdir "
+        "(configs/mvtec_igd.py arg kd=DIR, which sets config.init_from), or set "
+        "model.encoder='trainable' (trained with the generator)"
       )
 
   @property
@@ -766,3 +768,98 @@ def _display(x_hat: jax.Array, images: jax.Array, normalize: str) -> jax.Array:
   if images.shape[-1] == 1:
     out = jnp.mean(out, axis=-1, keepdims=True)
   return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The local encoder's knowledge-distillation pre-training.
+# ---------------------------------------------------------------------------------------------
+KD_ASSIGN = (
+  ("params/encoder", "batch_stats/local_encoder/params"),
+  ("batch_stats/encoder", "batch_stats/local_encoder/batch_stats"),
+)
+
+
+@base.register("igd_kd")
+class IGDDistillation(base.Detector):
+  """The paper's pre-training of IGD's local encoder (spec Sec. 5): the 32x32 encoder learns to
+  output the 512-d ResNet18 feature (layer4, average-pooled: 1x1 on a 32x32 patch) of every
+  patch, by the mean squared error. Its run is then named by the local (or fused) IGD config
+  (``config.init_from`` with :data:`KD_ASSIGN`), which freezes the encoder.
+
+  Variables: ``params = {"encoder"}``, ``batch_stats = {"encoder", "teacher"}`` (the frozen
+  ResNet18, a constant). Score: the largest patch distillation error of an image.
+  Config: ``model`` (:class:`ModelConfig`: ``local_encoder``, ``first``, ``features``, patches,
+  ``backbone_weights`` / ``random_backbone``), ``augment``.
+  """
+
+  config_sections = {"model": ModelConfig, "augment": AUGMENT_DEFAULTS}
+  score_names = ("score",)
+  figure_rows = ("input",)
+  pixel_map = None
+
+  def __init__(self, config):
+    super().__init__(config)
+    self.m = ModelConfig(**self.section("model"))
+    self.hflip = bool(self.section("augment")["hflip"])
+    self.encoder = LocalEncoder(self.m.local_encoder, self.m.first, self.m.features)
+    self.teacher = teacher_lib.Teacher(
+      "resnet18",
+      weights=self.m.backbone_weights,
+      random=self.m.random_backbone,
+      owner="igd_kd",
+      stages=resnet.STAGES,
+    )
+    self.trunk = GlobalEncoder("resnet18")
+    if self.m.features != resnet.stage_channels("resnet18")["layer4"]:
+      raise base.schema.ConfigError(
+        f"igd_kd: model.features must be ResNet18's 512 to distil its feature, got "
+        f"{self.m.features}"
+      )
+
+  def _patches(self, images):
+    x = images
+    if x.shape[-1] == 1:
+      x = jnp.repeat(x, 3, axis=-1)
+    x = resnet.imagenet_normalize(x)
+    p = extract_patches(x, self.m.patch_size, self.m.patch_stride)
+    return p.reshape(-1, *p.shape[3:])
+
+  def init(self, rng, batch):
+    if getattr(self, "_jit_init", None) is None:
+      self._jit_init = jax.jit(self._init)
+    with jax.threefry_partitionable(False):
+      return self._jit_init(rng, batch["image"])
+
+  def _init(self, rng, images):
+    k_enc, k_teacher = jax.random.split(rng)
+    v = self.encoder.init(k_enc, self._patches(images)[:1], train=False)
+    return {
+      "params": {"encoder": v["params"]},
+      "batch_stats": {"encoder": v["batch_stats"], "teacher": self.teacher.variables(k_teacher)},
+    }
+
+  def _errors(self, params, batch_stats, patches, train: bool):
+    t = jax.lax.stop_gradient(batch_stats["teacher"])
+    t = {"params": {"resnet": t["params"]}, "batch_stats": {"resnet": t["batch_stats"]}}
+    target = jax.lax.stop_gradient(self.trunk.apply(t, patches, train=False))
+    v = {"params": params["encoder"], "batch_stats": batch_stats["encoder"]}
+    if train:
+      f, upd = self.encoder.apply(v, patches, train=True, mutable=["batch_stats"])
+      return jnp.mean((f - target) ** 2, axis=-1), upd["batch_stats"]
+    return jnp.mean((self.encoder.apply(v, patches, train=False) - target) ** 2, axis=-1), None
+
+  def loss(self, params, batch_stats, batch, rng):
+    images = _flip(rng, batch["image"]) if self.hflip else batch["image"]
+    err, enc_stats = self._errors(params, batch_stats, self._patches(images), True)
+    kd = jnp.mean(err)
+    return kd, ({"kd": kd}, {**batch_stats, "encoder": enc_stats})
+
+  def predict(self, variables, batch) -> base.Prediction:
+    images = batch["image"]
+    err, _ = self._errors(
+      variables["params"], variables["batch_stats"], self._patches(images), False
+    )
+    return base.Prediction(
+      scores={"score": jnp.max(err.reshape(images.shape[0], -1), axis=1)},
+      images={"input": images},
+    )

@@ -39,6 +39,7 @@ TRAINER_KEYS = (
   "eval_at_end",
   "eval",
   "calibration",
+  "init_from",
 )
 
 __all__ = ["ConfigError", "check_config"]

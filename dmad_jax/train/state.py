@@ -12,6 +12,8 @@ Shapes come from the data source's ``element_spec``: nothing is read to build a 
 from __future__ import annotations
 
 import functools
+import json
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -196,3 +198,81 @@ def variables_at(config, workdir: str, step: int | None = None) -> dict:
   mesh = sharding.make_mesh(config.get("mesh", None))
   spec = data_lib.element_spec(config.data)
   return restore_variables(config, get_detector(config), spec, workdir, step, mesh)[0]
+
+
+def _tuples(value):
+  """JSON lists back to the tuples the configs use (recursively)."""
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  return value
+
+
+def load_run_config(workdir: str):
+  """The run's config from ``<workdir>/config.json`` (lists read back as tuples).
+
+  Raises:
+    FileNotFoundError: when the file is missing (not a ``dmad train`` workdir).
+  """
+  import ml_collections
+
+  path = os.path.join(os.path.abspath(workdir), "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+      f"{path} does not exist: {workdir!r} is not a dmad train workdir (train first, or give "
+      "the workdir of a run)"
+    )
+  with open(path) as f:
+    return ml_collections.ConfigDict(_tuples(json.load(f)))
+
+
+def _subtree(tree, path: str, what: str):
+  node = tree
+  for key in path.split("/")[1:]:
+    if not isinstance(node, dict) or key not in node:
+      known = sorted(node) if isinstance(node, dict) else []
+      raise ValueError(f"{what}: no {path!r} (at {key!r}; there: {known})")
+    node = node[key]
+  return node
+
+
+def _replaced(tree, path: str, value):
+  keys = path.split("/")[1:]
+  if not keys:
+    return value
+  head, rest = keys[0], "/".join(["", *keys[1:]])
+  return {**tree, head: _replaced(tree[head], rest, value)}
+
+
+def with_values_from_run(state: TrainState, init_from) -> TrainState:
+  """``state`` with parts replaced by those of another run's checkpoint (``config.init_from``:
+  ``workdir``, ``step`` (None: its latest) and ``assign``, pairs ``(from, to)`` of paths such
+  as ``"params/encoder"`` -> ``"batch_stats/local_encoder/params"``). Used for a pre-trained
+  part, e.g. IGD's knowledge-distilled local encoder. Each replaced part keeps the dtypes and
+  shardings of the values it replaces.
+
+  Raises:
+    ValueError: naming the path, when a path is missing or the structures or shapes differ.
+  """
+  workdir = init_from["workdir"]
+  source = variables_at(load_run_config(workdir), workdir, init_from.get("step", None))
+  parts = {"params": state.params, "batch_stats": state.batch_stats}
+  for src, dst in init_from["assign"]:
+    for path in (src, dst):
+      if path.split("/")[0] not in parts:
+        raise ValueError(
+          f"config.init_from.assign: {path!r} must start with params/ or batch_stats/"
+        )
+    new = _subtree(source[src.split("/")[0]], src, f"the run in {workdir}")
+    old = _subtree(parts[dst.split("/")[0]], dst, "this run")
+    shapes = (jax.tree.map(np.shape, new), jax.tree.map(np.shape, old))
+    if shapes[0] != shapes[1]:
+      raise ValueError(
+        f"config.init_from: {src} of the run in {workdir} has shapes {shapes[0]}, but {dst} "
+        f"of this run has {shapes[1]}"
+      )
+    value = jax.tree.map(lambda n, o: jax.device_put(np.asarray(n, o.dtype), o.sharding), new, old)
+    root = dst.split("/")[0]
+    parts[root] = _replaced(parts[root], dst, value)
+  return state.replace(params=parts["params"], batch_stats=parts["batch_stats"])

@@ -300,6 +300,9 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     init_value = data_init_value(detector, train_source)
     init_fn = functools.partial(state_lib.create, config, detector, spec, tx, init_value)
     state = jax.jit(init_fn, out_shardings=state_sh)()
+    if config.get("init_from", None):
+      state = state_lib.with_values_from_run(state, config.init_from)
+      log.info("initial values from %s: %s", config.init_from.workdir, config.init_from.assign)
   if is_main:
     _write_config(config, workdir)
     durations.save(workdir, plan)

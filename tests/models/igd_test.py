@@ -137,6 +137,7 @@ def test_fit_to_data_is_the_e_step_over_the_training_split(kappa):
   assert float(fitted["sigma"]) == pytest.approx(want, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_local_scores_maps_and_the_score_recipes():
   """Local image score = max over patches of 0.9 recon + 0.1 gsvdd (the code's); the map has
   the image's size with the folded patches; the signed L1 option and Eq. 11 change the score."""
@@ -167,6 +168,7 @@ def v_dim(v):
   return v["batch_stats"]["local_gsvdd"]["c"].shape[0]
 
 
+@pytest.mark.slow
 def test_critic_and_generator_are_updated_by_their_own_losses():
   """The critic's gradient is that of the critic loss alone, the generator's that of the
   generator loss alone (each sees the other player stop-gradient'ed)."""
@@ -226,10 +228,8 @@ EIGHT_DEVICES = textwrap.dedent(
         lambda s, b: trainer.train_step(s, b, detector=detector,
                                         lr_schedule=learning_rate_schedule(c.optimizer, 2)),
         in_shardings=(sh, sharding.data_sharding(mesh)))
-      losses = []
-      for _ in range(2):
-        state, metrics = step(state, sharding.global_batch(batch, sharding.data_sharding(mesh)))
-        losses.append(float(metrics["loss"]))
+      state, metrics = step(state, sharding.global_batch(batch, sharding.data_sharding(mesh)))
+      losses = [float(metrics["loss"])]
       params = [np.asarray(p).ravel().tolist() for p in jax.tree.leaves(state.params)]
       res[name] = dict(losses=losses, critic=float(metrics[variant + "_critic_loss"]),
                        params=params)
@@ -265,6 +265,7 @@ def test_global_and_local_train_steps_on_eight_devices_equal_one_device_in_float
       np.testing.assert_allclose(a, b, rtol=0, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_training_resumes_exactly_across_e_steps(tmp_path):
   """The E-step's values live in batch_stats and are checkpointed, and the E-step runs at fixed
   steps (before steps 1 and 3 with refit every 2): a run stopped after step 3 and resumed (no
@@ -292,3 +293,53 @@ def test_training_resumes_exactly_across_e_steps(tmp_path):
   # The E-step ran on the state of step 2 before step 3: the final centre differs from step 1's.
   c1 = state_lib.variables_at(config(4), str(tmp_path / "a"), 1)["batch_stats"]["local_gsvdd"]
   assert not np.array_equal(np.asarray(c1["c"]), np.asarray(g["c"]))
+
+
+def _write_category(root, n_train=4):
+  from PIL import Image
+
+  rng = np.random.default_rng(0)
+  for split, folder, n in (("train", "good", n_train), ("test", "good", 2), ("test", "cut", 2)):
+    d = root / "bottle" / split / folder
+    d.mkdir(parents=True)
+    for i in range(n):
+      img = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+      Image.fromarray(img).save(d / f"{i:03d}.png")
+
+
+@pytest.mark.slow
+def test_the_distilled_local_encoder_is_loaded_and_stays_frozen(tmp_path):
+  """configs/mvtec_igd_kd.py trains the local encoder against ResNet18's feature; the local IGD
+  config with kd=<its workdir> starts from exactly that encoder (config.init_from) and never
+  changes it."""
+  from dmad_jax.train import state as state_lib
+  from dmad_jax.train import trainer
+
+  _write_category(tmp_path / "mvtec")
+  kd_config = load_module(os.path.join(ROOT, "configs", "mvtec_igd_kd.py")).get_config(
+    f"root={tmp_path / 'mvtec'};category=bottle;runlocal"
+  )
+  kd_config.data.image_size = 64
+  kd_state = trainer.train_and_evaluate(kd_config, str(tmp_path / "kd"))
+  assert float(np.abs(np.asarray(jax.tree.leaves(kd_state.params)[0])).sum()) > 0
+
+  arg = f"root={tmp_path / 'mvtec'};category=bottle;variant=local;kd={tmp_path / 'kd'};runlocal"
+  config = mvtec_igd.get_config(arg)
+  config.data.image_size = 64
+  assert config.model.encoder == "frozen" and "init_from" in config
+  trainer.train_and_evaluate(config, str(tmp_path / "igd"))
+  kd = state_lib.variables_at(kd_config, str(tmp_path / "kd"))
+  for step in (1, 2):
+    frozen = state_lib.variables_at(config, str(tmp_path / "igd"), step)["batch_stats"]
+    frozen = frozen["local_encoder"]
+    for want, got in (
+      (kd["params"]["encoder"], frozen["params"]),
+      (kd["batch_stats"]["encoder"], frozen["batch_stats"]),
+    ):
+      pairs = zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True)
+      assert all(np.array_equal(a, b) for a, b in pairs)
+  bad = mvtec_igd.get_config(arg)
+  bad.data.image_size = 64
+  bad.init_from.assign = (("params/encoder", "batch_stats/local_encoder/batch_stats"),)
+  with pytest.raises(ValueError, match="has shapes"):
+    trainer.train_and_evaluate(bad, str(tmp_path / "bad"))

@@ -34,10 +34,11 @@ digits_pdm = load_module(os.path.join(CONFIGS, "digits_pdm.py"))
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The installed console script, run as users run it.
 DMAD = os.path.join(os.path.dirname(sys.executable), "dmad")
+STEPS = 3  # at -O0 a float64 step of the digits config takes ~2.7 s per process here
 OVERRIDES = (
   "--config.batch_size=16",
-  "--config.total_steps=5",
-  "--config.checkpoint_every_steps=5",
+  f"--config.total_steps={STEPS}",
+  f"--config.checkpoint_every_steps={STEPS}",
   "--config.eval.batch_size=48",
   "--config.param_dtype=float64",
   # 180 test images (not the config's 540): at the test's -O0 compilation the eval of 540 float64
@@ -92,7 +93,7 @@ def _losses(workdir):
 
 
 def _restored_params(workdir, config):
-  return state_lib.variables_at(config, workdir, 5)["params"]
+  return state_lib.variables_at(config, workdir, STEPS)["params"]
 
 
 @pytest.mark.multidevice
@@ -104,24 +105,24 @@ def test_two_processes_match_one_process(tmp_path):
 
   # Same global batches and the same 4-device program: the loss curves agree.
   l2, l1 = _losses(two), _losses(one)
-  assert len(l2) == len(l1) == 5
+  assert len(l2) == len(l1) == STEPS
   np.testing.assert_allclose(l2, l1, rtol=1e-12)
   # Only process 0 wrote logs; orbax wrote one checkpoint with both processes' data positions.
-  assert checkpoint.manager(two, read_only=True).all_steps() == [5]
-  data_dir = os.path.join(two, "checkpoints", "5", "data")
+  assert checkpoint.manager(two, read_only=True).all_steps() == [STEPS]
+  data_dir = os.path.join(two, "checkpoints", str(STEPS), "data")
   data_files = sorted(f for f in os.listdir(data_dir) if f.startswith("process_"))
   assert data_files == ["process_0-of-2.json", "process_1-of-2.json"], data_files
 
   # Resuming training needs the process count that saved the data positions; the model alone
   # restores anywhere.
   with pytest.raises(ValueError, match="saved by 2 processes and this run has 1"):
-    checkpoint.check_process_count(os.path.join(two, "checkpoints", "5"), 1)
-  checkpoint.check_process_count(os.path.join(two, "checkpoints", "5"), 2)
+    checkpoint.check_process_count(os.path.join(two, "checkpoints", str(STEPS)), 1)
+  checkpoint.check_process_count(os.path.join(two, "checkpoints", str(STEPS)), 2)
 
   # The two-process checkpoint restores in this single (one-device, 32-bit) process: orbax casts
   # the saved float64 arrays to the float32 of this process's abstract state.
   config = digits_pdm.get_config("runlocal")
-  config.batch_size, config.total_steps = 16, 5
+  config.batch_size, config.total_steps = 16, STEPS
   p2, p1 = _restored_params(two, config), _restored_params(one, config)
   assert {a.dtype for a in jax.tree.leaves(p2)} == {np.dtype(np.float32)}
   for a, b in zip(jax.tree.leaves(p2), jax.tree.leaves(p1), strict=True):
@@ -132,12 +133,12 @@ def test_two_processes_match_one_process(tmp_path):
   _run_two_processes("eval", two)
   with open(os.path.join(two, "eval", "metrics.json")) as f:
     m2 = json.load(f)
-  with np.load(os.path.join(two, "eval", "scores_5.npz")) as f:
+  with np.load(os.path.join(two, "eval", f"scores_{STEPS}.npz")) as f:
     s2 = dict(f)  # read now: the one-process eval below rewrites the file
   _run_one_process("eval", two)
   with open(os.path.join(two, "eval", "metrics.json")) as f:
     m1 = json.load(f)
-  with np.load(os.path.join(two, "eval", "scores_5.npz")) as f:
+  with np.load(os.path.join(two, "eval", f"scores_{STEPS}.npz")) as f:
     s1 = dict(f)
   assert m2["num_test"] == m1["num_test"] == 180
   assert sorted(s2["index"].tolist()) == list(range(180))
