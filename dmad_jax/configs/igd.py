@@ -16,6 +16,12 @@ PAPER_MVTEC_DETECTION = 0.901
 # The runlocal local encoder of the distillation and of the IGD configs that load it: the output
 # stays ResNet18's 512-d feature.
 KD_TEST_ENCODER = dict(local_encoder=(8, 8, 8), first=8, features=512)
+# config.init_from.assign of a local or fused IGD run that freezes the encoder distilled by an
+# igd_kd run: its encoder's parameters and BatchNorm statistics become the frozen encoder's.
+KD_ASSIGN = (
+  ("params/encoder", "batch_stats/local_encoder/params"),
+  ("batch_stats/encoder", "batch_stats/local_encoder/batch_stats"),
+)
 
 
 def _adam(weight_decay: float) -> ml_collections.ConfigDict:
@@ -167,8 +173,6 @@ def kd_recipe(*, weights: str = "", image_size: int = 256, channels: int = 3):
 
 def use_kd(c: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
   """The local encoder frozen at the distilled one of the ``igd_kd`` run in ``workdir``."""
-  from dmad_jax.models.igd import KD_ASSIGN
-
   c.model.encoder = "frozen"
   c.init_from = ml_collections.ConfigDict(dict(workdir=workdir, step=None, assign=KD_ASSIGN))
   return c

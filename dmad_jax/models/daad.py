@@ -39,6 +39,7 @@ from dmad_jax.nn.fast_conv import FastConv
 from dmad_jax.nn.init import torch_default_bias_init, torch_default_kernel_init
 from dmad_jax.nn.layers import Conv, batch_norm, max_pool2
 from dmad_jax.nn.memory import BlockMemory
+from dmad_jax.ops.augment import random_flips
 
 GRANULARITIES = ("block", "pixel")
 OUTPUT_ACTIVATIONS = ("tanh", "none")
@@ -259,17 +260,6 @@ class Discriminator(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Losses and scores (pure functions).
 # ---------------------------------------------------------------------------------------------
-def random_flips(rng: jax.Array, x: jax.Array, *, horizontal: bool, vertical: bool) -> jax.Array:
-  """Flips each image of ``x`` (B, H, W, C) left-right and/or up-down with probability 1/2."""
-  k_h, k_v = jax.random.split(rng)
-  shape = (x.shape[0], 1, 1, 1)
-  if horizontal:
-    x = jnp.where(jax.random.bernoulli(k_h, 0.5, shape), x[:, :, ::-1], x)
-  if vertical:
-    x = jnp.where(jax.random.bernoulli(k_v, 0.5, shape), x[:, ::-1], x)
-  return x
-
-
 def reconstruction_error(x: jax.Array, x_hat: jax.Array) -> jax.Array:
   """R(x): the per-sample mean squared pixel error (paper Eq. 4 and 7), shape (B,)."""
   return jnp.mean((x - x_hat) ** 2, axis=tuple(range(1, x.ndim)))

@@ -42,7 +42,8 @@ from dmad_jax.models import base
 from dmad_jax.models import teacher as teacher_lib
 from dmad_jax.nn import init as init_lib
 from dmad_jax.nn import resnet
-from dmad_jax.nn.layers import Conv
+from dmad_jax.nn.layers import Conv, batch_norm
+from dmad_jax.ops.augment import random_flips
 from dmad_jax.ops.ssim import ms_ssim, ms_ssim_maps
 
 # ImageNet-normalised pixels span [-2.1179, 2.6400] (spec Sec. 5).
@@ -67,10 +68,6 @@ def mean_pool2(x: jax.Array) -> jax.Array:
   return (x[:, ::2, ::2] + x[:, 1::2, ::2] + x[:, ::2, 1::2] + x[:, 1::2, 1::2]) / 4.0
 
 
-def _bn(train: bool, name: str | None = None) -> nn.BatchNorm:
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
-
-
 def _layer_norm(name: str | None = None) -> nn.LayerNorm:
   """``nn.LayerNorm([C, H, W])``: normalised and scaled per element of (H, W, C)."""
   return nn.LayerNorm(epsilon=1e-5, reduction_axes=(1, 2, 3), feature_axes=(1, 2, 3), name=name)
@@ -88,9 +85,9 @@ class UpBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     short = Conv(self.features, 1, name="shortcut")(upsample2(x))
-    h = nn.relu(_bn(train, "bn1")(x))
+    h = nn.relu(batch_norm(train, "bn1")(x))
     h = Conv(self.features, 3, use_bias=False, name="conv1")(upsample2(h))
-    h = nn.relu(_bn(train, "bn2")(h))
+    h = nn.relu(batch_norm(train, "bn2")(h))
     return short + Conv(self.features, 3, name="conv2")(h)
 
 
@@ -105,7 +102,7 @@ class DownBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     def norm(name):
-      return _layer_norm(name) if self.norm == "layer" else _bn(train, name)
+      return _layer_norm(name) if self.norm == "layer" else batch_norm(train, name)
 
     short = Conv(self.features, 1, name="shortcut")(mean_pool2(x))
     h = nn.relu(norm("norm1")(x))
@@ -134,7 +131,7 @@ class Decoder(nn.Module):
       h = Conv(self.base, 3, name="up_conv")(upsample2(h))
     for i, f in enumerate(self.blocks):
       h = UpBlock(f, name=f"block{i + 1}")(h, train)
-    h = nn.relu(_bn(train, "bn_out")(h))
+    h = nn.relu(batch_norm(train, "bn_out")(h))
     if self.kind == "global":
       return Conv(self.out_channels, 5, name="out_conv")(upsample2(h))
     return Conv(self.out_channels, 3, name="out_conv")(h)
@@ -367,11 +364,6 @@ SCORE_DEFAULTS = {
   "paper_xi": 0.5,
 }
 AUGMENT_DEFAULTS = {"hflip": True}
-
-
-def _flip(rng, x):
-  flip = jax.random.bernoulli(rng, 0.5, (x.shape[0], 1, 1, 1))
-  return jnp.where(flip, x[:, :, ::-1], x)
 
 
 @base.register("igd")
@@ -624,7 +616,7 @@ class IGDDetector(base.Detector):
 
   def _objective(self, params, batch_stats, batch, rng):
     k_flip, k_alpha = jax.random.split(rng)
-    images = _flip(k_flip, batch["image"]) if self.hflip else batch["image"]
+    images = random_flips(k_flip, batch["image"], horizontal=self.hflip, vertical=False)
     x = self._prepare(images)
     total_g, total_d, terms, stats = 0.0, 0.0, {}, dict(batch_stats)
     for b, key in zip(self.branches, jax.random.split(k_alpha, len(self.branches)), strict=True):
@@ -773,18 +765,12 @@ def _display(x_hat: jax.Array, images: jax.Array, normalize: str) -> jax.Array:
 # ---------------------------------------------------------------------------------------------
 # The local encoder's knowledge-distillation pre-training.
 # ---------------------------------------------------------------------------------------------
-KD_ASSIGN = (
-  ("params/encoder", "batch_stats/local_encoder/params"),
-  ("batch_stats/encoder", "batch_stats/local_encoder/batch_stats"),
-)
-
-
 @base.register("igd_kd")
 class IGDDistillation(base.Detector):
   """The paper's pre-training of IGD's local encoder (spec Sec. 5): the 32x32 encoder learns to
   output the 512-d ResNet18 feature (layer4, average-pooled: 1x1 on a 32x32 patch) of every
   patch, by the mean squared error. Its run is then named by the local (or fused) IGD config
-  (``config.init_from`` with :data:`KD_ASSIGN`), which freezes the encoder.
+  (``config.init_from`` with ``dmad_jax.configs.igd.KD_ASSIGN``), which freezes the encoder.
 
   Variables: ``params = {"encoder"}``, ``batch_stats = {"encoder", "teacher"}`` (the frozen
   ResNet18, a constant). Score: the largest patch distillation error of an image.
@@ -849,7 +835,7 @@ class IGDDistillation(base.Detector):
     return jnp.mean((self.encoder.apply(v, patches, train=False) - target) ** 2, axis=-1), None
 
   def loss(self, params, batch_stats, batch, rng):
-    images = _flip(rng, batch["image"]) if self.hflip else batch["image"]
+    images = random_flips(rng, batch["image"], horizontal=self.hflip, vertical=False)
     err, enc_stats = self._errors(params, batch_stats, self._patches(images), True)
     kd = jnp.mean(err)
     return kd, ({"kd": kd}, {**batch_stats, "encoder": enc_stats})

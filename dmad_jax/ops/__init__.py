@@ -1,9 +1,11 @@
-"""Pure JAX functions (no Flax), NHWC: sampling, quantisation, block memory, filters, SSIM.
+"""Pure JAX functions (no Flax), NHWC: sampling, quantisation, block memory, filters, SSIM,
+augmentation.
 
 Every function is jit-, vmap- and grad-safe and matches the PyTorch semantics of the official
 DMAD code where one exists (see the tests for the parity checks).
 """
 
+from dmad_jax.ops.augment import random_flips
 from dmad_jax.ops.conv import conv_general_dilated, conv_transpose, lhs_dilated_conv
 from dmad_jax.ops.filters import (
   add_coords,
@@ -52,6 +54,7 @@ __all__ = [
   "ms_ssim",
   "ms_ssim_maps",
   "offsets_to_grid",
+  "random_flips",
   "reseed_dead_codes",
   "resize_bilinear",
   "smoothness_1d",

@@ -16,6 +16,7 @@ from dmad_jax.configs import load_module
 from dmad_jax.evaluation import job
 from dmad_jax.evaluation.inference import Runner
 from dmad_jax.models import daad, get_detector
+from dmad_jax.ops import augment
 from dmad_jax.train import sharding, trainer
 from dmad_jax.train import state as state_lib
 from dmad_jax.train.optim import learning_rate_schedule
@@ -194,9 +195,9 @@ def test_fused_score_and_flips():
   s = daad.fused_score(jnp.array([1.0, 3.0, 2.0]), jnp.array([0.0, 10.0, 5.0]), stats, 0.9)
   np.testing.assert_allclose(np.asarray(s), [0.0, 1.0, 0.5], rtol=1e-6)
   x = jnp.arange(2 * 3 * 3).reshape(2, 3, 3, 1).astype(jnp.float32)
-  flipped = daad.random_flips(jax.random.key(0), x, horizontal=True, vertical=True)
+  flipped = augment.random_flips(jax.random.key(0), x, horizontal=True, vertical=True)
   for a, b in zip(np.asarray(flipped), np.asarray(x), strict=True):
     assert any(np.array_equal(a, f(b)) for f in (lambda t: t, np.fliplr, np.flipud, np.flip))
   assert np.array_equal(
-    daad.random_flips(jax.random.key(0), x, horizontal=False, vertical=False), x
+    augment.random_flips(jax.random.key(0), x, horizontal=False, vertical=False), x
   )

@@ -25,6 +25,7 @@ SMALLEST = {
   "ppdm": ("mvtec_ppdm.py", MVTEC),
   "rd": ("mvtec_rd.py", MVTEC),
   "igd": ("digits_igd.py", "runlocal"),
+  "igd_kd": ("mvtec_igd_kd.py", MVTEC),
 }
 _DMAD_CALL = re.compile(r"custom_call\s*@dmad_|call_target_name\s*=\s*\"dmad_")
 
