@@ -334,14 +334,7 @@ class DAADDetector(base.Detector):
 
   def init(self, rng, batch):
     """Variables ({"params", "batch_stats"}) for a batch of the training format."""
-    # One compiled initialisation instead of op-by-op dispatch, with the classic (not the
-    # partitionable) threefry: XLA:CPU compiled the default one's ~60 differently shaped draws
-    # about 5x slower (11 s vs 2.4 s for the test-sized generator). The parameters are drawn
-    # replicated, so nothing is lost; the values are as deterministic, just different ones.
-    if getattr(self, "_jit_init", None) is None:
-      self._jit_init = jax.jit(self._init)
-    with jax.threefry_partitionable(False):
-      return self._jit_init(rng, batch["image"])
+    return self.compiled_init(self._init, rng, batch["image"])
 
   def _init(self, rng, x):
     v = self.generator.init(rng, x, train=False)

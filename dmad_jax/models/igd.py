@@ -242,6 +242,14 @@ def fold_patches(p: jax.Array, stride: int) -> jax.Array:
   return out.transpose(0, 1, 3, 2, 4, 5).reshape(b, (n + 1) * stride, (m + 1) * stride, c)
 
 
+def model_input(images: jax.Array, normalize: str) -> jax.Array:
+  """[-1, 1] images -> the models' 3-channel input: 1-channel images repeated, ImageNet-normalised
+  with ``normalize="imagenet"`` (the code's input), as they are with "none"."""
+  if images.shape[-1] == 1:
+    images = jnp.repeat(images, 3, axis=-1)
+  return resnet.imagenet_normalize(images) if normalize == "imagenet" else images
+
+
 def reconstruction_loss(x, x_hat, *, msssim: dict, data_range: float, l1: str = "abs"):
   """Per-image ``0.85 (1 - MS-SSIM) + 0.15 L1 / L`` (B,); ``l1 = "signed"``: the code's
   ``mean(x - x~)`` in the patch scores."""
@@ -476,12 +484,7 @@ class IGDDetector(base.Detector):
 
   # -- inputs ------------------------------------------------------------------------------
   def _prepare(self, images: jax.Array) -> jax.Array:
-    """[-1, 1] images -> the models' 3-channel input (ImageNet-normalised by default)."""
-    if images.shape[-1] == 1:
-      images = jnp.repeat(images, 3, axis=-1)
-    if self.m.normalize == "imagenet":
-      return resnet.imagenet_normalize(images)
-    return images
+    return model_input(images, self.m.normalize)
 
   def _inputs(self, branch: str, x: jax.Array, *, train: bool) -> jax.Array:
     """The branch's samples: whole images (global) or their patches (local), (N, s, s, 3)."""
@@ -494,10 +497,7 @@ class IGDDetector(base.Detector):
 
   # -- variables ---------------------------------------------------------------------------
   def init(self, rng, batch):
-    if getattr(self, "_jit_init", None) is None:
-      self._jit_init = jax.jit(self._init)
-    with jax.threefry_partitionable(False):
-      return self._jit_init(rng, batch["image"])
+    return self.compiled_init(self._init, rng, batch["image"])
 
   def _check_size(self, images) -> None:
     """The decoders' output sizes are fixed by their block counts: refuse other inputs early."""
@@ -803,18 +803,12 @@ class IGDDistillation(base.Detector):
       )
 
   def _patches(self, images):
-    x = images
-    if x.shape[-1] == 1:
-      x = jnp.repeat(x, 3, axis=-1)
-    x = resnet.imagenet_normalize(x)
+    x = model_input(images, "imagenet")
     p = extract_patches(x, self.m.patch_size, self.m.patch_stride)
     return p.reshape(-1, *p.shape[3:])
 
   def init(self, rng, batch):
-    if getattr(self, "_jit_init", None) is None:
-      self._jit_init = jax.jit(self._init)
-    with jax.threefry_partitionable(False):
-      return self._jit_init(rng, batch["image"])
+    return self.compiled_init(self._init, rng, batch["image"])
 
   def _init(self, rng, images):
     k_enc, k_teacher = jax.random.split(rng)
