@@ -49,6 +49,7 @@ __all__ = [
   "MedianImage",
   "Prediction",
   "TemplateBank",
+  "TwoPlayer",
   "get_detector",
   "names",
   "register",
@@ -221,6 +222,38 @@ class Detector(abc.ABC):
     """``params`` with the value requested by :meth:`data_init` put in place."""
     del value
     return params
+
+
+class TwoPlayer:
+  """Mixin for a detector whose step trains two players (a GAN: generator and critic).
+
+  The subclass's ``_objective(params, batch_stats, batch, rng) -> (sum, (terms, batch_stats))``
+  adds both players' losses, each computed with the other player's values stop-gradient'ed, so the
+  gradient of the sum w.r.t. one player is that of its own loss: one backward pass gives both.
+  ``player_terms`` names the two losses in ``terms``; the first is the one logged as the loss.
+  Put it before the detector base class: ``class D(base.TwoPlayer, base.Detector)``.
+  """
+
+  player_terms: ClassVar[tuple[str, str]] = ("generator_loss", "discriminator_loss")
+
+  def _reported(self, terms):
+    # The first player's loss is logged; adding 0 * the other's makes it non-finite when either
+    # is, so the trainer's NaN guard covers both players.
+    first, second = self.player_terms
+    return terms[first] + 0.0 * terms[second]
+
+  def loss(self, params, batch_stats, batch, rng):
+    """(the first player's loss, (terms, new_batch_stats)); the terms hold both losses."""
+    _, (terms, stats) = self._objective(params, batch_stats, batch, rng)
+    return self._reported(terms), (terms, stats)
+
+  def value_and_grad(self, params, batch_stats, batch, rng):
+    """``((loss, (terms, batch_stats)), grads)``: each player's gradient is that of its own
+    loss."""
+    (_, (terms, stats)), grads = jax.value_and_grad(self._objective, has_aux=True)(
+      params, batch_stats, batch, rng
+    )
+    return (self._reported(terms), (terms, stats)), grads
 
 
 def min_max_scale(value: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:

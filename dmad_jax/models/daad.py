@@ -374,7 +374,7 @@ class DAADDetector(base.Detector):
 
 
 @base.register("daad_plus")
-class DAADPlusDetector(DAADDetector):
+class DAADPlusDetector(base.TwoPlayer, DAADDetector):
   """DAAD+: DAAD with a DCGAN discriminator, trained adversarially in the same jitted step.
 
   Variables: ``params = {"generator", "discriminator"}``; ``batch_stats = {"generator",
@@ -480,25 +480,6 @@ class DAADPlusDetector(DAADDetector):
       "discriminator": upd["batch_stats"],
     }
     return g_loss + d_loss, (terms, new_stats)
-
-  @staticmethod
-  def _reported(terms):
-    # The generator loss is what is logged; adding 0 * D's loss makes it non-finite when either
-    # is, so the trainer's NaN guard covers both players.
-    return terms["generator_loss"] + 0.0 * terms["discriminator_loss"]
-
-  def loss(self, params, batch_stats, batch, rng):
-    """(generator loss, (terms, new_batch_stats)); the terms include the discriminator loss."""
-    _, (terms, stats) = self._objective(params, batch_stats, batch, rng)
-    return self._reported(terms), (terms, stats)
-
-  def value_and_grad(self, params, batch_stats, batch, rng):
-    """``((loss, (terms, batch_stats)), grads)`` with ``grads = {"generator": dL_G/dG,
-    "discriminator": dL_D/dD}``."""
-    (_, (terms, stats)), grads = jax.value_and_grad(self._objective, has_aux=True)(
-      params, batch_stats, batch, rng
-    )
-    return (self._reported(terms), (terms, stats)), grads
 
   # -- scores ------------------------------------------------------------------------------
   def _raw_scores(self, variables, x):

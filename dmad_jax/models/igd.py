@@ -375,7 +375,7 @@ AUGMENT_DEFAULTS = {"hflip": True}
 
 
 @base.register("igd")
-class IGDDetector(base.Detector):
+class IGDDetector(base.TwoPlayer, base.Detector):
   """IGD behind the detector interface (see the module docstring).
 
   Variables, per branch ``b`` in ("global",), ("local",) or both: ``params[b + "_generator"]``
@@ -398,6 +398,7 @@ class IGDDetector(base.Detector):
   config_keys = ("critic_optimizer",)
   figure_rows = ("input", "reconstruction")
   pixel_map = "igd"
+  player_terms = ("generator_loss", "critic_loss")
 
   def __init__(self, config):
     super().__init__(config)
@@ -626,25 +627,6 @@ class IGDDetector(base.Detector):
       stats.update(new)
     terms.update(generator_loss=total_g, critic_loss=total_d)
     return total_g + total_d, (terms, stats)
-
-  @staticmethod
-  def _reported(terms):
-    # The generator loss is logged; 0 * the critic's keeps the NaN guard on both players.
-    return terms["generator_loss"] + 0.0 * terms["critic_loss"]
-
-  def loss(self, params, batch_stats, batch, rng):
-    """(generator loss, (terms, new_batch_stats)); the terms include the critic loss."""
-    _, (terms, stats) = self._objective(params, batch_stats, batch, rng)
-    return self._reported(terms), (terms, stats)
-
-  def value_and_grad(self, params, batch_stats, batch, rng):
-    """The generator (and trainable encoder) get the gradient of the generator loss, the critic
-    that of the critic loss: each loss sees the other player's values stop-gradient'ed, so one
-    backward pass of their sum gives both."""
-    (_, (terms, stats)), grads = jax.value_and_grad(self._objective, has_aux=True)(
-      params, batch_stats, batch, rng
-    )
-    return (self._reported(terms), (terms, stats)), grads
 
   # -- the E-step --------------------------------------------------------------------------
   def _latents(self, branch):
