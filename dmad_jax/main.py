@@ -228,13 +228,6 @@ def main(argv):
     return
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError(f"--config and --workdir are required\n{usage(command)}")
-  # TensorFlow (optional: TensorBoard events, TFDS) must not grab GPU memory from JAX.
-  try:
-    import tensorflow as tf
-
-    tf.config.set_visible_devices([], "GPU")
-  except ImportError:
-    pass
   _setup_logging()
   if _DISTRIBUTED.value or _COORDINATOR.value is not None:
     from dmad_jax.train import distributed

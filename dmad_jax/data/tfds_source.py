@@ -35,7 +35,19 @@ def _import_tfds():
       "TFDS data sources need tensorflow-datasets (and TensorFlow); install them with "
       "`pip install dmad_jax[tfds]`"
     ) from err
+  _hide_gpus_from_tensorflow()
   return tfds
+
+
+def _hide_gpus_from_tensorflow():
+  """TensorFlow, which TFDS imports, must not take GPU memory from JAX: it is imported only here,
+  when a TFDS source is built, and sees no GPU."""
+  try:
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")
+  except (ImportError, RuntimeError):  # RuntimeError: TensorFlow's devices already initialised
+    pass
 
 
 @functools.cache

@@ -4,7 +4,7 @@ Every run trains STEPS steps with a checkpoint every EVERY steps; an uninterrupt
 reference. Runs that are killed (SIGKILL at a random step, SIGKILL inside a checkpoint write) or
 stopped (SIGTERM) and then rerun with the same command must end with bit-identical parameters.
 The subprocesses share a persistent compilation cache, so only the first one compiles; each
-still pays ~6 s of CPU for importing JAX, orbax, grain and TensorFlow (TensorBoard writer), and
+still pays a few seconds of CPU for importing JAX, orbax and grain, and
 the first one ~40 s for compiling, hence the ``slow`` marks (about 3 min of CPU for all four
 subprocess tests with a cold cache).
 """

@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent(
 
   def config(mesh):
     c = load_module({root!r} + "/configs/digits_pdm.py").get_config("runlocal")
-    c.batch_size, c.total_steps, c.keep_checkpoints, c.mesh = 16, 5, 10, mesh
+    c.batch_size, c.total_steps, c.keep_checkpoints, c.mesh = {batch_size}, 5, 10, mesh
     c.fsdp_min_size = 1024  # so that the tiny model has FSDP-split arrays
     c.param_dtype = {param_dtype!r}
     return c
@@ -62,7 +62,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _run_on_eight_devices(tmp_path, param_dtype, runs, evals=()):
+def _run_on_eight_devices(tmp_path, param_dtype, runs, evals=(), batch_size=16):
   env = dict(
     os.environ,
     XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
@@ -74,7 +74,14 @@ def _run_on_eight_devices(tmp_path, param_dtype, runs, evals=()):
     [
       sys.executable,
       "-c",
-      SCRIPT.format(root=ROOT, tmp=str(tmp_path), param_dtype=param_dtype, runs=runs, evals=evals),
+      SCRIPT.format(
+        root=ROOT,
+        tmp=str(tmp_path),
+        param_dtype=param_dtype,
+        runs=runs,
+        evals=evals,
+        batch_size=batch_size,
+      ),
     ],
     env=env,
     capture_output=True,
@@ -124,10 +131,11 @@ def test_in_float64_a_sharded_run_computes_what_one_device_computes(tmp_path):
   """The same runs with ``config.param_dtype="float64"``: rounding is then ~1e-16, far below
   Adam's eps, so nothing amplifies it, and a difference in the computation itself (a statistic
   over the local instead of the global batch, a dropped or doubled row, a wrong FSDP split)
-  would show. Here on a 2 x 4 data x fsdp mesh (measured: losses 4.9e-16 relative apart,
-  parameters and BatchNorm statistics after 5 steps 1.0e-12); 8-way data parallelism in float64
-  is measured by experiments/data_parallel_drift.py --param_dtype float64 (7e-16 and 8e-13)."""
-  res = _run_on_eight_devices(tmp_path, "float64", ("fsdp", "one"))
+  would show. Here on a 2 x 4 data x fsdp mesh (measured: losses 1.1e-15 relative apart,
+  parameters and BatchNorm statistics after 5 steps 9.7e-13); 8-way data parallelism in float64
+  is measured by experiments/data_parallel_drift.py --param_dtype float64 (7e-16 and 8e-13).
+  Batches of 8, one row per device: a float64 step at -O0 costs ~3 s at batch 16 here."""
+  res = _run_on_eight_devices(tmp_path, "float64", ("fsdp", "one"), batch_size=8)
   one, run = res["one"], res["fsdp"]
   assert one["dtypes"] == run["dtypes"] == ["float64"]
   assert 0 < run["split"] < run["leaves"]  # big arrays split over "fsdp", small ones replicated
