@@ -29,13 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(
       "configs/mvtec_rd.py: RD has no VQ layer; the vq arg belongs to configs/mvtec_ppdm.py"
     )
-  c = mvtec.ppdm_base(a, model_name="rd", epochs=200, batch_size=16)
-  c.model.deform = False
-  c.model.vq = False
-  c.score = ml_collections.ConfigDict(dict(sigma=4.0, scaling="none", pixel_map="rec"))
-  c.optimizer.name = "adam"
-  c.optimizer.weight_decay = 0.0
-  c.optimizer.schedule = "constant"
+  c = mvtec.rd_settings(mvtec.ppdm_base(a, model_name="rd", epochs=200, batch_size=16))
   if a["runlocal"]:
     mvtec.shrink_ppdm_for_tests(c, a)
   return c

@@ -85,3 +85,83 @@ def pytest_collection_modifyitems(config, items):
     return 1 if item.get_closest_marker("slow") else 2
 
   items.sort(key=rank)  # stable: the file order is kept within each rank
+
+
+def write_dagm(root, class_id=1, *, pixels=64, n_train=8, n_test=6, seed=0):
+  """A DAGM 2007 class in the release's layout (Class<k>/{Train,Test}, Label/Labels.txt with its
+  header line, Label/<stem>_label.PNG elliptic masks): textured gray images; defective ones
+  carry a bright ellipse where their mask is. One defective training image (left out by the
+  source), half of the test images defective."""
+  import numpy as np
+  from PIL import Image, ImageDraw
+
+  rng = np.random.default_rng(seed)
+  for split, n, defective in (("Train", n_train, {1}), ("Test", n_test, set(range(0, n_test, 2)))):
+    folder = _os.path.join(root, f"Class{class_id}", split)
+    _os.makedirs(_os.path.join(folder, "Label"), exist_ok=True)
+    lines = ["1"]
+    for i in range(n):
+      name = f"{i + 1:04d}.PNG"
+      yy, xx = np.mgrid[:pixels, :pixels]
+      base = 120 + 40 * np.sin(xx / 3.0 + rng.uniform(0, 6)) + rng.normal(0, 8, (pixels, pixels))
+      img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+      mask_name = "0"
+      if i in defective:
+        y, x = rng.integers(pixels // 4, 3 * pixels // 4, 2)
+        box = (x - pixels // 8, y - pixels // 10, x + pixels // 8, y + pixels // 10)
+        ImageDraw.Draw(img).ellipse(box, fill=250)
+        mask = Image.new("L", (pixels, pixels), 0)
+        ImageDraw.Draw(mask).ellipse(box, fill=255)
+        mask_name = name.replace(".PNG", "_label.PNG")
+        mask.save(_os.path.join(folder, "Label", mask_name))
+      img.save(_os.path.join(folder, name))
+      lines.append(f"{i + 1}\t{int(i in defective)}\t{name}\t0\t{mask_name}")
+    with open(_os.path.join(folder, "Label", "Labels.txt"), "w") as f:
+      f.write("\n".join(lines) + "\n")
+  return str(root)
+
+
+@pytest.fixture
+def dagm_writer():
+  """:func:`write_dagm`, for tests (conftest is not importable under --import-mode=importlib)."""
+  return write_dagm
+
+
+@pytest.fixture(scope="session")
+def oneclass_tfds_dir(tmp_path_factory):
+  """A TFDS data dir holding small prepared copies of ``mnist``, ``fashion_mnist`` and
+  ``cifar10`` (their real builders' features and versions, 3 training and 2 test images per
+  class of random pixels), built by subclasses of the real builders that generate the examples
+  instead of downloading them: ``tfds.data_source(name, data_dir=...)`` reads them as the real
+  prepared data sets."""
+  import numpy as np
+  import tensorflow_datasets as tfds
+
+  data_dir = str(tmp_path_factory.mktemp("tfds_oneclass"))
+
+  def examples(shape, per_class, seed, with_id):
+    rng = np.random.default_rng(seed)
+    for c in range(10):
+      for i in range(per_class):
+        ex = {"image": rng.integers(0, 256, shape, dtype=np.uint8), "label": c}
+        if with_id:
+          ex["id"] = f"{seed}_{c}_{i}"
+        yield f"{seed}_{c}_{i}", ex
+
+  builders = (
+    (tfds.image_classification.MNIST, (28, 28, 1), False),
+    (tfds.image_classification.FashionMNIST, (28, 28, 1), False),
+    (tfds.image_classification.Cifar10, (32, 32, 3), True),
+  )
+  for base, shape, with_id in builders:
+
+    def split_generators(self, dl_manager, shape=shape, with_id=with_id):
+      del self, dl_manager
+      return {"train": examples(shape, 3, 0, with_id), "test": examples(shape, 2, 1, with_id)}
+
+    # The class name gives the builder (and data) name; skip_registration keeps the real one.
+    cls = type(
+      base.__name__, (base,), {"_split_generators": split_generators}, skip_registration=True
+    )
+    cls(data_dir=data_dir, file_format="array_record").download_and_prepare()
+  return data_dir

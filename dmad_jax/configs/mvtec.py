@@ -59,21 +59,23 @@ def parse_ppdm_arg(arg: str | None, name: str = "mvtec_ppdm") -> dict:
   return a
 
 
-def ppdm_base(a: dict, *, model_name: str, epochs: int, batch_size: int):
-  """The shared RD / PPDM config for the parsed args ``a`` (model switches left to the caller)."""
+def ppdm_base(a: dict, *, model_name: str, epochs: int, batch_size: int, data=None):
+  """The shared RD / PPDM config for the parsed args ``a`` (model switches left to the caller).
+
+  ``data``: the ``config.data`` section (its ``image_size`` is set here); default the MVTec
+  category folder ``a["root"]/a["category"]``."""
   size = a["image_size"] or (64 if a["runlocal"] else 256)
   c = ml_collections.ConfigDict()
   c.seed = 111
   c.model_name = model_name
-  c.data = ml_collections.ConfigDict(
-    dict(
+  if data is None:
+    data = dict(
       name="folder",
       root=category_root(a["root"], a["category"]),
-      image_size=size,
       channels=3,  # grid, screw and zipper are gray: repeated to RGB, as torchvision does
       validate=True,
     )
-  )
+  c.data = ml_collections.ConfigDict(dict(data, image_size=size))
   c.model = ml_collections.ConfigDict(
     dict(
       arch="wide_resnet50_2",
@@ -95,7 +97,7 @@ def ppdm_base(a: dict, *, model_name: str, epochs: int, batch_size: int):
     dict(distill=1.0, vq=1.0, offset=1.0, norm_backward=0.0, smooth_size=3, cycle=1.0)
   )
   c.score = ml_collections.ConfigDict(
-    dict(alpha=alpha_for(a["category"]), sigma=4.0, scaling="train", pixel_map="fused")
+    dict(alpha=alpha_for(a.get("category")), sigma=4.0, scaling="train", pixel_map="fused")
   )
   c.optimizer = ml_collections.ConfigDict(
     dict(
@@ -119,6 +121,18 @@ def ppdm_base(a: dict, *, model_name: str, epochs: int, batch_size: int):
   c.nonfinite = "stop"
   c.eval_at_end = False
   c.eval = ml_collections.ConfigDict(dict(batch_size=8, figure_samples=6))
+  return c
+
+
+def rd_settings(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Turns a ``ppdm_base`` config into RD4AD's recipe: no OffsetNet, RD's OCBE, the cosine map
+  as the score (sigma 4, no scaling), Adam (betas 0.5, 0.999) without weight decay or schedule."""
+  c.model.deform = False
+  c.model.vq = False
+  c.score = ml_collections.ConfigDict(dict(sigma=4.0, scaling="none", pixel_map="rec"))
+  c.optimizer.name = "adam"
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.schedule = "constant"
   return c
 
 

@@ -25,6 +25,9 @@ Records are ``{"image", "label", "index"}``; test records of a folder with masks
 ``"mask"``: float32 ``(H, W)`` in {0, 1}. The key is present on every record of such a test split
 and never on training records (training is unsupervised and masks do not exist for ``train/``),
 so the records of one split always share the same keys.
+
+Everything after the listing (validation, records, masks) is :class:`ImageListSource`, which other
+on-disk layouts share, e.g. DAGM 2007 (:mod:`dmad_jax.data.dagm`).
 """
 
 from __future__ import annotations
@@ -282,7 +285,153 @@ def _verify_mask(mask: str, image: str, *, image_size: int) -> None:
   load_mask(mask, image_size=image_size)
 
 
-class FolderSource:
+class ImageListSource:
+  """The layout-independent part of the sources over image files on disk, read lazily.
+
+  A subclass finds its files (one folder layout or another), then calls :meth:`_set_options`
+  (before listing) and :meth:`_set_records` (with the listing); this class validates the files and
+  serves the records, so every such source reads images and masks the same way.
+
+  Attributes:
+    paths: path of every record, as ``str``.
+    defects: group of every record (``"good"`` for normal images, otherwise the defect name).
+    labels: int32 ``(N,)`` array, 0 for ``good`` and 1 otherwise.
+    mask_paths: the mask of every record (None for ``good`` images) when the records carry masks;
+      otherwise None.
+  """
+
+  def _set_options(self, image_size: int, channels: int, validate: bool | str) -> None:
+    """Checks and stores the output options shared by every record.
+
+    Raises:
+      ValueError: for an unknown ``validate`` or an invalid ``image_size`` or ``channels``.
+    """
+    if validate not in (True, False, "skip"):
+      raise ValueError(f"validate must be True, False or 'skip', got {validate!r}")
+    check_image_options(image_size, channels)
+    self._image_size = int(image_size)
+    self._channels = int(channels)
+
+  def _set_records(
+    self,
+    paths: list[str],
+    defects: list[str],
+    mask_paths: list[str | None] | None,
+    *,
+    validate: bool | str,
+    where: str,
+  ) -> None:
+    """Validates the listed files (per ``validate``, see FolderSource) and stores the records.
+
+    Args:
+      paths: image file of every record, in record order.
+      defects: group of every record (``"good"`` is normal).
+      mask_paths: mask of every record (None for ``good``), or None when records carry no mask.
+      validate: ``True``, ``"skip"`` or ``False``, as for :class:`FolderSource`.
+      where: the folder named in logs and errors about the split.
+
+    Raises:
+      ImageReadError: with ``validate=True``, for the first unreadable file or mask (naming the
+        others), or a mask whose size differs from its image's.
+      ValueError: with ``validate="skip"``, when no readable image is left.
+    """
+    if validate:
+      paths, defects, mask_paths = self._validate(
+        paths, defects, mask_paths, skip=validate == "skip"
+      )
+      if not paths:
+        raise ValueError(f"no readable images left in {where!r} after skipping bad files")
+      _note_sizes(paths, self._image_size, where)
+
+    self.paths: list[str] = paths
+    self.defects: list[str] = defects
+    self.mask_paths: list[str | None] | None = mask_paths
+    self.labels = np.array([NORMAL if d == GOOD else ANOMALOUS for d in defects], np.int32)
+
+  def _validate(
+    self, paths: list[str], defects: list[str], mask_paths: list | None, *, skip: bool
+  ) -> tuple[list[str], list[str], list | None]:
+    """Decodes every file (and mask) once; raises for (or, with ``skip``, drops) bad ones."""
+
+    def check(i: int) -> ImageReadError | None:
+      try:
+        verify_image(paths[i], image_size=self._image_size, channels=self._channels)
+        mask = None if mask_paths is None else mask_paths[i]
+        if mask is not None:
+          _verify_mask(mask, paths[i], image_size=self._image_size)
+      except ImageReadError as err:
+        return err
+      return None
+
+    with ThreadPoolExecutor(_VALIDATE_THREADS) as pool:
+      errors = list(pool.map(check, range(len(paths))))
+    bad = [err for err in errors if err is not None]
+    if not bad:
+      return paths, defects, mask_paths
+    if not skip:
+      first = bad[0]
+      reason = first.reason
+      if len(bad) > 1:
+        # Naming every bad file at once saves one fix-and-rerun cycle per file.
+        reason += f" ({len(bad) - 1} more unreadable: {', '.join(e.path for e in bad[1:])})"
+      raise ImageReadError(first.path, reason) from first
+    for err in bad:
+      logger.warning("skipping unreadable image %s (%s)", err.path, err.reason)
+    keep = [i for i, err in enumerate(errors) if err is None]
+    kept_masks = None if mask_paths is None else [mask_paths[i] for i in keep]
+    return [paths[i] for i in keep], [defects[i] for i in keep], kept_masks
+
+  @property
+  def has_masks(self) -> bool:
+    """Whether records carry a ``"mask"`` (e.g. test split of a folder with ``ground_truth/``)."""
+    return self.mask_paths is not None
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    """``(H, W, C)`` of every record's image."""
+    return (self._image_size, self._image_size, self._channels)
+
+  @property
+  def element_spec(self) -> dict:
+    """Shape and dtype of every entry of a record (nothing is read)."""
+    size = self._image_size
+    extra = {"mask": ((size, size), np.float32)} if self.has_masks else {}
+    return record_spec(self.image_shape, **extra)
+
+  def __len__(self) -> int:
+    """Number of images in the split."""
+    return len(self.paths)
+
+  def __getitem__(self, index) -> dict[str, np.ndarray]:
+    """Reads record ``index`` from disk.
+
+    Args:
+      index: record position; negative values count from the end.
+
+    Returns:
+      ``{"image": float32 (H, W, C) in [-1, 1], "label": int32, "index": int32}``, plus
+      ``"mask"``: float32 ``(H, W)`` in {0, 1} (zeros for ``good`` images) when
+      :attr:`has_masks`.
+
+    Raises:
+      IndexError: if ``index`` is out of range.
+      ImageReadError: if the file cannot be decoded (only possible with ``validate=False`` or
+        when the file changed after construction).
+    """
+    i = check_index(index, len(self))
+    image = load_image(self.paths[i], image_size=self._image_size, channels=self._channels)
+    record = make_record(image, int(self.labels[i]), i)
+    if self.mask_paths is not None:
+      mask = self.mask_paths[i]
+      record["mask"] = (
+        np.zeros((self._image_size, self._image_size), np.float32)
+        if mask is None
+        else load_mask(mask, image_size=self._image_size)
+      )
+    return record
+
+
+class FolderSource(ImageListSource):
   """One split (``train`` or ``test``) of an MVTec-style folder, read lazily from disk.
 
   Attributes:
@@ -329,13 +478,9 @@ class FolderSource:
     """
     if split not in SPLITS:
       raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if validate not in (True, False, "skip"):
-      raise ValueError(f"validate must be True, False or 'skip', got {validate!r}")
-    check_image_options(image_size, channels)
+    self._set_options(image_size, channels, validate)
     self.root = os.fspath(root)
     self.split = split
-    self._image_size = int(image_size)
-    self._channels = int(channels)
 
     if not os.path.isdir(self.root):
       raise FileNotFoundError(f"dataset root {self.root!r} is not a folder; {_LAYOUT}")
@@ -388,100 +533,7 @@ class FolderSource:
     if split == "test" and os.path.isdir(gt_dir):
       mask_paths = _match_masks(gt_dir, split_dir, paths, defects)
 
-    if validate:
-      paths, defects, mask_paths = self._validate(
-        paths, defects, mask_paths, skip=validate == "skip"
-      )
-      if not paths:
-        raise ValueError(f"no readable images left in {split_dir!r} after skipping bad files")
-      _note_sizes(paths, self._image_size, split_dir)
-
-    self.paths: list[str] = paths
-    self.defects: list[str] = defects
-    self.mask_paths: list[str | None] | None = mask_paths
-    self.labels = np.array([NORMAL if d == GOOD else ANOMALOUS for d in defects], np.int32)
-
-  def _validate(
-    self, paths: list[str], defects: list[str], mask_paths: list | None, *, skip: bool
-  ) -> tuple[list[str], list[str], list | None]:
-    """Decodes every file (and mask) once; raises for (or, with ``skip``, drops) bad ones."""
-
-    def check(i: int) -> ImageReadError | None:
-      try:
-        verify_image(paths[i], image_size=self._image_size, channels=self._channels)
-        mask = None if mask_paths is None else mask_paths[i]
-        if mask is not None:
-          _verify_mask(mask, paths[i], image_size=self._image_size)
-      except ImageReadError as err:
-        return err
-      return None
-
-    with ThreadPoolExecutor(_VALIDATE_THREADS) as pool:
-      errors = list(pool.map(check, range(len(paths))))
-    bad = [err for err in errors if err is not None]
-    if not bad:
-      return paths, defects, mask_paths
-    if not skip:
-      first = bad[0]
-      reason = first.reason
-      if len(bad) > 1:
-        # Naming every bad file at once saves one fix-and-rerun cycle per file.
-        reason += f" ({len(bad) - 1} more unreadable: {', '.join(e.path for e in bad[1:])})"
-      raise ImageReadError(first.path, reason) from first
-    for err in bad:
-      logger.warning("skipping unreadable image %s (%s)", err.path, err.reason)
-    keep = [i for i, err in enumerate(errors) if err is None]
-    kept_masks = None if mask_paths is None else [mask_paths[i] for i in keep]
-    return [paths[i] for i in keep], [defects[i] for i in keep], kept_masks
-
-  @property
-  def has_masks(self) -> bool:
-    """Whether records carry a ``"mask"`` (test split of a folder with ``ground_truth/``)."""
-    return self.mask_paths is not None
-
-  @property
-  def image_shape(self) -> tuple[int, int, int]:
-    """``(H, W, C)`` of every record's image."""
-    return (self._image_size, self._image_size, self._channels)
-
-  @property
-  def element_spec(self) -> dict:
-    """Shape and dtype of every entry of a record (nothing is read)."""
-    size = self._image_size
-    extra = {"mask": ((size, size), np.float32)} if self.has_masks else {}
-    return record_spec(self.image_shape, **extra)
-
-  def __len__(self) -> int:
-    """Number of images in the split."""
-    return len(self.paths)
-
-  def __getitem__(self, index) -> dict[str, np.ndarray]:
-    """Reads record ``index`` from disk.
-
-    Args:
-      index: record position; negative values count from the end.
-
-    Returns:
-      ``{"image": float32 (H, W, C) in [-1, 1], "label": int32, "index": int32}``, plus
-      ``"mask"``: float32 ``(H, W)`` in {0, 1} (zeros for ``good`` images) when
-      :attr:`has_masks`.
-
-    Raises:
-      IndexError: if ``index`` is out of range.
-      ImageReadError: if the file cannot be decoded (only possible with ``validate=False`` or
-        when the file changed after construction).
-    """
-    i = check_index(index, len(self))
-    image = load_image(self.paths[i], image_size=self._image_size, channels=self._channels)
-    record = make_record(image, int(self.labels[i]), i)
-    if self.mask_paths is not None:
-      mask = self.mask_paths[i]
-      record["mask"] = (
-        np.zeros((self._image_size, self._image_size), np.float32)
-        if mask is None
-        else load_mask(mask, image_size=self._image_size)
-      )
-    return record
+    self._set_records(paths, defects, mask_paths, validate=validate, where=split_dir)
 
   def describe(self) -> str:
     """One line for logs: root, split, size, shape and per-folder counts.

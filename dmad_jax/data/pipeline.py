@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from collections.abc import Iterator
 from typing import Any
@@ -267,6 +268,13 @@ SOURCE_KEYS = {
     "labels": None,
     "templates": "single",
   },
+  "dagm": {
+    "root": REQUIRED,
+    "class_id": REQUIRED,
+    "image_size": REQUIRED,
+    "channels": 3,
+    "validate": True,
+  },
 }
 SOURCE_NAMES = tuple(SOURCE_KEYS)
 SPLITS = ("train", "test", "validation")
@@ -277,8 +285,8 @@ def data_settings(data_config: Any) -> dict:
   """``config.data`` checked against its source's keys (:data:`SOURCE_KEYS`), with defaults.
 
   Raises:
-    ConfigError: for an unknown source name, an unknown key (naming the closest known one) or a
-      missing required key.
+    ConfigError: for an unknown source name, an unknown key (naming the closest known one), a
+      missing required key or, for ``dagm``, a ``class_id`` that is not an int in 1..10.
   """
   if not hasattr(data_config, "get"):  # any object with attributes, e.g. a SimpleNamespace
     data_config = {k: v for k, v in vars(data_config).items() if not k.startswith("_")}
@@ -298,6 +306,16 @@ def data_settings(data_config: Any) -> dict:
       f"data source {name!r} needs config.data.{missing[0]}"
       + (f" (and {', '.join(missing[1:])})" if missing[1:] else "")
     )
+  if name == "dagm":
+    class_id = settings["class_id"]
+    if (
+      isinstance(class_id, bool)
+      or not isinstance(class_id, numbers.Integral)
+      or not 1 <= class_id <= 10
+    ):
+      raise schema.ConfigError(
+        f"config.data.class_id must be a DAGM 2007 class, an int in 1..10, got {class_id!r}"
+      )
   return settings
 
 
@@ -320,6 +338,11 @@ def get_source(data_config: Any, split: str):
     :func:`dmad_jax.data.video.video_sources`; the test split's templates are indexed by the
     training videos' names, which are listed, not read). Records are clips, see
     :class:`dmad_jax.data.video.VideoFrameSource`.
+  * ``dagm``: ``root`` (holding ``Class<k>/{Train,Test}/`` with ``Label/Labels.txt``),
+    ``class_id`` (1..10), ``image_size``, ``channels`` (3 repeats the gray images), ``validate``
+    (as for ``folder``). ``train`` is the non-defective training images, ``test`` every test image
+    with its mask; records are served as the folder source's, see
+    :class:`dmad_jax.data.dagm.DAGMSource`.
 
   Args:
     data_config: ``config.data`` (a ConfigDict or mapping).
@@ -359,6 +382,17 @@ def get_source(data_config: Any, split: str):
       channels=s["channels"],
       validate=s["validate"],
     )
+  if name == "dagm":
+    from dmad_jax.data.dagm import DAGMSource
+
+    return DAGMSource(
+      s["root"],
+      s["class_id"],
+      split,
+      image_size=s["image_size"],
+      channels=s["channels"],
+      validate=s["validate"],
+    )
   if name == "tfds":
     from dmad_jax.data.digits import parse_protocol
     from dmad_jax.data.tfds_source import tfds_sources
@@ -389,7 +423,7 @@ def get_source(data_config: Any, split: str):
 def element_spec(data_config: Any) -> dict:
   """The ``element_spec`` of the training records ``config.data`` describes, from the config
   alone (no file is listed or read): for code that needs shapes only, such as exporting a
-  train step."""
+  train step. Training records carry no mask (``folder``, ``dagm``: masks are test-only)."""
   s = data_settings(data_config)
   size = int(s["image_size"])
   if s["name"] == "video":

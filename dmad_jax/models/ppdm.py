@@ -36,7 +36,8 @@ uses the test set's, which is transductive), or with no scaling (``score.scaling
 paper's plain Eq. 22-23).
 
 RD4AD is the same model with ``deform=False`` (no OffsetNet: x' = x) and ``vq=False`` (RD's
-3072-channel OCBE); ``model_name="rd"`` selects it.
+3072-channel OCBE); ``model_name="rd"`` selects it. ARD (``model_name="ard"``) is RD with an
+attention block in the OCBE, a reconstruction from ARD's supplementary material (ARDDetector).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from dmad_jax.models import base
 from dmad_jax.models import teacher as teacher_lib
 from dmad_jax.models.pdm import OffsetNet, _safe_norm
 from dmad_jax.models.teacher import STAGES, teacher_features
+from dmad_jax.nn import attention as attention_lib
 from dmad_jax.nn import resnet
 from dmad_jax.nn.quantize import VectorQuantizer
 from dmad_jax.nn.rd import OCBE, OCBE_BLOCKS, ResNetDecoder
@@ -137,6 +139,9 @@ class PPDM(nn.Module):
       mirror them); the official 256x256 heads are (2, 2, 2, 1) -> 1/8 and (2, 1) -> 1/2.
     max_offsets: maximal displacement of each head, in pixels (8, 3).
     pe_reduction: the CoordConv block length: ``num_blocks = image_size / pe_reduction`` (4).
+    attention: ARD's attention block in RD's OCBE ("none", "se", "eca", "cbam", "sspcab"; see
+      ``dmad_jax.nn.rd.OCBE``); only without ``vq``.
+    attention_position: where it sits in the OCBE ("fusion" or "embedding").
     dtype: computation dtype.
   """
 
@@ -151,10 +156,17 @@ class PPDM(nn.Module):
   head_strides: Sequence[Sequence[int]] = ((2, 2, 2, 1), (2, 1))
   max_offsets: Sequence[float] = (8.0, 3.0)
   pe_reduction: int = 4
+  attention: str = "none"
+  attention_position: str = "fusion"
   dtype: Any = jnp.float32
 
   def setup(self):
     resnet.check_arch(self.arch)
+    if self.vq and self.attention != "none":
+      raise ValueError(
+        f"PPDM: attention {self.attention!r} is ARD's block in RD's OCBE; the VQ bottleneck has "
+        "none (use vq=False)"
+      )
     size = self.image_size
     if size % 32:
       raise ValueError(
@@ -185,7 +197,7 @@ class PPDM(nn.Module):
         self.arch, self.num_codes, self.vq_beta, self.reduce_channels, self.dtype
       )
     else:
-      self.bottleneck = OCBE(self.arch, self.dtype)
+      self.bottleneck = OCBE(self.arch, self.attention, self.attention_position, self.dtype)
     self.decoder = ResNetDecoder(self.arch, self.dtype)
 
   def __call__(self, x: jax.Array, teacher_variables: dict, *, train: bool) -> dict[str, Any]:
@@ -302,6 +314,8 @@ class LossWeights:
       1 gives the paper's Eq. 18.
     smooth_size: side of the 2-D zero-sum smoothness kernel (3).
     cycle: the cycle-consistency MSE (gamma_3).
+    attention: weight of the losses the attention block records (SSPCAB's reconstruction MSE;
+      0.1 as in the SSPCAB paper); no other block records one.
   """
 
   distill: float = 1.0
@@ -310,16 +324,27 @@ class LossWeights:
   norm_backward: float = 0.0
   smooth_size: int = 3
   cycle: float = 1.0
+  attention: float = 0.1
 
 
-def ppdm_loss(outputs: dict[str, Any], weights: LossWeights) -> tuple[jax.Array, dict]:
+def ppdm_loss(
+  outputs: dict[str, Any], weights: LossWeights, recorded: dict | None = None
+) -> tuple[jax.Array, dict]:
   """The training loss (module docstring) of ``PPDM.__call__`` outputs.
+
+  Args:
+    outputs: ``PPDM.__call__``'s dict.
+    weights: the loss weights.
+    recorded: the "losses" collection the model sowed (ARD's SSPCAB block), or None.
 
   Returns:
     (total, dict of the weighted terms and diagnostics).
   """
   distill, terms = distillation_loss(outputs["teacher"], outputs["student"])
   terms = {"distill": weights.distill * distill, **terms}
+  sown = jax.tree.leaves(recorded or {})
+  if sown:
+    terms["attention"] = weights.attention * sum(sown)
   if outputs["vq"] is not None:
     vq = outputs["vq"]
     terms["vq"] = weights.vq * (vq.codebook_loss + vq.commitment_loss)
@@ -439,8 +464,10 @@ class PPDMDetector(base.Detector):
   """
 
   config_sections = {"model": PPDM, "loss": LossWeights, "score": SCORE_DEFAULTS}
-  # Model switches a subclass fixes (RD: no deformation, no VQ).
-  fixed_model: dict[str, bool] = {}
+  # Model switches a subclass fixes (RD: no deformation, no VQ, no attention), and what to use
+  # for the switch instead.
+  fixed_model: dict[str, Any] = {}
+  fixed_hint = ""
 
   def __init__(self, config):
     super().__init__(config)
@@ -448,8 +475,8 @@ class PPDMDetector(base.Detector):
     for key, value in self.fixed_model.items():
       if model.get(key, value) != value:
         raise base.schema.ConfigError(
-          f"model_name {self.name!r} is PPDM with {key}={value}, but config.model.{key} is "
-          f"{model[key]}; use model_name='ppdm' for the deformation or the VQ bottleneck"
+          f"model_name {self.name!r} is PPDM with {key}={value!r}, but config.model.{key} is "
+          f"{model[key]!r}; {self.fixed_hint}"
         )
       model[key] = value
     self.teacher = teacher_lib.Teacher(
@@ -520,9 +547,9 @@ class PPDMDetector(base.Detector):
       x,
       batch_stats["teacher"],
       train=True,
-      mutable=["batch_stats"],
+      mutable=["batch_stats", "losses"],
     )
-    total, terms = ppdm_loss(out, self.weights)
+    total, terms = ppdm_loss(out, self.weights, upd.get("losses"))
     return total, (terms, {**batch_stats, "model": upd.get("batch_stats", {})})
 
   # -- scores ------------------------------------------------------------------------------
@@ -584,7 +611,31 @@ class PPDMDetector(base.Detector):
 class RDDetector(PPDMDetector):
   """Reverse distillation (RD4AD): PPDM without the deformation and with RD's OCBE (no VQ)."""
 
+  fixed_model = {"deform": False, "vq": False, "attention": "none"}
+  fixed_hint = "use model_name='ppdm' for the deformation or the VQ bottleneck, 'ard' for attention"
+
+
+@base.register("ard")
+class ARDDetector(PPDMDetector):
+  """ARD: RD with an attention block in its one-class bottleneck embedding.
+
+  A RECONSTRUCTION: ARD's code was never published and only its supplementary material is known
+  (shared/spec Sec. 4); its references point to SE, ECA, CBAM and SSPCAB, so
+  ``config.model.attention`` selects one of them and ``config.model.attention_position`` where
+  it sits in the OCBE (``dmad_jax.nn.rd.OCBE``). The teacher, decoder, loss and scores are RD's;
+  SSPCAB adds its reconstruction MSE times ``config.loss.attention``.
+  """
+
   fixed_model = {"deform": False, "vq": False}
+  fixed_hint = "ARD is RD (no deformation, no VQ) plus attention; use model_name='ppdm' for those"
+
+  def __init__(self, config):
+    super().__init__(config)
+    if self.module.attention == "none":
+      raise base.schema.ConfigError(
+        "model_name 'ard' needs config.model.attention (one of "
+        f"{', '.join(attention_lib.ATTENTIONS)}); model_name='rd' is RD without attention"
+      )
 
 
 def _display(x: jax.Array) -> jax.Array:

@@ -32,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dmad_jax.nn import attention as attention_lib
 from dmad_jax.nn.fast_conv import FastConvTranspose
 from dmad_jax.nn.init import torch_default_kernel_init
 from dmad_jax.nn.resnet import EXPANSION, ResStage, batch_norm, check_arch, conv
@@ -41,6 +42,8 @@ from dmad_jax.nn.resnet import EXPANSION, ResStage, batch_norm, check_arch, conv
 DECODER_STAGES = (("layer1", 256, 0), ("layer2", 128, 1), ("layer3", 64, 2))
 # Residual blocks in the OCBE stage per arch (RD4AD: 2 for resnet18, 3 for the others).
 OCBE_BLOCKS = {"resnet18": 2, "resnet34": 3, "resnet50": 3, "wide_resnet50_2": 3}
+# Where ARD's attention block can sit in the OCBE (see OCBE).
+ATTENTION_POSITIONS = ("fusion", "embedding")
 # Which teacher stage each decoder stage reconstructs.
 DECODER_TARGET = {"layer1": "layer3", "layer2": "layer2", "layer3": "layer1"}
 
@@ -200,12 +203,22 @@ class OCBE(nn.Module):
   ``Bottleneck``) embeds them. RD defines an unused conv4/bn4; it is not created here
   (``convert.torch_to_flax`` ignores it via ``ignore=("conv4.", "bn4.")``).
 
+  ARD (attention in the OCBE, a reconstruction: see ``dmad_jax.nn.attention``) adds one attention
+  block (``attention``, child "attention") at ``attention_position``: "fusion", on the
+  concatenated multi-scale features before the residual stage (it can weigh the three scales'
+  channels and the locations before they are compressed), or "embedding", on the stage's output
+  (the one-class embedding the decoder sees).
+
   Attributes:
     arch: the teacher's arch; fixes the block kind, widths and the stage's block count
       (``OCBE_BLOCKS``: RD's ``BN_layer(block, 2)`` for resnet18, 3 otherwise).
+    attention: "none" (RD) or a kind of ``attention.ATTENTIONS`` (se, eca, cbam, sspcab).
+    attention_position: "fusion" or "embedding".
   """
 
   arch: str = "wide_resnet50_2"
+  attention: str = "none"
+  attention_position: str = "fusion"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -215,6 +228,11 @@ class OCBE(nn.Module):
     With h, w the layer3 size: for wide_resnet50_2 at 256x256, (N, 8, 8, 2048).
     """
     kind, _, width_per_group = check_arch(self.arch)
+    if self.attention_position not in ATTENTION_POSITIONS:
+      raise ValueError(
+        f"OCBE: attention_position {self.attention_position!r} is not one of {ATTENTION_POSITIONS}"
+      )
+    attend = attention_lib.make_attention(self.attention, self.dtype, name="attention")
     e = EXPANSION[kind]
     l1 = conv(128 * e, 3, 2, name="conv1", dtype=self.dtype)(feats["layer1"])
     l1 = nn.relu(batch_norm(train, "bn1", self.dtype)(l1))
@@ -223,8 +241,10 @@ class OCBE(nn.Module):
     l2 = conv(256 * e, 3, 2, name="conv3", dtype=self.dtype)(feats["layer2"])
     l2 = nn.relu(batch_norm(train, "bn3", self.dtype)(l2))
     x = jnp.concatenate([l1, l2, feats["layer3"].astype(l1.dtype)], axis=-1)
+    if attend is not None and self.attention_position == "fusion":
+      x = attend(x)
     blocks = OCBE_BLOCKS.get(self.arch, 3)
-    return ResStage(
+    x = ResStage(
       kind,
       512,
       blocks,
@@ -233,3 +253,6 @@ class OCBE(nn.Module):
       dtype=self.dtype,
       name="bn_layer",
     )(x, train)
+    if attend is not None and self.attention_position == "embedding":
+      x = attend(x)
+    return x
