@@ -104,7 +104,7 @@ CANNOT_RUN = (
   (r"(?:^|[\s;&|#:(])srun\s", "needs a SLURM allocation (srun)"),
   (r"IMAGENET1K|weights=[\\'\"]*IMAGENET", "downloads ImageNet weights from the internet"),
   (
-    r"configs/oneclass_igd\.py",
+    r"configs/oneclass_\w+\.py|reproduce_tables\.py --table (?:mnist|fashion_mnist|cifar10)",
     "needs MNIST / Fashion-MNIST / CIFAR-10 prepared by TFDS (downloaded from the internet)",
   ),
 )

@@ -82,6 +82,12 @@ def _complete_arg(name, tmp_path):
     "mvtec_igd.py": "root=/data/mvtec;category=bottle;weights=r18.npz",
     "mvtec_igd_kd.py": "root=/data/mvtec;category=bottle;weights=r18.npz",
     "oneclass_igd.py": "dataset=mnist;normal=3",
+    "oneclass_rd.py": "dataset=mnist;normal=3;weights=r34.npz",
+    "oneclass_ard.py": "dataset=cifar10;normal=0;weights=r34.npz",
+    "oneclass_ppdm.py": "dataset=fashion_mnist;normal=0;weights=w.npz",
+    "oneclass_daad.py": "dataset=mnist;normal=3",
+    "dagm_rd.py": "root=/data/dagm;class=1;weights=w.npz",
+    "dagm_ard.py": "root=/data/dagm;class=1;weights=w.npz",
   }[name]
 
 
@@ -102,6 +108,12 @@ def test_every_config_is_known_to_this_test():
     "mvtec_igd.py",
     "mvtec_igd_kd.py",
     "oneclass_igd.py",
+    "oneclass_rd.py",
+    "oneclass_ard.py",
+    "oneclass_ppdm.py",
+    "oneclass_daad.py",
+    "dagm_rd.py",
+    "dagm_ard.py",
   }
   assert set(CONFIG_FILES) == names, "a new config file: add its complete arg to this test"
 
@@ -117,7 +129,9 @@ def test_every_config_loads_through_the_installed_script(name, tmp_path):
     out = dmad("config", f"--config={path}{spec}", cwd=cwd)
     assert out.returncode == 0, (cwd, out.stderr[-3000:])
     config = json.loads(out.stdout)
-    assert config["model_name"] in ("pdm", "daad", "daad_plus", "ppdm", "rd", "igd", "igd_kd")
+    assert config["model_name"] in (
+      "pdm", "daad", "daad_plus", "ppdm", "rd", "ard", "igd", "igd_kd"
+    )  # fmt: skip
   if arg is not None:
     # Without its required arg the config says which arg to pass, in its own words.
     missing = dmad("config", f"--config={os.path.join(ROOT, 'configs', name)}", cwd=elsewhere)

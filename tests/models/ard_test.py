@@ -128,5 +128,8 @@ def test_each_attention_trains_and_evaluates_through_the_cli(kind, tmp_path, dag
   with open(tmp_path / "run" / "eval" / "metrics.json") as f:
     m = json.load(f)
   assert (m["num_normal"], m["num_anomalous"]) == (3, 3)
-  for key in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO"):
+  assert m["pixel_map"] == "rec" and m["step"] == 2
+  for key in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO", "image_AUROC_rec"):
     assert 0.0 <= m[key] <= 1.0, (key, m)
+  for figure in ("heatmaps_2.png", "panel_2.png"):
+    assert os.path.getsize(tmp_path / "run" / "eval" / figure) > 0

@@ -24,6 +24,7 @@ SMALLEST = {
   "daad_plus": ("digits_daad.py", "variant=daad_plus;runlocal"),
   "ppdm": ("mvtec_ppdm.py", MVTEC),
   "rd": ("mvtec_rd.py", MVTEC),
+  "ard": ("dagm_ard.py", "root=/d;class=1;runlocal"),
   "igd": ("digits_igd.py", "runlocal"),
   "igd_kd": ("mvtec_igd_kd.py", MVTEC),
 }
