@@ -89,18 +89,23 @@ def _input(seed=2, size=64):
   return x, jnp.asarray(_nhwc(x))
 
 
-# wide_resnet50_2 stops at layer3 (what RD / PPDM use) to keep the test short; its layer4 has the
-# same code path as resnet18's, and its names and shapes are checked below.
+# wide_resnet50_2 and resnet34 (ARD's one-class teacher) stop at layer3 (what RD / PPDM / ARD
+# use) to keep the test short; layer4 has the same code path as resnet18's, and the names and
+# shapes are checked below.
 @pytest.mark.parametrize(
   "arch,stages",
-  [("resnet18", resnet.STAGES), ("wide_resnet50_2", ("layer1", "layer2", "layer3"))],
+  [
+    ("resnet18", resnet.STAGES),
+    ("resnet34", ("layer1", "layer2", "layer3")),
+    ("wide_resnet50_2", ("layer1", "layer2", "layer3")),
+  ],
 )
 def test_converted_torchvision_resnet_matches_torchvision(arch, stages, resnet18_torch):
   if arch == "resnet18":
     model = resnet18_torch
   else:
     torch.manual_seed(0)
-    model = _randomize_bn(torchvision.models.wide_resnet50_2(), seed=1)
+    model = _randomize_bn(getattr(torchvision.models, arch)(), seed=1)
   x, xj = _input()
   want = _torchvision_stages(model, x)
   module, variables = convert.torchvision_resnet(model.state_dict(), arch, stages=stages)
