@@ -31,8 +31,7 @@ def parse_arg(name: str, arg: str | None, *, with_attention: bool = False) -> di
     required=("root", "class"),
     example="root=/data/dagm;class=1;weights=wrn50_2.npz",
   )
-  if a["image_size"] % 32:
-    raise ValueError(f"configs/{name}.py: image_size {a['image_size']} must be a multiple of 32")
+  mvtec.check_image_size(name, a["image_size"])
   return a
 
 

@@ -54,9 +54,14 @@ def parse_ppdm_arg(arg: str | None, name: str = "mvtec_ppdm") -> dict:
     required=("root", "category"),
     example="root=/data/mvtec;category=bottle;weights=wrn50_2.npz",
   )
-  if a["image_size"] % 32:
-    raise ValueError(f"configs/{name}.py: image_size {a['image_size']} must be a multiple of 32")
+  check_image_size(name, a["image_size"])
   return a
+
+
+def check_image_size(name: str, size: int) -> None:
+  """The teacher-student models need a multiple of 32 (the embedding is at S/32); 0 = default."""
+  if size % 32:
+    raise ValueError(f"configs/{name}.py: image_size {size} must be a multiple of 32")
 
 
 def ppdm_base(a: dict, *, model_name: str, epochs: int, batch_size: int, data=None):

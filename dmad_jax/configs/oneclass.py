@@ -68,8 +68,7 @@ def resnet_config(
   the MVTec size; 32 with runlocal) and gray ones repeated to RGB for the ImageNet teacher.
   """
   a = parse_arg(name, arg, {"weights": "", "image_size": 0, **(extra or {})}, choices)
-  if a["image_size"] % 32:
-    raise ValueError(f"configs/{name}.py: image_size {a['image_size']} must be a multiple of 32")
+  mvtec.check_image_size(name, a["image_size"])
   if a["runlocal"] and not a["image_size"]:
     a["image_size"] = 32
   source = data(a, 0, channels=3)

@@ -4,8 +4,6 @@ the installed ``dmad`` script on DAGM 2007 data in the release's layout."""
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +17,6 @@ from dmad_jax.models.base import schema
 from dmad_jax.nn import attention
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DMAD = os.path.join(os.path.dirname(sys.executable), "dmad")
 SIZE = 32
 
 
@@ -104,18 +101,11 @@ def test_config_errors_name_the_fix(tmp_path):
 
 @pytest.mark.slow  # four `dmad train` processes, each compiling a ResNet train step and the eval
 @pytest.mark.parametrize("kind", list(attention.ATTENTIONS))
-def test_each_attention_trains_and_evaluates_through_the_cli(kind, tmp_path, dagm_writer):
+def test_each_attention_trains_and_evaluates_through_the_cli(kind, tmp_path, dagm_writer, dmad_cli):
   root = dagm_writer(tmp_path / "dagm", class_id=2, pixels=48)
   arg = f"root={root};class=2;runlocal;image_size={SIZE};attention={kind}"
-  proc = subprocess.run(
-    [DMAD, "train", f"--config={ROOT}/configs/dagm_ard.py:{arg}", "--workdir=run"]
-    + ["--config.eval_at_end=True"],
-    cwd=tmp_path,
-    env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
+  config = f"--config={ROOT}/configs/dagm_ard.py:{arg}"
+  proc = dmad_cli("train", config, "--workdir=run", "--config.eval_at_end=True", cwd=tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "model ard:" in proc.stderr
   with open(tmp_path / "run" / "metrics.jsonl") as f:
