@@ -36,9 +36,10 @@ stdout; ``--json`` also writes experiments/results/documented_commands.json.
 
 Data, created where the commands expect it (small images, resized by the configs): /data/bottle
 (train/good, test/good, test/<defect>), /data/mvtec/<category> with ground_truth masks for every
-category named by the commands, the raw UCSD Ped2 folders under $UCSD (the README links them
-into /data/ped2 itself), tiny .avi videos under $AV and $ST (the README extracts them), Ped2
-style frame folders under $ST/testing/frames, the label files /data/frame_labels_*.npy (one
+category named by the commands, /data/dagm/Class<k> in the DAGM 2007 layout for every class
+named, the raw UCSD Ped2 folders under $UCSD (the README links them into /data/ped2 itself),
+tiny .avi videos under $AV and $ST (the README extracts them), Ped2 style frame folders under
+$ST/testing/frames, the label files /data/frame_labels_*.npy (one
 label per test frame after the first four of each video) and the templates /data/bkg_*.jpg.
 /data/ped2, /data/avenue and /data/shanghai are removed first so that the README's own lines
 create them; before a unit that uses one without creating it (a config docstring), this script
@@ -745,6 +746,32 @@ def make_folder_set(root: Path, seed: int, *, masks: bool, size: int = 40) -> st
   )
 
 
+def make_dagm_class(root: Path, class_id: int, seed: int, size: int = 40) -> None:
+  """One DAGM 2007 class in the release's layout: Class<k>/{Train,Test}/*.PNG, Label/Labels.txt
+  (header line, then ``id flag image 0 mask-or-0``) and Label/<stem>_label.PNG masks; 8 Train
+  images (one defective) and 6 Test images (3 defective), gray."""
+  np = _np()
+  rng = np.random.default_rng(seed)
+  for split, n, defective in (("Train", 8, {1}), ("Test", 6, {0, 2, 4})):
+    folder = root / f"Class{class_id}" / split
+    lines = ["1"]
+    for i in range(n):
+      name = f"{i + 1:04d}.PNG"
+      img = texture(rng, size, size, 1)
+      mask_name = "0"
+      if i in defective:
+        r, c = 6 + 4 * (i % 3), 8
+        img[r : r + 9, c : c + 12] = 250
+        mask = np.zeros((size, size, 1), np.uint8)
+        mask[r : r + 9, c : c + 12] = 255
+        mask_name = name.replace(".PNG", "_label.PNG")
+        save_image(folder / "Label" / mask_name, mask)
+      save_image(folder / name, img)
+      lines.append(f"{i + 1}\t{int(i in defective)}\t{name}\t0\t{mask_name}")
+    (folder / "Label").mkdir(parents=True, exist_ok=True)
+    (folder / "Label" / "Labels.txt").write_text("\n".join(lines) + "\n")
+
+
 FRAMES = 12  # frames per synthetic video; the first 4 of each test video are never scored
 VIDEOS = 2
 
@@ -1081,6 +1108,9 @@ def needs(units: list[Unit]) -> dict[str, object]:
       npz.update(v for v in config_values(words) if v.endswith(".npz") and literal(v))
   return {
     "bottle": "/data/bottle" in text,
+    "dagm": sorted({int(k) for k in re.findall(r"class=(\d+)", text)})
+    if "/data/dagm" in text
+    else [],
     "mvtec": sorted(c for c in cats if re.fullmatch(r"[a-z_]+", c))
     if "/data/mvtec" in text
     else [],
@@ -1105,6 +1135,8 @@ def prepare(units: list[Unit], dmad: Path, notes: list[str]) -> dict[str, Path]:
     ours.append(DATA / "bottle")
   if need["mvtec"]:
     ours.append(DATA / "mvtec")
+  if need["dagm"]:
+    ours.append(DATA / "dagm")
   for name in ("ped2", "avenue", "shanghai"):
     if need[name]:
       ours += [DATA / name, DATA / f"frame_labels_{name}.npy"]
@@ -1119,6 +1151,13 @@ def prepare(units: list[Unit], dmad: Path, notes: list[str]) -> dict[str, Path]:
     notes.append(
       f"{DATA}/mvtec/{{{','.join(need['mvtec'])}}}: 8 train, 3 good + 3 defect test images "
       "(40x40) with ground_truth/defect/<stem>_mask.png"
+    )
+  for k in need["dagm"]:
+    make_dagm_class(DATA / "dagm", k, 200 + k)
+  if need["dagm"]:
+    notes.append(
+      f"{DATA}/dagm/Class{{{','.join(map(str, need['dagm']))}}}: 8 Train (1 defective) and 6 Test "
+      "(3 defective) 40x40 gray images with Label/Labels.txt and Label/<stem>_label.PNG masks"
     )
   if need["ped2"] or need["avenue"] or need["shanghai"]:
     if raw_root.exists():
