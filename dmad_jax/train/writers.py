@@ -118,9 +118,6 @@ class MetricWriter:
     if self.enabled and self._events is not None:
       self._events.write_hparams(hparams)
 
-  def flush(self) -> None:
-    """Kept for callers: every record is already flushed when written."""
-
   def close(self) -> None:
     if self.enabled:
       if self._events is not None:
