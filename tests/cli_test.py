@@ -19,11 +19,13 @@ CONFIG_FILES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, 
 
 def dmad(*args, cwd, timeout=600, user_flags=False):
   """Runs the installed script with the environment a user has: no PYTHONPATH; with
-  ``user_flags``, also XLA's default optimisation level rather than the suite's -O0."""
+  ``user_flags``, also XLA's default flags rather than the suite's (conftest.SUITE_XLA_FLAGS:
+  -O0, the older fusion emitters)."""
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
   if user_flags:
     flags = env.get("XLA_FLAGS", "").split()
-    env["XLA_FLAGS"] = " ".join(f for f in flags if "xla_backend_optimization_level" not in f)
+    suite = ("xla_backend_optimization_level", "xla_cpu_use_fusion_emitters")
+    env["XLA_FLAGS"] = " ".join(f for f in flags if not any(name in f for name in suite))
   return subprocess.run(
     [DMAD, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
   )
