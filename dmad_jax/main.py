@@ -111,6 +111,17 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+_HEARTBEAT = flags.DEFINE_integer(
+  "heartbeat_timeout_seconds",
+  100,
+  "Multi-host: a process silent for this long is declared lost and JAX stops the others (JAX's "
+  "default, 100).",
+)
+_SHUTDOWN = flags.DEFINE_integer(
+  "shutdown_timeout_seconds",
+  300,
+  "Multi-host: how long a finished process waits for the others at exit (JAX's default, 300).",
+)
 
 
 def _setup_logging():
@@ -232,7 +243,13 @@ def main(argv):
   if _DISTRIBUTED.value or _COORDINATOR.value is not None:
     from dmad_jax.train import distributed
 
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    distributed.initialize(
+      _COORDINATOR.value,
+      _NUM_PROCESSES.value,
+      _PROCESS_ID.value,
+      heartbeat_timeout_seconds=_HEARTBEAT.value,
+      shutdown_timeout_seconds=_SHUTDOWN.value,
+    )
   config, workdir = _CONFIG.value, _WORKDIR.value
   if command == "train":
     from dmad_jax.train import train_and_evaluate

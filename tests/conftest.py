@@ -43,10 +43,6 @@ SUITE_XLA_FLAGS = {
 for _name, _flag in SUITE_XLA_FLAGS.items():
   if _name not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
-# Every compiled program goes to the persistent cache, not only those that took over a second
-# (JAX's default): at the flags above most of the suite's programs compile faster than that, and
-# the same ones are compiled again by the `dmad` subprocesses of other tests.
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
 from hypothesis import settings  # noqa: E402

@@ -7,6 +7,21 @@ set ``JAX_COORDINATOR_ADDRESS``). Afterwards ``jax.devices()`` lists every devic
 the mesh of ``config.mesh`` spans them, each host's grain pipeline reads its own slice of every
 global batch, and only process 0 writes logs, metrics and figures; orbax writes one checkpoint
 from all processes together.
+
+Preemption and lost hosts (exercised by tests/train/preemption_test.py with 2 local processes):
+
+- SIGTERM to any process (a TPU or spot-VM preemption notice, often not on every host at once) is
+  caught by JAX's preemption service, which picks one step at which every process stops: each
+  finishes that step, all of them save it as one checkpoint (with every process's data-iterator
+  position), and ``dmad train`` exits with status 143. Rerunning the same command on every host
+  resumes there and ends bit-identical to an uninterrupted run.
+- A process that dies without notice (SIGKILL, a lost VM) stops sending heartbeats to the
+  coordination service; the service then stops every other process within
+  ``heartbeat_timeout_seconds`` (JAX aborts them, exit status 134, logging "The following tasks
+  are unhealthy (stopped sending heartbeats)" followed by the lost process ids; when process 0,
+  which hosts the service, is the one lost, the others stop as soon as their next call to it
+  fails). Checkpoints are committed only once every process has written its part, so the last
+  complete one is intact and a rerun of all processes resumes from it.
 """
 
 from __future__ import annotations
@@ -19,12 +34,19 @@ log = logging.getLogger("dmad_jax")
 
 # How long a process waits at a barrier for the others (compiling a big model can take minutes).
 BARRIER_TIMEOUT_MS = 60 * 60 * 1000
+# JAX's defaults: a process that sent no heartbeat for this long is declared lost and the others
+# are stopped; at exit, how long a process waits for the others to reach the shutdown barrier.
+HEARTBEAT_TIMEOUT_SECONDS = 100
+SHUTDOWN_TIMEOUT_SECONDS = 300
 
 
 def initialize(
   coordinator_address: str | None = None,
   num_processes: int | None = None,
   process_id: int | None = None,
+  *,
+  heartbeat_timeout_seconds: int = HEARTBEAT_TIMEOUT_SECONDS,
+  shutdown_timeout_seconds: int = SHUTDOWN_TIMEOUT_SECONDS,
 ) -> None:
   """Joins this process to the run (``jax.distributed.initialize``) and logs the topology.
 
@@ -34,10 +56,13 @@ def initialize(
       ``JAX_COORDINATOR_ADDRESS``.
     num_processes: number of processes; None = detect.
     process_id: this process's index in ``[0, num_processes)``; None = detect.
+    heartbeat_timeout_seconds: how long the coordination service waits for a silent process
+      before it stops all the others (the bound on how long survivors wait for a lost host).
+    shutdown_timeout_seconds: how long a finishing process waits for the others at exit.
 
   Raises:
-    ValueError: when only some of the three are given for a manual setup, or the id is out of
-      range.
+    ValueError: when only some of the three are given for a manual setup, the id is out of
+      range, or a timeout is not positive.
   """
   manual = [coordinator_address, num_processes, process_id]
   if any(v is not None for v in manual) and any(v is None for v in manual[1:]):
@@ -47,16 +72,28 @@ def initialize(
     )
   if num_processes is not None and not 0 <= process_id < num_processes:
     raise ValueError(f"process_id {process_id} is not in [0, {num_processes})")
+  for name, value in (
+    ("heartbeat_timeout_seconds", heartbeat_timeout_seconds),
+    ("shutdown_timeout_seconds", shutdown_timeout_seconds),
+  ):
+    if value <= 0:
+      raise ValueError(f"{name} must be a positive number of seconds, got {value}")
   jax.distributed.initialize(
-    coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    coordinator_address=coordinator_address,
+    num_processes=num_processes,
+    process_id=process_id,
+    heartbeat_timeout_seconds=int(heartbeat_timeout_seconds),
+    shutdown_timeout_seconds=int(shutdown_timeout_seconds),
   )
   log.info(
-    "process %d of %d: %d local devices of %d (%s)",
+    "process %d of %d: %d local devices of %d (%s); a lost process stops the others within "
+    "%d s (heartbeat timeout)",
     jax.process_index(),
     jax.process_count(),
     jax.local_device_count(),
     jax.device_count(),
     jax.devices()[0].platform,
+    heartbeat_timeout_seconds,
   )
 
 

@@ -49,13 +49,15 @@ class TrainingInterrupted(Exception):
   Attributes:
     step: the step saved last.
     checkpoint_dir: where it was saved.
+    reason: what stopped it ("SIGTERM", or the multi-host preemption notice).
   """
 
-  def __init__(self, step: int, checkpoint_dir: str):
+  def __init__(self, step: int, checkpoint_dir: str, reason: str = "SIGTERM"):
     self.step = int(step)
     self.checkpoint_dir = checkpoint_dir
+    self.reason = reason
     super().__init__(
-      f"stopped by SIGTERM: saved step {self.step} in {checkpoint_dir}; rerun the same command "
+      f"stopped by {reason}: saved step {self.step} in {checkpoint_dir}; rerun the same command "
       "to resume"
     )
 
@@ -412,7 +414,10 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
       if stop:
         mngr.wait_until_finished()
         writer.close()
-        raise TrainingInterrupted(step, checkpoint.checkpoint_dir(workdir))
+        reason = "SIGTERM"
+        if jax.process_count() > 1:
+          reason = f"a preemption notice (SIGTERM to any of the {jax.process_count()} processes)"
+        raise TrainingInterrupted(step, checkpoint.checkpoint_dir(workdir), reason)
 
   mngr.wait_until_finished()
   writer.close()

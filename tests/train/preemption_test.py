@@ -1,0 +1,271 @@
+"""Preemption and a lost host, 2 local processes x 2 CPU devices (gloo), as a pod slice sees them.
+
+Each process is the installed ``dmad train`` with ``--coordinator_address``. Every run trains
+STEPS float32 steps of the runlocal digits config (checkpoints at EVERY); an uninterrupted
+2-process run, computed once per session, is the reference. Same process count, so the same
+summation order: an interrupted run that resumes must end bit-identical to it.
+
+- SIGTERM to both processes, a step apart, and SIGTERM to one only: JAX's preemption service
+  picks one step, both processes save it as one checkpoint (both data positions) and exit 143
+  naming it; the rerun resumes there.
+- SIGKILL to one process: JAX's coordination service stops the other within the heartbeat
+  timeout, naming the lost process; the last complete checkpoint is intact and the rerun resumes
+  from it.
+- While two processes write checkpoints, a step that the eval job's ``--watch`` lists is never
+  changed afterwards (orbax commits a step only when every process has written its part).
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import filelock
+import jax
+import numpy as np
+import pytest
+
+from dmad_jax.configs import load_module
+from dmad_jax.train import checkpoint
+from dmad_jax.train import state as state_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+digits_pdm = load_module(os.path.join(ROOT, "configs", "digits_pdm.py"))
+# The installed console script, run as users run it.
+DMAD = os.path.join(os.path.dirname(sys.executable), "dmad")
+STEPS, EVERY = 8, 3  # checkpoints at 3, 6 and 8
+STOP_AFTER = 4  # signals go out once step 4 is logged (after the first checkpoint)
+# The heartbeat timeout these runs use (--heartbeat_timeout_seconds; JAX's default is 100 s):
+# after a SIGKILL the survivor must be gone within it plus the slack below.
+HEARTBEAT = 10
+SLACK = 20
+TIMEOUT = 300
+OVERRIDES = (
+  "--config.batch_size=8",  # 2 rows per device, 4 per process
+  f"--config.total_steps={STEPS}",
+  f"--config.checkpoint_every_steps={EVERY}",
+  "--config.log_every_steps=1",
+  "--config.keep_checkpoints=10",
+)
+SAVED = re.compile(r"saved step (\d+) in \S+; rerun the same command to resume")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _start(workdir):
+  """Starts the two processes of one run; their output goes to ``<workdir>.p<i>.log``."""
+  port = _free_port()
+  env = dict(
+    os.environ,
+    XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2",
+    JAX_PLATFORMS="cpu",
+  )
+  env.pop("PYTHONPATH", None)
+  procs = []
+  for i in range(2):
+    log = open(f"{workdir}.p{i}.log", "a")  # noqa: SIM115 (closed by _finish)
+    args = [DMAD, "train", "--config=configs/digits_pdm.py:runlocal", f"--workdir={workdir}"]
+    args += [*OVERRIDES, f"--coordinator_address=localhost:{port}", "--num_processes=2"]
+    args += [f"--process_id={i}", f"--heartbeat_timeout_seconds={HEARTBEAT}"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc.log_file = log
+    procs.append(proc)
+  return procs
+
+
+def _finish(procs, timeout=TIMEOUT):
+  """Waits for both processes; returns their exit codes and outputs."""
+  deadline = time.time() + timeout
+  for p in procs:
+    try:
+      p.wait(timeout=max(deadline - time.time(), 1))
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+    finally:
+      p.log_file.close()
+  outs = []
+  for p in procs:
+    with open(p.log_file.name) as f:
+      outs.append(f.read())
+  return [p.returncode for p in procs], outs
+
+
+def _train(workdir):
+  codes, outs = _finish(_start(workdir))
+  assert codes == [0, 0], "\n".join(o[-3000:] for o in outs)
+  return outs
+
+
+def _steps(workdir):
+  """Steps logged so far to metrics.jsonl (process 0 flushes each line)."""
+  try:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      return [json.loads(line)["step"] for line in f if line.endswith("\n")]
+  except FileNotFoundError:
+    return []
+
+
+def _wait_for_step(procs, workdir, step):
+  deadline = time.time() + TIMEOUT
+  while max(_steps(workdir), default=0) < step:
+    for p in procs:
+      assert p.poll() is None, f"a process ended (rc {p.returncode}) before step {step}"
+    assert time.time() < deadline, f"timed out waiting for step {step}"
+    time.sleep(0.02)
+
+
+def _state(workdir, step=STEPS):
+  """Parameters, BatchNorm statistics and optimizer state saved at ``step``, as numpy arrays."""
+  config = digits_pdm.get_config("runlocal")
+  config.batch_size, config.total_steps = 8, STEPS
+  state = state_lib.state_at(config, workdir, step)
+  return [
+    np.asarray(x) for x in jax.tree.leaves((state.params, state.batch_stats, state.opt_state))
+  ]
+
+
+def _assert_bit_identical(a, b, what):
+  assert len(a) == len(b)
+  different = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if not np.array_equal(x, y)]
+  assert not different, f"{what}: {len(different)} of {len(a)} arrays differ"
+
+
+def _data_files(workdir, step):
+  folder = os.path.join(checkpoint.checkpoint_dir(workdir), str(step), checkpoint.DATA)
+  return sorted(f for f in os.listdir(folder) if f.startswith("process_"))
+
+
+class _Watcher:
+  """Lists the workdir's checkpoints the way ``dmad eval --watch`` does, every 20 ms, and
+  records the files each step held when it was first listed."""
+
+  def __init__(self, workdir):
+    self.workdir, self.first_seen, self._stop = workdir, {}, threading.Event()
+    self._thread = threading.Thread(target=self._run, daemon=True)
+    self._thread.start()
+
+  def _files(self, step):
+    top = os.path.join(checkpoint.checkpoint_dir(self.workdir), str(step))
+    return {
+      (os.path.relpath(os.path.join(d, f), top), os.path.getsize(os.path.join(d, f)))
+      for d, _, files in os.walk(top)
+      for f in files
+    }
+
+  def _run(self):
+    while not self._stop.is_set():
+      if os.path.isdir(checkpoint.checkpoint_dir(self.workdir)):
+        for step in checkpoint.manager(self.workdir, read_only=True).all_steps():
+          if step not in self.first_seen:
+            self.first_seen[step] = self._files(step)
+      time.sleep(0.02)
+
+  def stop_and_check(self):
+    """Every step listed while the processes wrote is the same, file for file and byte for
+    byte, as it is now that they are done."""
+    self._stop.set()
+    self._thread.join()
+    for step, seen in self.first_seen.items():
+      assert seen == self._files(step), f"step {step} changed after --watch listed it"
+    return sorted(self.first_seen)
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+  """Final state of an uninterrupted 2-process run, computed once per pytest session (under
+  pytest-xdist, by the first worker that needs it, under a lock)."""
+  shared = tmp_path_factory.getbasetemp().parent  # common to all workers of the session
+  if os.environ.get("PYTEST_XDIST_WORKER") is None:
+    shared = tmp_path_factory.getbasetemp()
+  saved = shared / "preemption_reference.npz"
+  with filelock.FileLock(str(saved) + ".lock"):
+    if not saved.exists():
+      workdir = str(shared / "preemption_reference")
+      _train(workdir)
+      assert checkpoint.manager(workdir, read_only=True).all_steps() == [3, 6, 8]
+      np.savez(str(saved) + ".tmp.npz", *_state(workdir))
+      os.replace(str(saved) + ".tmp.npz", saved)
+  with np.load(saved) as f:
+    return [f[f"arr_{i}"] for i in range(len(f.files))]
+
+
+def _preempt_and_resume(tmp_path, reference, targets, gap):
+  """SIGTERM to the processes ``targets`` (``gap`` seconds apart) once step STOP_AFTER is
+  logged; both must exit 143 naming the same saved step, which holds both data positions; the
+  rerun must end bit-identical to ``reference``. Checkpoints listed meanwhile never change."""
+  workdir = str(tmp_path / "run")
+  watcher = _Watcher(workdir)
+  procs = _start(workdir)
+  _wait_for_step(procs, workdir, STOP_AFTER)
+  for i, target in enumerate(targets):
+    if i:
+      time.sleep(gap)
+    procs[target].send_signal(signal.SIGTERM)
+  codes, outs = _finish(procs)
+  assert codes == [143, 143], "\n".join(o[-3000:] for o in outs)
+  saved = [SAVED.search(out) for out in outs]
+  assert all(saved), "\n".join(o[-3000:] for o in outs)
+  step = int(saved[0].group(1))
+  assert int(saved[1].group(1)) == step  # both processes stopped at the same step
+  assert "preemption notice" in outs[0] and "preemption notice" in outs[1]
+  assert STOP_AFTER <= step < STEPS
+  assert checkpoint.manager(workdir, read_only=True).latest_step() == step
+  assert max(_steps(workdir)) == step  # the step they agreed on was finished, then saved
+  assert _data_files(workdir, step) == ["process_0-of-2.json", "process_1-of-2.json"]
+
+  outs = _train(workdir)
+  assert f"at step {step}" in outs[0], outs[0][-3000:]
+  listed = watcher.stop_and_check()
+  assert step in listed and STEPS in listed, listed
+  _assert_bit_identical(reference, _state(workdir), f"preempted at step {step}")
+  return step
+
+
+@pytest.mark.multidevice
+def test_sigterm_to_both_processes_saves_one_step_and_the_rerun_is_bit_identical(
+  tmp_path, reference
+):
+  _preempt_and_resume(tmp_path, reference, targets=(0, 1), gap=0.3)
+
+
+@pytest.mark.multidevice
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, reference):
+  # Process 1: the one that writes no logs; process 0 learns of it from the service alone.
+  _preempt_and_resume(tmp_path, reference, targets=(1,), gap=0.0)
+
+
+@pytest.mark.multidevice
+def test_sigkill_to_one_process_stops_the_other_within_the_heartbeat_timeout(tmp_path, reference):
+  workdir = str(tmp_path / "run")
+  procs = _start(workdir)
+  _wait_for_step(procs, workdir, STOP_AFTER)
+  procs[1].kill()
+  killed_at = time.time()
+  codes, outs = _finish(procs, timeout=HEARTBEAT + SLACK)
+  waited = time.time() - killed_at
+  assert codes[1] == -signal.SIGKILL
+  assert codes[0] != 0, outs[0][-3000:]
+  assert waited < HEARTBEAT + SLACK, waited
+  # JAX's coordination service names the lost process (task 1).
+  assert re.search(r"tasks are unhealthy \(stopped sending heartbeats\):\s*1\b", outs[0]), outs[0][
+    -3000:
+  ]
+  # The last complete checkpoint is intact (a step at which process 1 died mid-write is not
+  # listed) and the rerun resumes from it.
+  last = checkpoint.manager(workdir, read_only=True).latest_step()
+  assert last is not None and last % EVERY == 0 and last < STEPS, last
+  assert _data_files(workdir, last) == ["process_0-of-2.json", "process_1-of-2.json"]
+  outs = _train(workdir)
+  assert f"at step {last}" in outs[0], outs[0][-3000:]
+  _assert_bit_identical(reference, _state(workdir), f"process 1 killed after step {last}")
