@@ -43,3 +43,10 @@ def test_the_default_timeouts_are_jax_defaults():
   params = inspect.signature(jax.distributed.initialize).parameters
   assert params["heartbeat_timeout_seconds"].default == distributed.HEARTBEAT_TIMEOUT_SECONDS
   assert params["shutdown_timeout_seconds"].default == distributed.SHUTDOWN_TIMEOUT_SECONDS
+
+
+def test_the_dmad_flags_default_to_the_same_timeouts():
+  from dmad_jax import main
+
+  assert main._HEARTBEAT.default == distributed.HEARTBEAT_TIMEOUT_SECONDS
+  assert main._SHUTDOWN.default == distributed.SHUTDOWN_TIMEOUT_SECONDS
