@@ -5,9 +5,9 @@ STEPS float32 steps of the runlocal digits config (checkpoints at EVERY); an uni
 2-process run, computed once per session, is the reference. Same process count, so the same
 summation order: an interrupted run that resumes must end bit-identical to it.
 
-- SIGTERM to both processes, a step apart, and SIGTERM to one only: JAX's preemption service
-  picks one step, both processes save it as one checkpoint (both data positions) and exit 143
-  naming it; the rerun resumes there.
+- SIGTERM to one process only, then (after the rerun resumed) to both a step apart: JAX's
+  preemption service picks one step, both processes save it as one checkpoint (both data
+  positions) and exit 143 naming it; the rerun resumes there.
 - SIGKILL to one process: JAX's coordination service stops the other within the heartbeat
   timeout, naming the lost process; the last complete checkpoint is intact and the rerun resumes
   from it.
@@ -38,7 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 digits_pdm = load_module(os.path.join(ROOT, "configs", "digits_pdm.py"))
 # The installed console script, run as users run it.
 DMAD = os.path.join(os.path.dirname(sys.executable), "dmad")
-STEPS, EVERY = 8, 3  # checkpoints at 3, 6 and 8
+STEPS, EVERY = 11, 3  # checkpoints at 3, 6, 9 and 11
 STOP_AFTER = 4  # signals go out once step 4 is logged (after the first checkpoint)
 # The heartbeat timeout these runs use (--heartbeat_timeout_seconds; JAX's default is 100 s):
 # after a SIGKILL the survivor must be gone within it plus the slack below.
@@ -62,8 +62,12 @@ def _free_port() -> int:
 
 
 def _start(workdir):
-  """Starts the two processes of one run; their output goes to ``<workdir>.p<i>.log``."""
+  """Starts the two processes of one run; their output goes to ``<workdir>.<n>.p<i>.log`` for
+  the ``n``-th launch in ``workdir``."""
   port = _free_port()
+  launch = 0
+  while os.path.exists(f"{workdir}.{launch}.p0.log"):
+    launch += 1
   env = dict(
     os.environ,
     XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2",
@@ -72,7 +76,7 @@ def _start(workdir):
   env.pop("PYTHONPATH", None)
   procs = []
   for i in range(2):
-    log = open(f"{workdir}.p{i}.log", "a")  # noqa: SIM115 (closed by _finish)
+    log = open(f"{workdir}.{launch}.p{i}.log", "w")  # noqa: SIM115 (closed by _finish)
     args = [DMAD, "train", "--config=configs/digits_pdm.py:runlocal", f"--workdir={workdir}"]
     args += [*OVERRIDES, f"--coordinator_address=localhost:{port}", "--num_processes=2"]
     args += [f"--process_id={i}", f"--heartbeat_timeout_seconds={HEARTBEAT}"]
@@ -193,21 +197,18 @@ def reference(tmp_path_factory):
     if not saved.exists():
       workdir = str(shared / "preemption_reference")
       _train(workdir)
-      assert checkpoint.manager(workdir, read_only=True).all_steps() == [3, 6, 8]
+      assert checkpoint.manager(workdir, read_only=True).all_steps() == [3, 6, 9, 11]
       np.savez(str(saved) + ".tmp.npz", *_state(workdir))
       os.replace(str(saved) + ".tmp.npz", saved)
   with np.load(saved) as f:
     return [f[f"arr_{i}"] for i in range(len(f.files))]
 
 
-def _preempt_and_resume(tmp_path, reference, targets, gap):
-  """SIGTERM to the processes ``targets`` (``gap`` seconds apart) once step STOP_AFTER is
-  logged; both must exit 143 naming the same saved step, which holds both data positions; the
-  rerun must end bit-identical to ``reference``. Checkpoints listed meanwhile never change."""
-  workdir = str(tmp_path / "run")
-  watcher = _Watcher(workdir)
-  procs = _start(workdir)
-  _wait_for_step(procs, workdir, STOP_AFTER)
+def _preempt(procs, workdir, targets, gap, after):
+  """SIGTERM to the processes ``targets`` (``gap`` seconds apart) once step ``after`` is logged;
+  both must exit 143 naming the same saved step, which holds both data positions. Returns the
+  step and the outputs."""
+  _wait_for_step(procs, workdir, after)
   for i, target in enumerate(targets):
     if i:
       time.sleep(gap)
@@ -219,30 +220,31 @@ def _preempt_and_resume(tmp_path, reference, targets, gap):
   step = int(saved[0].group(1))
   assert int(saved[1].group(1)) == step  # both processes stopped at the same step
   assert "preemption notice" in outs[0] and "preemption notice" in outs[1]
-  assert STOP_AFTER <= step < STEPS
+  assert after <= step < STEPS
   assert checkpoint.manager(workdir, read_only=True).latest_step() == step
   assert max(_steps(workdir)) == step  # the step they agreed on was finished, then saved
   assert _data_files(workdir, step) == ["process_0-of-2.json", "process_1-of-2.json"]
-
-  outs = _train(workdir)
-  assert f"at step {step}" in outs[0], outs[0][-3000:]
-  listed = watcher.stop_and_check()
-  assert step in listed and STEPS in listed, listed
-  _assert_bit_identical(reference, _state(workdir), f"preempted at step {step}")
-  return step
+  return step, outs
 
 
 @pytest.mark.multidevice
-def test_sigterm_to_both_processes_saves_one_step_and_the_rerun_is_bit_identical(
+def test_sigterm_to_one_process_then_to_both_each_saves_one_step_and_the_rerun_is_bit_identical(
   tmp_path, reference
 ):
-  _preempt_and_resume(tmp_path, reference, targets=(0, 1), gap=0.3)
-
-
-@pytest.mark.multidevice
-def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, reference):
-  # Process 1: the one that writes no logs; process 0 learns of it from the service alone.
-  _preempt_and_resume(tmp_path, reference, targets=(1,), gap=0.0)
+  """One workdir, three launches: SIGTERM to process 1 only (the one that writes no logs;
+  process 0 learns of it from the service alone), resume, SIGTERM to both a step apart, resume
+  to the end: bit-identical to the uninterrupted run; checkpoints listed meanwhile never change."""
+  workdir = str(tmp_path / "run")
+  watcher = _Watcher(workdir)
+  first, _ = _preempt(_start(workdir), workdir, targets=(1,), gap=0.0, after=STOP_AFTER)
+  second, outs = _preempt(_start(workdir), workdir, targets=(0, 1), gap=0.3, after=first + 1)
+  assert f"at step {first}" in outs[0], outs[0][-3000:]
+  assert second > first
+  outs = _train(workdir)
+  assert f"at step {second}" in outs[0], outs[0][-3000:]
+  listed = watcher.stop_and_check()
+  assert {first, second, STEPS} <= set(listed), listed
+  _assert_bit_identical(reference, _state(workdir), f"preempted at steps {first} and {second}")
 
 
 @pytest.mark.multidevice
