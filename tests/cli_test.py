@@ -90,6 +90,9 @@ def _complete_arg(name, tmp_path):
     "oneclass_daad.py": "dataset=mnist;normal=3",
     "dagm_rd.py": "root=/data/dagm;class=1;weights=w.npz",
     "dagm_ard.py": "root=/data/dagm;class=1;weights=w.npz",
+    "ped2_mnad.py": "root=/data/ped2",
+    "avenue_mnad.py": "root=/data/avenue",
+    "shanghai_mnad.py": "root=/data/shanghai",
   }[name]
 
 
@@ -116,6 +119,9 @@ def test_every_config_is_known_to_this_test():
     "oneclass_daad.py",
     "dagm_rd.py",
     "dagm_ard.py",
+    "ped2_mnad.py",
+    "avenue_mnad.py",
+    "shanghai_mnad.py",
   }
   assert set(CONFIG_FILES) == names, "a new config file: add its complete arg to this test"
 
@@ -132,7 +138,7 @@ def test_every_config_loads_through_the_installed_script(name, tmp_path):
     assert out.returncode == 0, (cwd, out.stderr[-3000:])
     config = json.loads(out.stdout)
     assert config["model_name"] in (
-      "pdm", "daad", "daad_plus", "ppdm", "rd", "ard", "igd", "igd_kd"
+      "pdm", "daad", "daad_plus", "ppdm", "rd", "ard", "igd", "igd_kd", "mnad"
     )  # fmt: skip
   if arg is not None:
     # Without its required arg the config says which arg to pass, in its own words.

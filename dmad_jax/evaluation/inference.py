@@ -42,57 +42,88 @@ class Runner:
     variables_sharding,
     batch_size: int,
     keep: Sequence[str] = ("label", "index"),
+    stateful: bool = False,
   ):
     """Args:
-    fn: a pure function of (variables, batch dict) returning a pytree with the batch first.
+    fn: a pure function of (variables, batch dict) returning a pytree with the batch first;
+      with ``stateful``, of (variables, state, batch, real) returning (that pytree, new state),
+      where ``real`` (B,) is False on padding rows (a detector's ``predict_sequential``).
     mesh: the device mesh the batch is split over.
     variables_sharding: the shardings of the variables ``fn`` is called with.
     batch_size: global batch size (must split over the mesh's batch devices).
     keep: record entries returned next to ``fn``'s outputs (those a batch has).
+    stateful: carry ``fn``'s state from batch to batch (replicated) through :meth:`over`.
     """
     sharding.check_batch_size(batch_size, mesh)
     self.batch_size = int(batch_size)
     self.traces = 0
+    self.stateful = bool(stateful)
     self._ready = False
     # Runners are built in the same order on every process: the serial names their barrier.
     self._serial = next(_SERIALS)
     self._keep = tuple(keep)
     self._data_sh = sharding.data_sharding(mesh)
+    rep = sharding.replicated(mesh)
+
+    def kept_of(batch):
+      return {k: batch[k] for k in (*self._keep, data_lib.MASK_KEY) if k in batch}
 
     def run(variables, batch):
       self.traces += 1
-      kept = {k: batch[k] for k in (*self._keep, data_lib.MASK_KEY) if k in batch}
-      return fn(variables, batch), kept
+      return fn(variables, batch), kept_of(batch)
+
+    def run_stateful(variables, state, batch):
+      self.traces += 1
+      out, state = fn(variables, state, batch, batch[data_lib.MASK_KEY])
+      return (out, kept_of(batch)), state
 
     # Replicated outputs: every process holds the whole global batch (gathered over hosts).
-    self._jit = jax.jit(
-      run,
-      in_shardings=(variables_sharding, self._data_sh),
-      out_shardings=sharding.replicated(mesh),
-    )
+    if self.stateful:
+      self._jit = jax.jit(
+        run_stateful,
+        in_shardings=(variables_sharding, rep, self._data_sh),
+        out_shardings=(rep, rep),
+      )
+    else:
+      self._jit = jax.jit(run, in_shardings=(variables_sharding, self._data_sh), out_shardings=rep)
 
-  def _call(self, variables, local_batch: Mapping[str, np.ndarray]):
+  def _call(self, variables, local_batch: Mapping[str, np.ndarray], state=None):
     batch = sharding.global_batch(dict(local_batch), self._data_sh)
+    args = (variables, state, batch) if self.stateful else (variables, batch)
     if jax.process_count() > 1 and not self._ready:
       # Every process compiles before any runs the program's collectives (see
       # distributed.compiled_everywhere); the jit cache then holds the executable.
-      distributed.compiled_everywhere(self._jit, variables, batch, name=f"runner{self._serial}")
+      distributed.compiled_everywhere(self._jit, *args, name=f"runner{self._serial}")
       self._ready = True
-    out, kept = jax.device_get(self._jit(variables, batch))
+    if self.stateful:
+      result, state = self._jit(*args)
+    else:
+      result = self._jit(*args)
+    out, kept = jax.device_get(result)
     real = np.asarray(kept.pop(data_lib.MASK_KEY), bool)
     out = jax.tree.map(lambda a: np.asarray(a)[real], out)
-    return out, {k: np.asarray(v)[real] for k, v in kept.items()}
+    kept = {k: np.asarray(v)[real] for k, v in kept.items()}
+    return (out, kept, state) if self.stateful else (out, kept)
 
-  def over(self, variables, source) -> Iterator[tuple[object, dict]]:
+  def over(self, variables, source, state=None) -> Iterator[tuple[object, dict]]:
     """``(outputs, kept entries)`` of every batch of one exact pass over ``source``, as NumPy,
-    padding rows dropped; together the batches hold every record once, in order."""
+    padding rows dropped; together the batches hold every record once, in order. A stateful
+    runner starts from ``state`` and carries it through the batches in order (the final one is
+    :attr:`state` afterwards)."""
+    if self.stateful and state is None:
+      raise ValueError("a stateful Runner needs the state its pass starts from")
     for batch in data_lib.make_eval_batches(
       source,
       global_batch_size=self.batch_size,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
     ):
-      yield self._call(variables, batch)
+      if self.stateful:
+        out, kept, state = self._call(variables, batch, state)
+        self.state = state
+        yield out, kept
+      else:
+        yield self._call(variables, batch)
 
   def collect(self, variables, source) -> tuple[object, dict]:
     """:meth:`over`, concatenated: the outputs and kept entries of every record of ``source``."""
@@ -103,6 +134,8 @@ class Runner:
   def on_arrays(self, variables, inputs: Mapping[str, np.ndarray]):
     """The outputs for whole arrays (one process): ``inputs`` are batches of any length, run in
     chunks of ``batch_size``, the last one padded with zeros."""
+    if self.stateful:
+      raise ValueError("on_arrays runs a stateless function; this Runner carries a state")
     n = len(next(iter(inputs.values())))
     outs = []
     for start in range(0, n, self.batch_size):

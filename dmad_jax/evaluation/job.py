@@ -130,16 +130,20 @@ class Evaluator:
     self.spec = self.test.element_spec
     self.has_masks = "mask" in self.spec
     self.mesh = sharding.make_mesh(config.get("mesh", None))
-    shapes = state_lib.variables_of(state_lib.abstract(config, self.detector, self.spec))
+    shapes = state_lib.abstract_variables(config, self.detector, self.spec)
     self.variables_sharding = state_lib.shardings(shapes, self.mesh, config)
     # Pictures of the inputs travel back only when the heatmaps need them.
     keep = ("label", "index", *(("mask", "image") if self.has_masks else ()))
+    # A detector with a sequential predict (e.g. MNAD's test-time memory update) is run with
+    # its state carried through the batches, in the split's order.
+    sequential = self.detector.sequential
     self.runner = Runner(
-      self.detector.predict,
+      self.detector.predict_sequential if sequential else self.detector.predict,
       mesh=self.mesh,
       variables_sharding=self.variables_sharding,
       batch_size=self.settings["batch_size"],
       keep=keep,
+      stateful=sequential,
     )
 
   def restore(self, step: int):
@@ -159,7 +163,8 @@ class Evaluator:
     rows = figures.FigureRows(self.settings["figure_samples"])
     # Errors that need the previous frames or connected components (Avenue, ShanghaiTech).
     host_errors = video.HostFrameErrors(self.settings["recipe"])
-    for pred, kept in self.runner.over(variables, self.test):
+    state = self.detector.predict_state(variables) if self.runner.stateful else None
+    for pred, kept in self.runner.over(variables, self.test, state):
       for k in self.detector.score_names:
         scores.setdefault(k, []).append(pred.scores[k])
       for k, v in pred.frame_errors.items():

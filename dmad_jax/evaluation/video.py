@@ -17,6 +17,9 @@ anomalous, concatenated over videos in sorted video order) into one anomaly scor
 * ``dmad_shanghai`` (keys ``deformation``, ``reconstruction``, ``object``): per-video min-max
   and inversion, a 69-frame robust average per video, a 55-frame one over the concatenation,
   0.2/0.4/0.6 fusion, another 55-frame pass, then a per-video 1-D Kalman filter.
+* ``mnad`` (keys ``neg_psnr``, ``feature_distance``): MNAD's test (spec Sec. 6): per-video
+  min-max of -PSNR and of the feature distance, fused 0.6 / 0.4 (MNAD's min-max has no 1e-8 in
+  the denominator; the difference is below any AUROC resolution). No smoothing.
 
 The Avenue and ShanghaiTech recipes follow the spec's description of the released scripts; only
 the Ped2 recipe could be checked against real scores on this machine (the other score files are
@@ -34,15 +37,23 @@ import numpy as np
 import scipy.ndimage
 from sklearn.metrics import roc_auc_score
 
-RECIPES = ("none", "dmad_ped2", "dmad_avenue", "dmad_shanghai")
+RECIPES = ("none", "dmad_ped2", "dmad_avenue", "dmad_shanghai", "mnad")
 _KEYS = {
   "dmad_ped2": ("deformation", "reconstruction", "gradient"),
   "dmad_avenue": ("deformation", "patch"),
   "dmad_shanghai": ("deformation", "reconstruction", "object"),
+  "mnad": ("neg_psnr", "feature_distance"),
 }
+# MNAD's fusion weight of the PSNR term (its test's --alpha); the feature distance gets 1 - it.
+MNAD_ALPHA = 0.6
 # Score-name prefix of each recipe's per-frame errors in the eval job's score dict (the model's
 # predict() and HostFrameErrors write them; the eval job strips the prefix).
-ERROR_PREFIX = {"dmad_ped2": "ped2_", "dmad_avenue": "avenue_", "dmad_shanghai": "shanghai_"}
+ERROR_PREFIX = {
+  "dmad_ped2": "ped2_",
+  "dmad_avenue": "avenue_",
+  "dmad_shanghai": "shanghai_",
+  "mnad": "mnad_",
+}
 PED2_WEIGHTS = (1, 1, 1, 1, 1.2, 1.6, 1.2, 1, 1, 1, 1)
 AVENUE_WEIGHTS = (0.5, 0.8, 0.8, 1, 1, 2.5, 1, 1, 0.8, 0.8, 0.5)
 
@@ -190,6 +201,12 @@ def score_frames(
     normality = 0.2 * smooth["deformation"] + 0.4 * smooth["reconstruction"]
     normality = normality + 0.6 * smooth["gradient"]
     return 1.2 - normality
+  if recipe == "mnad":
+    # MNAD's normality 0.6 * psnr_norm + 0.4 * (1 - dist_norm), per video, as an anomaly score:
+    # min-max of -PSNR is 1 - psnr_norm.
+    return MNAD_ALPHA * minmax_per_video(errors["neg_psnr"], video_lengths) + (
+      1 - MNAD_ALPHA
+    ) * minmax_per_video(errors["feature_distance"], video_lengths)
   if recipe == "dmad_avenue":
     kw = dict(size=11, keep=5, weights=AVENUE_WEIGHTS, head="edge", tail="edge")
     off = robust_moving_average(minmax_global(errors["deformation"]), **kw)

@@ -12,7 +12,9 @@ and declares what it produces; everything else has a default:
   ``pixel_map``: the map scored against ground-truth masks (None: none);
   ``figure_rows``: the pictures of the eval figure, in order.
 
-Optional hooks (defaults in :class:`Detector`): ``value_and_grad`` (gradients that are not those
+Optional hooks (defaults in :class:`Detector`): ``predict_state`` / ``predict_sequential``
+(a state carried through the eval job's pass over the test split in order, e.g. MNAD's
+test-time memory update); ``value_and_grad`` (gradients that are not those
 of one scalar loss, e.g. a GAN's players); ``optimizer_groups`` (parts of the model with an
 optimizer of their own, declared as data); ``statistics`` (values over the training split whose
 extrema are kept in the checkpoint, e.g. score ranges for min-max scaling); ``fit_to_data``
@@ -213,6 +215,27 @@ class Detector(abc.ABC):
   def fits_statistics(self) -> bool:
     """Whether :meth:`statistics` is implemented (the trainer then reads the training split)."""
     return type(self).statistics is not Detector.statistics
+
+  def predict_state(self, variables: dict) -> Any:
+    """The state a sequential pass over the test split starts from, or None (the default:
+    ``predict`` is stateless). A detector that returns one implements
+    :meth:`predict_sequential`, and the eval job scores the test split with it, batch after
+    batch in the split's order (e.g. MNAD's test-time memory update)."""
+    del variables
+    return None
+
+  def predict_sequential(
+    self, variables: dict, state: Any, batch: Mapping[str, jax.Array], real: jax.Array
+  ) -> tuple[Prediction, Any]:
+    """``(Prediction, state after the batch)``: the batch's records in order, each scored with
+    the state left by the records before it. ``real`` (B,) is False on padding records, which
+    must leave the state unchanged. Pure: the eval job jits it and carries the state."""
+    raise NotImplementedError(f"{type(self).__name__} has no sequential predict")
+
+  @property
+  def sequential(self) -> bool:
+    """Whether the eval job scores with :meth:`predict_sequential` (see :meth:`predict_state`)."""
+    return type(self).predict_state is not Detector.predict_state
 
   def data_init(self) -> MedianImage | TemplateBank | ImageFile | None:
     """The initial value this detector estimates from the training data (None: none)."""

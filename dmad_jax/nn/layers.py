@@ -70,20 +70,23 @@ class Basic(nn.Module):
     features: output channels of both convolutions.
     coord_blocks: if set, both convolutions are CoordConvs with this ``num_blocks``.
     last_linear: the ``Basic_`` variant.
+    use_bias: whether the convolutions before a BN carry a bias (MNAD: yes, torch's default;
+      DMAD turned it off).
   """
 
   features: int
   coord_blocks: int | None = None
   last_linear: bool = False
+  use_bias: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """(N, H, W, C) -> (N, H, W, features)."""
-    x = _conv(self.features, self.coord_blocks)(x)
+    x = _conv(self.features, self.coord_blocks, use_bias=self.use_bias)(x)
     x = nn.relu(batch_norm(train)(x))
     if self.last_linear:
       return _conv(self.features, self.coord_blocks, use_bias=True)(x)
-    x = _conv(self.features, self.coord_blocks)(x)
+    x = _conv(self.features, self.coord_blocks, use_bias=self.use_bias)(x)
     return nn.relu(batch_norm(train)(x))
 
 
@@ -96,9 +99,11 @@ class Upsample(nn.Module):
 
   Attributes:
     features: output channels.
+    use_bias: whether the transposed convolution carries a bias (MNAD: yes; DMAD: no).
   """
 
   features: int
+  use_bias: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -108,8 +113,10 @@ class Upsample(nn.Module):
       (3, 3),
       strides=(2, 2),
       padding=((1, 2), (1, 2)),
-      use_bias=False,
+      use_bias=self.use_bias,
       kernel_init=torch_default_kernel_init,
+      # torch's fan-in of a transposed convolution is out_channels * kh * kw (see nn.init).
+      bias_init=torch_default_bias_init(9 * self.features),
       name="ConvTranspose_0",  # the parameter path of nn.ConvTranspose (checkpoints, convert)
     )(x)
     return nn.relu(batch_norm(train)(x))

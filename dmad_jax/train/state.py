@@ -150,6 +150,19 @@ def abstract(config, detector, element_spec, tx=None) -> TrainState:
   return jax.eval_shape(functools.partial(create, config, detector, element_spec, tx))
 
 
+def abstract_variables(config, detector, element_spec) -> dict:
+  """The shapes and dtypes of the ``{"params", "batch_stats"}`` of :func:`create`'s state (one
+  trace of ``init``; no optimizer is built): what inference restores."""
+
+  def variables():
+    init_rng, _ = base_rng(config.seed)
+    v = detector.init(init_rng, example_batch(element_spec))
+    v = cast_floating(v, config.get("param_dtype", None))
+    return {"params": v["params"], "batch_stats": v.get("batch_stats", {})}
+
+  return jax.eval_shape(variables)
+
+
 def shardings(abstract_state, mesh, config):
   """The state's shardings on ``mesh`` (replicated, or FSDP-split with an ``fsdp`` axis)."""
   return sharding.state_shardings(
@@ -167,7 +180,7 @@ def restore_variables(config, detector, element_spec, workdir: str, step: int, m
   Raises:
     CheckpointMismatchError: when the checkpoint does not fit the config's model.
   """
-  shapes = variables_of(abstract(config, detector, element_spec))
+  shapes = abstract_variables(config, detector, element_spec)
   var_sh = sharding.state_shardings(shapes, mesh, fsdp_min_size=config.get("fsdp_min_size", 2**18))
   target = sharding.with_shardings(shapes, var_sh)
   variables = checkpoint.restore_subset(workdir, step, target, config=config)

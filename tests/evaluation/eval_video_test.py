@@ -85,6 +85,30 @@ def test_other_recipes_rank_a_synthetic_anomaly_first(recipe):
   assert video.frame_auroc(scores, labels, lengths)["frame_AUROC_micro"] > 0.9
 
 
+def test_mnad_recipe_is_the_released_per_video_fusion_and_ranks_as_it():
+  """MNAD's test: per video, normality = 0.6 psnr_norm + 0.4 (1 - dist_norm), with
+  psnr_norm = (psnr - min) / (max - min); the recipe's anomaly score is 1 - that (up to the
+  1e-8 of the min-max denominator), so the frame AUROC is MNAD's."""
+  lengths = [40, 25, 31]
+  rng = np.random.default_rng(3)
+  psnr = rng.normal(30, 2, sum(lengths))
+  dist = rng.uniform(0, 0.1, sum(lengths))
+  labels = (rng.uniform(size=sum(lengths)) < 0.3).astype(int)
+  got = video.score_frames(
+    {"neg_psnr": -psnr, "feature_distance": dist}, video_lengths=lengths, recipe="mnad"
+  )
+  normality = []
+  cuts = np.cumsum(lengths)[:-1]
+  for p, d in zip(np.split(psnr, cuts), np.split(dist, cuts), strict=True):
+    p_norm = (p - p.min()) / (p.max() - p.min())
+    d_norm = (d - d.min()) / (d.max() - d.min())
+    normality.append(0.6 * p_norm + 0.4 * (1 - d_norm))
+  normality = np.concatenate(normality)
+  np.testing.assert_allclose(got, 1 - normality, atol=1e-7)
+  auc = video.frame_auroc(got, labels, lengths)["frame_AUROC_micro"]
+  assert auc == pytest.approx(roc_auc_score(1 - labels, normality), abs=1e-12)
+
+
 def test_bad_inputs_are_named():
   with pytest.raises(ValueError, match="unknown recipe 'x'"):
     video.score_frames({"a": np.zeros(3)}, video_lengths=[3], recipe="x")

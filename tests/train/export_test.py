@@ -27,6 +27,7 @@ SMALLEST = {
   "ard": ("dagm_ard.py", "root=/d;class=1;runlocal"),
   "igd": ("digits_igd.py", "runlocal"),
   "igd_kd": ("mvtec_igd_kd.py", MVTEC),
+  "mnad": ("ped2_mnad.py", "root=/d;runlocal"),
 }
 _DMAD_CALL = re.compile(r"custom_call\s*@dmad_|call_target_name\s*=\s*\"dmad_")
 

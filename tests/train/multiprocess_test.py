@@ -53,7 +53,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(command, workdir, devices, process_id=None, port=None):
+def _launch(command, workdir, devices, process_id=None, port=None, *extra):
   env = dict(
     os.environ,
     XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
@@ -62,7 +62,7 @@ def _launch(command, workdir, devices, process_id=None, port=None):
     JAX_ENABLE_X64="1",
   )
   args = [DMAD, command, "--config=configs/digits_pdm.py:runlocal"]
-  args += [f"--workdir={workdir}", *OVERRIDES]
+  args += [f"--workdir={workdir}", *OVERRIDES, *extra]
   if process_id is not None:
     args += [f"--coordinator_address=localhost:{port}", "--num_processes=2"]
     args += [f"--process_id={process_id}"]
@@ -71,9 +71,9 @@ def _launch(command, workdir, devices, process_id=None, port=None):
   )
 
 
-def _run_two_processes(command, workdir):
+def _run_two_processes(command, workdir, *extra):
   port = _free_port()
-  procs = [_launch(command, workdir, 2, p, port) for p in range(2)]
+  procs = [_launch(command, workdir, 2, p, port, *extra) for p in range(2)]
   outs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outs, strict=True):
     assert p.returncode == 0, out[-4000:]
@@ -99,7 +99,10 @@ def _restored_params(workdir, config):
 @pytest.mark.multidevice
 def test_two_processes_match_one_process(tmp_path):
   two, one = str(tmp_path / "two"), str(tmp_path / "one")
-  outs = _run_two_processes("train", two)
+  # The two-process run ends with the eval job in the same two processes (``eval_at_end`` calls
+  # the function ``dmad eval`` runs, after the same jax.distributed start-up): one launch of two
+  # processes fewer than a separate ``dmad eval``, whose second process would recompile.
+  outs = _run_two_processes("train", two, "--config.eval_at_end=True")
   assert "process 1 of 2: 2 local devices of 4" in outs[1]
   _run_one_process("train", one)
 
@@ -128,9 +131,9 @@ def test_two_processes_match_one_process(tmp_path):
   for a, b in zip(jax.tree.leaves(p2), jax.tree.leaves(p1), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
-  # The eval job over two processes gathers every row and drops the padding (90 test images
-  # in batches of 48): same scores and AUROC as one process on the same checkpoint.
-  _run_two_processes("eval", two)
+  # The eval job over two processes (at the end of the run above) gathers every row and drops
+  # the padding (90 test images in batches of 48): same scores and AUROC as one process on the
+  # same checkpoint.
   with open(os.path.join(two, "eval", "metrics.json")) as f:
     m2 = json.load(f)
   with np.load(os.path.join(two, "eval", f"scores_{STEPS}.npz")) as f:
