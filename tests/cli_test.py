@@ -93,6 +93,8 @@ def _complete_arg(name, tmp_path):
     "ped2_mnad.py": "root=/data/ped2",
     "avenue_mnad.py": "root=/data/avenue",
     "shanghai_mnad.py": "root=/data/shanghai",
+    "ped2_daad.py": "root=/data/ped2",
+    "avenue_daad.py": "root=/data/avenue",
   }[name]
 
 
@@ -122,6 +124,8 @@ def test_every_config_is_known_to_this_test():
     "ped2_mnad.py",
     "avenue_mnad.py",
     "shanghai_mnad.py",
+    "ped2_daad.py",
+    "avenue_daad.py",
   }
   assert set(CONFIG_FILES) == names, "a new config file: add its complete arg to this test"
 

@@ -109,6 +109,33 @@ def test_mnad_trains_and_evaluates_with_the_test_time_memory_update(tmp_path, dm
 
 
 @pytest.mark.slow
+def test_daad_video_trains_and_evaluates_through_the_cli(tmp_path, dmad_cli):
+  """DAAD+ on clips, predicting the next frame (its score ranges fitted on the training frames):
+  the frame AUROC of the per-video recipe. (What each input mode feeds the generator is
+  daad_test.py's.)"""
+  arg = "variant=daad_plus;input_mode=predict"
+  labels = _write_videos(tmp_path / "ped2", np.random.default_rng(0))
+  np.save(tmp_path / "labels.npy", labels.astype(float))
+  data = f"root={tmp_path / 'ped2'};labels={tmp_path / 'labels.npy'}"
+  common = [
+    f"--config={ROOT}/configs/ped2_daad.py:{data};{arg};runlocal",
+    f"--workdir={tmp_path}/r",
+  ]
+  train = dmad_cli("train", *common)
+  assert train.returncode == 0, train.stderr[-3000:]
+  ev = dmad_cli("eval", *common)
+  assert ev.returncode == 0, ev.stderr[-3000:]
+  with open(tmp_path / "r" / "eval" / "metrics.json") as f:
+    m = json.load(f)
+  assert m["num_test"] == len(labels) == 14 and m["recipe"] == "none"
+  assert 0.0 <= m["frame_AUROC_micro"] <= 1.0 and "frame_AUROC_micro" in ev.stdout
+  with open(tmp_path / "r" / "config.json") as f:
+    saved = json.load(f)
+  assert saved["input_mode"] == ("predict" if "input_mode=predict" in arg else "reconstruct")
+  assert saved["model_name"] == arg.split(";")[0].split("=")[1]
+
+
+@pytest.mark.slow
 def test_eval_memory_does_not_grow_with_video_length(tmp_path, monkeypatch):
   import gc
   import shutil

@@ -98,11 +98,27 @@ def ppdm_base(a: dict, *, model_name: str, epochs: int, batch_size: int, data=No
       random_teacher=False,
     )
   )
+  # As released; paper Eq. 18 is norm_backward=1.0 with smooth_kind="gradient_l1".
   c.loss = ml_collections.ConfigDict(
-    dict(distill=1.0, vq=1.0, offset=1.0, norm_backward=0.0, smooth_size=3, cycle=1.0)
+    dict(
+      distill=1.0,
+      vq=1.0,
+      offset=1.0,
+      norm_backward=0.0,
+      smooth_size=3,
+      smooth_kind="filter",
+      cycle=1.0,
+    )
   )
+  # forward_df=True adds Eq. 21's forward term (os1), which the released scorer leaves out.
   c.score = ml_collections.ConfigDict(
-    dict(alpha=alpha_for(a.get("category")), sigma=4.0, scaling="train", pixel_map="fused")
+    dict(
+      alpha=alpha_for(a.get("category")),
+      sigma=4.0,
+      scaling="train",
+      pixel_map="fused",
+      forward_df=False,
+    )
   )
   c.optimizer = ml_collections.ConfigDict(
     dict(

@@ -50,6 +50,8 @@ def base(runlocal: bool = False) -> ml_collections.ConfigDict:
       mask_source="encoder",
       aggregation="masked",
       num_templates=1,
+      # The released code warps the mask with the reference; False is paper Eq. 9 (unwarped).
+      warp_mask=True,
     )
   )
   c.loss = ml_collections.ConfigDict(
@@ -62,6 +64,9 @@ def base(runlocal: bool = False) -> ml_collections.ConfigDict:
       smooth_sizes=(7, 3),
       smooth_kind="1d",
       template=1.0,
+      # The released terms; "paper_eq8" and "l2_norm" are the paper's Eq. 8 and Supp. Eq. 24.
+      deformation="code",
+      template_distance="mse",
     )
   )
   c.score = ml_collections.ConfigDict(

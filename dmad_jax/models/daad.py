@@ -44,6 +44,10 @@ from dmad_jax.ops.augment import random_flips
 GRANULARITIES = ("block", "pixel")
 OUTPUT_ACTIVATIONS = ("tanh", "none")
 SCALINGS = ("train", "none")
+# What the generator sees on video clips (the paper's video experiment leaves it open): the
+# frame itself, or the clip's earlier frames stacked on the channel axis with the last frame as
+# the target (future-frame prediction, as MNAD and DMAD-PDM).
+INPUT_MODES = ("reconstruct", "predict")
 _STATS = ("r_min", "r_max", "l_min", "l_max")
 
 
@@ -265,9 +269,23 @@ def reconstruction_error(x: jax.Array, x_hat: jax.Array) -> jax.Array:
   return jnp.mean((x - x_hat) ** 2, axis=tuple(range(1, x.ndim)))
 
 
-def alignment_error(f: jax.Array, f_hat: jax.Array) -> jax.Array:
-  """L(x): the per-sample mean squared distance of discriminator features (Eq. 6 and 7), (B,)."""
-  return jnp.mean((f - f_hat) ** 2, axis=-1)
+ALI_DISTANCES = ("mse", "l2")
+
+
+def alignment_error(f: jax.Array, f_hat: jax.Array, distance: str = "mse") -> jax.Array:
+  """Per-sample distance of discriminator features, (B,): L(x) of Eq. 7 and the alignment loss.
+
+  ``distance``: "mse", the mean squared difference over the features (the default here; the
+  paper writes Eq. 6 as a norm and no code was released), or "l2", Eq. 6's Euclidean norm
+  ||f_D(x) - f_D(x_hat)||_2 (its gradient at 0 is taken as 0).
+  """
+  d2 = jnp.sum((f - f_hat) ** 2, axis=-1)
+  if distance == "mse":
+    return d2 / f.shape[-1]
+  if distance == "l2":
+    positive = d2 > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, d2, 1.0)), 0.0)
+  raise ValueError(f"alignment distance must be one of {ALI_DISTANCES}, got {distance!r}")
 
 
 def fused_score(rec: jax.Array, ali: jax.Array, stats: dict, gamma: float) -> jax.Array:
@@ -290,9 +308,9 @@ def _kept_fraction(weights: dict) -> dict[str, jax.Array]:
 # ---------------------------------------------------------------------------------------------
 # Detectors: what the trainer and the eval job call.
 # ---------------------------------------------------------------------------------------------
-LOSS_DEFAULTS = {"rec": 50.0, "adv": 0.5, "ali": 0.5}
+LOSS_DEFAULTS = {"rec": 50.0, "adv": 0.5, "ali": 0.5, "ali_distance": "mse"}
 AUGMENT_DEFAULTS = {"hflip": True, "vflip": True}
-SCORE_DEFAULTS = {"gamma": 0.9, "scaling": "train"}
+SCORE_DEFAULTS = {"gamma": 0.9, "scaling": "train", "ali_distance": "mse"}
 
 
 @base.register("daad")
@@ -303,9 +321,11 @@ class DAADDetector(base.Detector):
   loss is ``loss.rec * mean (x - x_hat)^2`` on randomly flipped inputs; the image score is R(x).
 
   Config: ``model`` (:class:`DAAD` attributes), ``loss.rec``, ``augment`` (``hflip``,
-  ``vflip``), ``variant`` (the ablation row's name, informational). The sections of DAAD+
-  (``discriminator``, ``score``, ``discriminator_optimizer``) are accepted and unused, so that a
-  config switches between the rows with ``model_name`` alone.
+  ``vflip``), ``variant`` (the ablation row's name, informational), ``input_mode``
+  ("reconstruct": the record's ``image``, the default; "predict": on video clips, the earlier
+  frames of ``frames`` stacked on the channel axis, and the last frame as the target). The
+  sections of DAAD+ (``discriminator``, ``score``, ``discriminator_optimizer``) are accepted and
+  unused, so that a config switches between the rows with ``model_name`` alone.
   """
 
   config_sections = {
@@ -315,7 +335,7 @@ class DAADDetector(base.Detector):
     "discriminator": Discriminator,
     "score": SCORE_DEFAULTS,
   }
-  config_keys = ("variant", "discriminator_optimizer")
+  config_keys = ("variant", "discriminator_optimizer", "input_mode", "t_length")
   figure_rows = ("input", "reconstruction")
   pixel_map = "rec"
   score_names = ("score", "rec")
@@ -325,31 +345,61 @@ class DAADDetector(base.Detector):
     self.generator = DAAD(**self.section("model"))
     loss = self.section("loss")
     self.w_rec, self.w_adv, self.w_ali = (float(loss[k]) for k in ("rec", "adv", "ali"))
+    self.ali_distance = loss["ali_distance"]
     augment = self.section("augment")
     self.hflip = bool(augment["hflip"])
     self.vflip = bool(augment["vflip"])
+    self.input_mode = config.get("input_mode", "reconstruct")
+    if self.input_mode not in INPUT_MODES:
+      raise base.schema.ConfigError(
+        f"config.input_mode must be one of {INPUT_MODES}, got {self.input_mode!r}"
+      )
+
+  def split(self, batch):
+    """(generator input, target) of a batch: (image, image), or with ``input_mode="predict"``
+    (the clip's earlier frames, its last frame)."""
+    if self.input_mode == "reconstruct":
+      return batch["image"], batch["image"]
+    if "frames" not in batch:
+      raise ValueError(
+        "input_mode 'predict' needs video clips (records with 'frames'); this data source "
+        f"gives {sorted(k for k in batch if not k.startswith('_'))}"
+      )
+    frames, c = batch["frames"], batch["image"].shape[-1]
+    return frames[..., :-c], frames[..., -c:]
 
   def _augment(self, rng, x):
     return random_flips(rng, x, horizontal=self.hflip, vertical=self.vflip)
 
+  def _inputs(self, rng, batch):
+    """(input, target) of a training batch, flipped together."""
+    x, target = self.split(batch)
+    if self.input_mode == "reconstruct":
+      x = self._augment(rng, x)
+      return x, x
+    both = self._augment(rng, jnp.concatenate([x, target], -1))
+    return both[..., : x.shape[-1]], both[..., x.shape[-1] :]
+
   def init(self, rng, batch):
     """Variables ({"params", "batch_stats"}) for a batch of the training format."""
-    return self.compiled_init(self._init, rng, batch["image"])
+    x, target = self.split(batch)
+    return self.compiled_init(self._init, rng, x, target)
 
-  def _init(self, rng, x):
+  def _init(self, rng, x, target):
+    del target
     v = self.generator.init(rng, x, train=False)
     return {"params": {"generator": v["params"]}, "batch_stats": {"generator": v["batch_stats"]}}
 
   def loss(self, params, batch_stats, batch, rng):
     """Training loss; returns (loss, (terms, new_batch_stats)). ``rng`` draws the flips."""
-    x = self._augment(rng, batch["image"])
+    x, target = self._inputs(rng, batch)
     out, upd = self.generator.apply(
       {"params": params["generator"], "batch_stats": batch_stats["generator"]},
       x,
       train=True,
       mutable=["batch_stats"],
     )
-    mse = jnp.mean((out["reconstruction"] - x) ** 2)
+    mse = jnp.mean((out["reconstruction"] - target) ** 2)
     terms = {"rec": self.w_rec * mse, "mse": mse, **_kept_fraction(out["weights"])}
     return terms["rec"], (terms, {**batch_stats, "generator": upd["batch_stats"]})
 
@@ -362,14 +412,15 @@ class DAADDetector(base.Detector):
 
   def predict(self, variables, batch) -> base.Prediction:
     """``scores`` {``score`` = ``rec`` = R(x)}, ``maps`` {``rec``: channel-mean squared error
-    (B, H, W)} and ``images`` {``input``, ``reconstruction``}."""
-    x = batch["image"]
+    (B, H, W)} and ``images`` {``input``, ``reconstruction``}: of the target frame and its
+    prediction with ``input_mode="predict"``."""
+    x, target = self.split(batch)
     x_hat = self._reconstruct(variables, x)
-    r = reconstruction_error(x, x_hat)
+    r = reconstruction_error(target, x_hat)
     return base.Prediction(
       scores={"score": r, "rec": r},
-      maps={"rec": jnp.mean((x - x_hat) ** 2, axis=-1)},
-      images={"input": x, "reconstruction": x_hat},
+      maps={"rec": jnp.mean((target - x_hat) ** 2, axis=-1)},
+      images={"input": target, "reconstruction": x_hat},
     )
 
 
@@ -385,8 +436,10 @@ class DAADPlusDetector(base.TwoPlayer, DAADDetector):
   One step computes, with ``x`` the flipped input and ``x_hat = G(x)``:
 
   * discriminator loss ``adv * [BCE(D(x), 1) + BCE(D(sg(x_hat)), 0)]`` (Eq. 5 maximised by D);
-  * generator loss ``rec * MSE(x, x_hat) + adv * BCE(D(x_hat), 1) + ali * MSE(f_D(x),
-    f_D(x_hat))`` with D's parameters held fixed (the non-saturating form of Eq. 5, and Eq. 6);
+  * generator loss ``rec * MSE(x, x_hat) + adv * BCE(D(x_hat), 1) + ali * d(f_D(x),
+    f_D(x_hat))`` with D's parameters held fixed (the non-saturating form of Eq. 5, and Eq. 6),
+    where d is ``loss.ali_distance``: "mse" (default) or "l2", Eq. 6's norm (see
+    :func:`alignment_error`; ``score.ali_distance`` chooses the same for L(x) in Eq. 7);
 
   and :meth:`value_and_grad` returns the generator gradients of the generator loss and the
   discriminator gradients of the discriminator loss in one tree; :meth:`optimizer_groups` gives
@@ -405,6 +458,12 @@ class DAADPlusDetector(base.TwoPlayer, DAADDetector):
     score = self.section("score")
     self.gamma = float(score["gamma"])
     self.scaling = score["scaling"]
+    self.score_ali_distance = score["ali_distance"]
+    for key, value in (("loss", self.ali_distance), ("score", self.score_ali_distance)):
+      if value not in ALI_DISTANCES:
+        raise base.schema.ConfigError(
+          f"config.{key}.ali_distance must be one of {ALI_DISTANCES}, got {value!r}"
+        )
     if self.scaling not in SCALINGS:
       raise base.schema.ConfigError(
         f"config.score.scaling must be one of {SCALINGS}, got {self.scaling!r}"
@@ -417,10 +476,10 @@ class DAADPlusDetector(base.TwoPlayer, DAADDetector):
     return {"generator": "optimizer", "discriminator": d}
 
   # -- variables ---------------------------------------------------------------------------
-  def _init(self, rng, x):
+  def _init(self, rng, x, target):
     g_rng, d_rng = jax.random.split(rng)
-    v = super()._init(g_rng, x)
-    d = self.discriminator.init(d_rng, x, train=False)
+    v = super()._init(g_rng, x, target)
+    d = self.discriminator.init(d_rng, target, train=False)
     # Identity scaling until the first statistics.
     stats = {k: jnp.asarray(s, jnp.float32) for k, s in zip(_STATS, (0, 1, 0, 1), strict=True)}
     stats["calibrated"] = jnp.zeros((), jnp.float32)
@@ -441,7 +500,7 @@ class DAADPlusDetector(base.TwoPlayer, DAADDetector):
     sees ``sg(x_hat)``), and w.r.t. the discriminator that of D's loss (the generator loss uses
     ``sg`` of D's parameters and of ``f_D(x)``), so one backward pass gives both.
     """
-    x = self._augment(rng, batch["image"])
+    x, target = self._inputs(rng, batch)
     out, g_upd = self.generator.apply(
       {"params": params["generator"], "batch_stats": batch_stats["generator"]},
       x,
@@ -454,16 +513,17 @@ class DAADPlusDetector(base.TwoPlayer, DAADDetector):
     def disc(variables, images):
       return self.discriminator.apply(variables, images, train=True, mutable=["batch_stats"])
 
-    (logit_real, f_real), upd = disc(d_vars, x)
+    (logit_real, f_real), upd = disc(d_vars, target)
     (logit_fake, _), upd = disc({**d_vars, **upd}, jax.lax.stop_gradient(x_hat))
     (logit_gen, f_gen), _ = disc(jax.lax.stop_gradient(d_vars), x_hat)
 
     d_loss = self.w_adv * (_bce(logit_real, 1.0) + _bce(logit_fake, 0.0))
-    mse = jnp.mean((x_hat - x) ** 2)
+    mse = jnp.mean((x_hat - target) ** 2)
     terms = {
       "rec": self.w_rec * mse,
       "adv": self.w_adv * _bce(logit_gen, 1.0),
-      "ali": self.w_ali * jnp.mean((jax.lax.stop_gradient(f_real) - f_gen) ** 2),
+      "ali": self.w_ali
+      * jnp.mean(alignment_error(jax.lax.stop_gradient(f_real), f_gen, self.ali_distance)),
     }
     g_loss = terms["rec"] + terms["adv"] + terms["ali"]
     terms.update(
@@ -482,24 +542,26 @@ class DAADPlusDetector(base.TwoPlayer, DAADDetector):
     return g_loss + d_loss, (terms, new_stats)
 
   # -- scores ------------------------------------------------------------------------------
-  def _raw_scores(self, variables, x):
+  def _raw_scores(self, variables, batch):
+    x, target = self.split(batch)
     x_hat = self._reconstruct(variables, x)
     d_vars = {
       "params": variables["params"]["discriminator"],
       "batch_stats": variables["batch_stats"]["discriminator"],
     }
     (_, f), (_, f_hat) = (
-      self.discriminator.apply(d_vars, x, train=False),
+      self.discriminator.apply(d_vars, target, train=False),
       self.discriminator.apply(d_vars, x_hat, train=False),
     )
-    return x_hat, reconstruction_error(x, x_hat), alignment_error(f, f_hat)
+    ali = alignment_error(f, f_hat, self.score_ali_distance)
+    return x_hat, reconstruction_error(target, x_hat), ali
 
   def statistics(self, variables, batch):
     """R and L of every record: their extrema over the training split scale the fused score.
     With ``score.scaling == "none"``: None (nothing is fitted)."""
     if self.scaling == "none":
       return None
-    _, rec, ali = self._raw_scores(variables, batch["image"])
+    _, rec, ali = self._raw_scores(variables, batch)
     return {"r_min": rec, "r_max": rec, "l_min": ali, "l_max": ali}
 
   @property
@@ -509,13 +571,13 @@ class DAADPlusDetector(base.TwoPlayer, DAADDetector):
   def predict(self, variables, batch) -> base.Prediction:
     """``scores`` {``score`` (Eq. 7 fusion), ``rec`` = R(x), ``ali`` = L(x)}, ``maps``
     {``rec``} and ``images`` {``input``, ``reconstruction``}."""
-    x = batch["image"]
-    x_hat, rec, ali = self._raw_scores(variables, x)
+    _, target = self.split(batch)
+    x_hat, rec, ali = self._raw_scores(variables, batch)
     stats = variables["batch_stats"][base.STATISTICS]
     if self.scaling == "none":
       stats = dict(zip(_STATS, (0.0, 1.0, 0.0, 1.0), strict=True))
     return base.Prediction(
       scores={"score": fused_score(rec, ali, stats, self.gamma), "rec": rec, "ali": ali},
-      maps={"rec": jnp.mean((x - x_hat) ** 2, axis=-1)},
-      images={"input": x, "reconstruction": x_hat},
+      maps={"rec": jnp.mean((target - x_hat) ** 2, axis=-1)},
+      images={"input": target, "reconstruction": x_hat},
     )

@@ -176,6 +176,9 @@ class PDM(nn.Module):
       separate parameter ``template_frozen`` so that the optimizer can leave them alone.
     template_input: append the (stop-gradient) template of each sample to the encoder and
       OffsetNet input (ShanghaiTech: 12 frame channels + 3 template channels = 15).
+    warp_mask: warp the mask with the same fields as the reference (the released code: m_k =
+      warp(m_{k-1}, O_k)); False is paper Eq. 9, where every stage uses the unwarped mask
+      f_m(x): x_k = t_k * m + (1 - m) * bkg.
   """
 
   image_size: int = 256
@@ -195,6 +198,7 @@ class PDM(nn.Module):
   num_templates: int = 1
   frozen_templates: int = 0
   template_input: bool = False
+  warp_mask: bool = True
 
   def setup(self):
     depth = len(self.channels)
@@ -279,7 +283,8 @@ class PDM(nn.Module):
       if m is None:
         stages.append(t)
       else:
-        m = sampling.grid_sample(m, grid)
+        if self.warp_mask:
+          m = sampling.grid_sample(m, grid)
         masks.append(m)
         if self.aggregation == "masked":
           stages.append(t * m + (1 - m) * bkg)
@@ -336,6 +341,13 @@ class LossWeights:
     template_masked: weight of the template MSE restricted to the pixels the final warped mask
       leaves to the background (ShanghaiTech 1). As in the official code the numerator sums over
       the image channels and the denominator over the (1-channel) mask.
+    deformation: the regulariser inside ``offset``: "code" (the released one above: weighted
+      mean norms plus zero-sum smoothness filters) or "paper_eq8" (paper Eq. 8:
+      sum_k mean ||grad O_k||_1 + mean ||O_k||_2, with ``filters.gradient_l1``; ``norm``,
+      ``smooth_sizes`` and ``smooth_kind`` are then unused).
+    template_distance: the template term: "mse" (the released MSE(bkg, x)) or "l2_norm"
+      (supplementary Eq. 24, ||x - x_bg||: the Euclidean norm of each sample's difference,
+      averaged over the batch).
   """
 
   recon: Sequence[float] = (1.0, 1.0)
@@ -352,6 +364,12 @@ class LossWeights:
   mask_area: float = 0.1
   mask_target: float = 0.01
   template_masked: float = 0.0
+  deformation: str = "code"
+  template_distance: str = "mse"
+
+
+DEFORMATION_TERMS = ("code", "paper_eq8")
+TEMPLATE_DISTANCES = ("mse", "l2_norm")
 
 
 def _safe_norm(o):
@@ -403,6 +421,12 @@ def pdm_loss(
   for name in ("recon", "grad", "norm", "smooth_sizes"):
     if len(getattr(weights, name)) != k:
       raise ValueError(f"pdm_loss: weights.{name} needs {k} values (one per head)")
+  if weights.deformation not in DEFORMATION_TERMS:
+    raise ValueError(f"loss.deformation must be one of {DEFORMATION_TERMS}, got "
+                     f"{weights.deformation!r}")  # fmt: skip
+  if weights.template_distance not in TEMPLATE_DISTANCES:
+    raise ValueError(f"loss.template_distance must be one of {TEMPLATE_DISTANCES}, got "
+                     f"{weights.template_distance!r}")  # fmt: skip
   smooth = filters.smoothness_1d if weights.smooth_kind == "1d" else filters.smoothness_2d
   fw = None
   if weights.foreground:
@@ -428,8 +452,15 @@ def pdm_loss(
       _wmean(smooth(o, ks, reduce=False), fw)
       for ks, o in zip(weights.smooth_sizes, offsets, strict=True)
     )
+  if weights.deformation == "paper_eq8":
+    norm = sum(_wmean(_safe_norm(o), fw0) for o in offsets)
+    sm = sum(filters.gradient_l1(o) for o in offsets)
   terms["offset"] = weights.offset * (norm + sm)
-  terms["template"] = weights.template * jnp.mean((outputs["template"] - target) ** 2)
+  if weights.template_distance == "mse":
+    terms["template"] = weights.template * jnp.mean((outputs["template"] - target) ** 2)
+  else:
+    diff = (outputs["template"] - target).reshape(target.shape[0], -1)
+    terms["template"] = weights.template * jnp.mean(_safe_norm(diff))
   if weights.mask or weights.template_masked:
     if outputs["mask"] is None:
       raise ValueError("pdm_loss: weights.mask / template_masked need a model with a mask")

@@ -313,6 +313,8 @@ class LossWeights:
     norm_backward: extra weight of the backward-field norms inside it; 0 in the official code,
       1 gives the paper's Eq. 18.
     smooth_size: side of the 2-D zero-sum smoothness kernel (3).
+    smooth_kind: "filter" (the released zero-sum kernel above) or "gradient_l1" (paper Eq. 18's
+      ||grad O||_1, ``filters.gradient_l1``), on every forward and backward field.
     cycle: the cycle-consistency MSE (gamma_3).
     attention: weight of the losses the attention block records (SSPCAB's reconstruction MSE;
       0.1 as in the SSPCAB paper); no other block records one.
@@ -323,6 +325,7 @@ class LossWeights:
   offset: float = 1.0
   norm_backward: float = 0.0
   smooth_size: int = 3
+  smooth_kind: str = "filter"
   cycle: float = 1.0
   attention: float = 0.1
 
@@ -352,7 +355,14 @@ def ppdm_loss(
   if fwd:
     norm = sum(jnp.mean(_safe_norm(o)) for o in fwd)
     norm += weights.norm_backward * sum(jnp.mean(_safe_norm(o)) for o in bwd)
-    smooth = sum(filters.smoothness_2d(o, weights.smooth_size) for o in (*fwd, *bwd))
+    if weights.smooth_kind == "filter":
+      smooth = sum(filters.smoothness_2d(o, weights.smooth_size) for o in (*fwd, *bwd))
+    elif weights.smooth_kind == "gradient_l1":
+      smooth = sum(filters.gradient_l1(o) for o in (*fwd, *bwd))
+    else:
+      raise ValueError(
+        f"loss.smooth_kind must be 'filter' or 'gradient_l1', got {weights.smooth_kind!r}"
+      )
     terms["offset"] = weights.offset * (norm + smooth)
     terms["cycle"] = weights.cycle * jnp.mean((outputs["cycle"] - outputs["input"]) ** 2)
   total = sum(v for k, v in terms.items() if not k.startswith("distill_"))
@@ -386,9 +396,30 @@ def deformation_map(backward: Sequence[jax.Array]) -> jax.Array:
   return total
 
 
-def anomaly_maps(outputs: dict[str, Any], sigma: float = 4.0) -> dict[str, jax.Array]:
+def forward_deformation_map(forward: Sequence[jax.Array]) -> jax.Array:
+  """The forward half of Eq. 21: sum_k ||O_k|| o O_{k+1} o ... o O_K, (B, H, W).
+
+  For K = 2 this is the official ``os1 = warp(|O_1|, g_2) + |O_2|`` (computed, unused there).
+  """
+  total = 0.0
+  for k, field in enumerate(forward):
+    n = apply_fields(_safe_norm(field)[..., None], list(forward[k + 1 :]))
+    total = total + n[..., 0]
+  return total
+
+
+def anomaly_maps(
+  outputs: dict[str, Any], sigma: float = 4.0, forward_df: bool = False
+) -> dict[str, jax.Array]:
   """Test-time maps of ``PPDM.__call__`` outputs, each Gaussian-smoothed (scipy's
   ``gaussian_filter``, reflect mode, truncate 4).
+
+  Args:
+    outputs: ``PPDM.__call__``'s dict.
+    sigma: the Gaussian's standard deviation.
+    forward_df: add the forward half of Eq. 21 (:func:`forward_deformation_map`) to the
+      deformation map, as the paper's equation does; the released scorer uses the backward half
+      only (the default).
 
   Returns:
     {"rec": the back-warped cosine map (B, S, S)} plus, with deformation, {"df": the
@@ -398,7 +429,10 @@ def anomaly_maps(outputs: dict[str, Any], sigma: float = 4.0) -> dict[str, jax.A
   rec = back_warp(cosine_map(outputs["teacher"], outputs["student"], size), outputs["backward"])
   maps = {"rec": filters.gaussian_blur(rec, sigma)}
   if outputs["backward"]:
-    maps["df"] = filters.gaussian_blur(deformation_map(outputs["backward"]), sigma)
+    df = deformation_map(outputs["backward"])
+    if forward_df:
+      df = df + forward_deformation_map(outputs["forward"])
+    maps["df"] = filters.gaussian_blur(df, sigma)
   return maps
 
 
@@ -440,7 +474,13 @@ def fuse(maps: dict[str, jax.Array], stats: dict, alpha: float) -> dict[str, dic
 # ---------------------------------------------------------------------------------------------
 # Detectors: what the trainer and the eval job call.
 # ---------------------------------------------------------------------------------------------
-SCORE_DEFAULTS = {"alpha": 0.05, "sigma": 4.0, "scaling": "train", "pixel_map": None}
+SCORE_DEFAULTS = {
+  "alpha": 0.05,
+  "sigma": 4.0,
+  "scaling": "train",
+  "pixel_map": None,
+  "forward_df": False,
+}
 # Keys of config.model that choose the teacher rather than build the PPDM module.
 TEACHER_KEYS = ("backbone_weights", "random_teacher")
 
@@ -460,7 +500,8 @@ class PPDMDetector(base.Detector):
   Config: ``model`` (:class:`PPDM` attributes plus ``backbone_weights``, the converted teacher
   file, and ``random_teacher``, True to use torchvision's random init instead: tests only),
   ``loss`` (:class:`LossWeights`), ``score`` (``alpha`` 0.05, ``sigma`` 4, ``scaling`` "train" |
-  "none", ``pixel_map`` "fused" | "rec" | "df").
+  "none", ``pixel_map`` "fused" | "rec" | "df", ``forward_df``: Eq. 21's forward term in the
+  deformation map, off as released).
   """
 
   config_sections = {"model": PPDM, "loss": LossWeights, "score": SCORE_DEFAULTS}
@@ -491,6 +532,7 @@ class PPDMDetector(base.Detector):
     self.weights = LossWeights(**self.section("loss"))
     score = self.section("score")
     self.alpha, self.sigma = float(score["alpha"]), float(score["sigma"])
+    self.forward_df = bool(score["forward_df"])
     self.scaling = score["scaling"]
     self.pixel_map = score["pixel_map"] or ("fused" if self.deform else "rec")
     if self.scaling not in SCALINGS:
@@ -573,7 +615,7 @@ class PPDMDetector(base.Detector):
     ``score.scaling="none"``: None."""
     if not self.fits_statistics:
       return None
-    maps = anomaly_maps(self.outputs(variables, batch["image"]), self.sigma)
+    maps = anomaly_maps(self.outputs(variables, batch["image"]), self.sigma, self.forward_df)
     rows = {}
     for key in ("rec", "df"):
       top = jnp.max(maps[key], axis=(1, 2))
@@ -600,7 +642,7 @@ class PPDMDetector(base.Detector):
     stats = variables["batch_stats"][base.STATISTICS]
     if self.scaling == "none":
       stats = _identity_stats()
-    fused = fuse(anomaly_maps(out, self.sigma), stats, self.alpha)
+    fused = fuse(anomaly_maps(out, self.sigma, self.forward_df), stats, self.alpha)
     images = {"input": _display(out["input"])}
     if self.deform:
       images.update(warped=_display(out["warped"]), cycle=_display(out["cycle"]))

@@ -201,3 +201,93 @@ def test_fused_score_and_flips():
   assert np.array_equal(
     augment.random_flips(jax.random.key(0), x, horizontal=False, vertical=False), x
   )
+
+
+def _video_config(input_mode, variant="daad_plus"):
+  return load_module(os.path.join(CONFIGS, "ped2_daad.py")).get_config(
+    f"root=/d;variant={variant};input_mode={input_mode};runlocal"
+  )
+
+
+def test_video_input_modes_change_only_what_the_generator_sees():
+  """On 5-frame clips, "reconstruct" feeds and targets the clip's last frame (the record's
+  image), "predict" feeds the 4 earlier frames and targets the last; both score the target, and
+  the training flips move input and target together."""
+  rng = np.random.default_rng(0)
+  frames = jnp.asarray(rng.uniform(-1, 1, (4, 32, 32, 15)), jnp.float32)
+  batch = {"frames": frames, "image": frames[..., 12:]}
+  rec, pred = (get_detector(_video_config(m)) for m in ("reconstruct", "predict"))
+  x, target = rec.split(batch)
+  np.testing.assert_array_equal(x, frames[..., 12:])
+  np.testing.assert_array_equal(target, frames[..., 12:])
+  x, target = pred.split(batch)
+  np.testing.assert_array_equal(x, frames[..., :12])
+  np.testing.assert_array_equal(target, frames[..., 12:])
+  # The generator's first convolution reads 3 or 12 channels; the discriminator judges frames.
+  for det, channels in ((rec, 3), (pred, 12)):
+    v = jax.eval_shape(det.init, jax.random.PRNGKey(0), batch)
+    first = v["params"]["generator"]["enc1_1"]["Conv_0"]["Conv_0"]["kernel"]
+    assert first.shape[2] == channels
+    assert v["params"]["discriminator"]["conv1"]["kernel"].shape[2] == 3
+  # Flipped together: the target stays the 5th frame of the flipped clip.
+  for seed in range(4):
+    x, target = pred._inputs(jax.random.PRNGKey(seed), batch)
+    both = jnp.concatenate([x, target], -1)
+    flipped = [
+      np.asarray(f) for f in (frames, frames[:, ::-1], frames[:, :, ::-1], frames[:, ::-1, ::-1])
+    ]
+    for i in range(4):
+      assert any(np.array_equal(both[i], f[i]) for f in flipped)
+  # An image source has no clips: "predict" says so.
+  with pytest.raises(ValueError, match="input_mode 'predict' needs video clips"):
+    pred.split({"image": frames[..., 12:]})
+
+
+def test_eq6_l2_alignment_changes_only_the_alignment_terms():
+  """``loss.ali_distance="l2"`` makes the alignment loss Eq. 6's norm and changes no other
+  term; ``score.ali_distance="l2"`` makes L(x) the norm and changes no other score; both
+  default to the mean squared difference."""
+  base_config = _config("daad_plus")
+  assert base_config.loss.ali_distance == base_config.score.ali_distance == "mse"
+  detector = get_detector(base_config)
+  batch = _batch()
+  variables = detector.init(jax.random.PRNGKey(0), batch)
+  params, stats = variables["params"], variables["batch_stats"]
+  rng = jax.random.PRNGKey(1)
+
+  def terms_and_scores(**keys):
+    config = _config("daad_plus")
+    for section, value in keys.items():
+      config[section].ali_distance = value
+    det = get_detector(config)
+    terms = det.loss(params, stats, batch, rng)[1][0]
+    return terms, det.predict(variables, batch).scores, det
+
+  t0, s0, _ = terms_and_scores()
+  t1, s1, _ = terms_and_scores(loss="l2")
+  t2, s2, _ = terms_and_scores(score="l2")
+  # The direct computation: features of the flipped input and of its reconstruction.
+  x, _ = detector._inputs(rng, batch)
+  g = {"params": params["generator"], "batch_stats": stats["generator"]}
+  x_hat = detector.generator.apply(g, x, train=True, mutable=["batch_stats"])[0]["reconstruction"]
+  d = {"params": params["discriminator"], "batch_stats": stats["discriminator"]}
+  f = detector.discriminator.apply(d, x, train=True, mutable=["batch_stats"])[0][1]
+  f_hat = detector.discriminator.apply(d, x_hat, train=True, mutable=["batch_stats"])[0][1]
+  diff = np.asarray(f, np.float64) - np.asarray(f_hat, np.float64)
+  np.testing.assert_allclose(t0["ali"], 0.5 * np.mean(diff**2), rtol=1e-4)
+  np.testing.assert_allclose(t1["ali"], 0.5 * np.mean(np.linalg.norm(diff, axis=-1)), rtol=1e-4)
+  assert abs(float(t1["ali"]) - float(t0["ali"])) > 1e-3 * abs(float(t0["ali"]))
+  for k in t0:
+    if k not in ("ali", "generator_loss"):
+      np.testing.assert_array_equal(t1[k], t0[k], err_msg=k)
+    np.testing.assert_array_equal(t2[k], t0[k], err_msg=k)
+  # Scores: only L(x) (and the fusion) change with score.ali_distance.
+  np.testing.assert_array_equal(s1["rec"], s0["rec"])
+  np.testing.assert_array_equal(s1["ali"], s0["ali"])
+  np.testing.assert_array_equal(s2["rec"], s0["rec"])
+  fd = {"params": params["discriminator"], "batch_stats": stats["discriminator"]}
+  rec_img = detector._reconstruct(variables, batch["image"])
+  f_x = detector.discriminator.apply(fd, batch["image"], train=False)[1]
+  f_r = detector.discriminator.apply(fd, rec_img, train=False)[1]
+  np.testing.assert_allclose(s2["ali"], np.linalg.norm(f_x - f_r, axis=-1), rtol=1e-5)
+  np.testing.assert_allclose(s0["ali"], np.mean((f_x - f_r) ** 2, axis=-1), rtol=1e-5)

@@ -137,3 +137,47 @@ def test_set_template():
   np.testing.assert_allclose(p["template"][0], img)
   with pytest.raises(ValueError, match="template is"):
     pdm.set_template(v["params"], jnp.zeros((16, 16, 1)))
+
+
+def test_paper_equation_options_change_exactly_their_terms():
+  """Eq. 8 (``loss.deformation="paper_eq8"``) changes only the offset term, Supp. Eq. 24
+  (``loss.template_distance="l2_norm"``) only the template term, each to the direct
+  computation; Eq. 9 (``model.warp_mask=False``) keeps the reference, offsets and warped
+  references and composes every stage with the unwarped mask."""
+  model = _small()
+  x = jax.random.uniform(jax.random.key(0), (3, 32, 32, 1), minval=-1, maxval=1)
+  variables = model.init(jax.random.key(1), x, train=False)
+  # Non-zero template and offsets, so that every term is exercised.
+  params = jax.tree_util.tree_map_with_path(
+    lambda p, a: a + 0.3 if "template" in jax.tree_util.keystr(p) else a, variables["params"]
+  )
+  v = {"params": params, "batch_stats": variables["batch_stats"]}
+  out = model.apply(v, x, train=False)
+  base_terms = pdm.pdm_loss(out, x, pdm.LossWeights())[1]
+  eq8 = pdm.pdm_loss(out, x, pdm.LossWeights(deformation="paper_eq8"))[1]
+  eq24 = pdm.pdm_loss(out, x, pdm.LossWeights(template_distance="l2_norm"))[1]
+  for name, terms, changed in (("eq8", eq8, "offset"), ("eq24", eq24, "template")):
+    for k in base_terms:
+      if k != changed:
+        np.testing.assert_array_equal(terms[k], base_terms[k], err_msg=f"{name}: {k}")
+    assert abs(float(terms[changed]) - float(base_terms[changed])) > 1e-6, name
+  o = [np.asarray(f, np.float64) for f in out["offsets"]]
+  want = sum(
+    np.abs(np.diff(f, axis=2)).sum(-1).mean() + np.abs(np.diff(f, axis=1)).sum(-1).mean()
+    + np.linalg.norm(f, axis=-1).mean()
+    for f in o
+  )  # fmt: skip
+  np.testing.assert_allclose(eq8["offset"], 0.25 * want, rtol=1e-5)
+  diff = (np.asarray(out["template"], np.float64) - np.asarray(x, np.float64)).reshape(3, -1)
+  np.testing.assert_allclose(eq24["template"], np.linalg.norm(diff, axis=1).mean(), rtol=1e-5)
+
+  eq9 = _small(warp_mask=False).apply(v, x, train=False)
+  for k in ("reference", "mask", "template"):
+    np.testing.assert_array_equal(eq9[k], out[k], err_msg=k)
+  for a, b in zip(eq9["offsets"] + eq9["warped"], out["offsets"] + out["warped"], strict=True):
+    np.testing.assert_array_equal(a, b)
+  m, bkg = np.asarray(out["mask"]), np.asarray(out["template"])
+  for t, stage, mk in zip(eq9["warped"], eq9["stages"], eq9["masks"], strict=True):
+    np.testing.assert_array_equal(mk, m)
+    np.testing.assert_allclose(stage, np.asarray(t) * m + (1 - m) * bkg, rtol=1e-6, atol=1e-6)
+  assert float(jnp.abs(out["masks"][-1] - out["mask"]).max()) > 0  # the default warps it

@@ -325,6 +325,44 @@ def test_cycle_loss():
   assert np.allclose(filters.smoothness_2d(_shift((1, 0)), 3, reduce=False)[:, 1:-1, 1:-1], 0)
 
 
+def test_paper_equation_options_change_exactly_their_terms():
+  """Eq. 18's ||grad O||_1 (``loss.smooth_kind="gradient_l1"``) changes only the offset term,
+  to the direct computation, and Eq. 18's backward norms (``loss.norm_backward=1``) add exactly
+  their norms; Eq. 21's forward term (``score.forward_df``) adds warp(|O_1|, O_2) + |O_2| to the
+  deformation map and leaves the reconstruction map alone."""
+  rng = np.random.default_rng(0)
+  fields = [jnp.asarray(rng.normal(size=(2, SIZE, SIZE, 2)) * 0.02, jnp.float32) for _ in range(4)]
+  x = jnp.asarray(rng.normal(size=(2, SIZE, SIZE, 3)), jnp.float32)
+  out = {
+    "input": x, "teacher": _feats(0), "student": _feats(1), "vq": None,
+    "forward": fields[:2], "backward": fields[2:], "cycle": x + 0.1,
+  }  # fmt: skip
+  base_terms = ppdm.ppdm_loss(out, ppdm.LossWeights())[1]
+  eq18 = ppdm.ppdm_loss(out, ppdm.LossWeights(smooth_kind="gradient_l1"))[1]
+  back = ppdm.ppdm_loss(out, ppdm.LossWeights(norm_backward=1.0))[1]
+  for k in base_terms:
+    if k != "offset":
+      np.testing.assert_array_equal(eq18[k], base_terms[k], err_msg=k)
+      np.testing.assert_array_equal(back[k], base_terms[k], err_msg=k)
+  f = [np.asarray(o, np.float64) for o in fields]
+  norms = [np.linalg.norm(o, axis=-1).mean() for o in f]
+  grads = sum(np.abs(np.diff(o, axis=2)).sum(-1).mean() + np.abs(np.diff(o, axis=1)).sum(-1).mean()
+              for o in f)  # fmt: skip
+  np.testing.assert_allclose(eq18["offset"], norms[0] + norms[1] + grads, rtol=1e-5)
+  np.testing.assert_allclose(back["offset"] - base_terms["offset"], norms[2] + norms[3], rtol=1e-4)
+
+  plain = ppdm.anomaly_maps(out, 4.0)
+  both = ppdm.anomaly_maps(out, 4.0, forward_df=True)
+  np.testing.assert_array_equal(both["rec"], plain["rec"])
+  # Forward half, directly: |O_2| plus |O_1| sampled through O_2's grid.
+  n1 = jnp.asarray(np.linalg.norm(f[0], axis=-1)[..., None], jnp.float32)
+  os1 = np.asarray(ppdm.apply_fields(n1, [fields[1]]))[..., 0] + np.linalg.norm(f[1], axis=-1)
+  from scipy.ndimage import gaussian_filter
+
+  want = np.stack([gaussian_filter(m, 4.0, mode="reflect", truncate=4.0) for m in os1])
+  np.testing.assert_allclose(both["df"] - plain["df"], want, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Configs.
 # ---------------------------------------------------------------------------------------------
