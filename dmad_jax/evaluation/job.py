@@ -22,6 +22,14 @@ masks (key ``"mask"``, MVTec layout with ``ground_truth/``), the detector's pixe
 maps on the images with the ground-truth contours, and with ``eval.save_pixel_maps`` the maps,
 masks and indices are saved to ``pixel_maps_<step>.npz`` (float32, ~4 bytes per pixel).
 
+With ``eval.test_selected`` the authors' test-informed protocols are reported too, each metric
+named ``..._test_selected``: ``image_AUROC_<score>_test_selected`` of the detector's
+``test_selected_scores`` (PPDM, DAAD+: min-max ranges from the test split), the best of the
+scores the authors report (``image_AUROC_reported_test_selected``; PPDM: max of the test-scaled
+fused score and the reconstruction score) and the best evaluated checkpoint on the test split
+(``<frame or image AUROC>_best_checkpoint_test_selected``, ``best_checkpoint_step_test_selected``;
+DMAD-PDM's selection). They are never the default metrics.
+
 Decision threshold (:mod:`dmad_jax.evaluation.calibration`): with a ``calibration`` section in the
 config, the step's threshold is fitted on the named split and stored in its checkpoint directory
 when it is missing or was made with other settings; with a stored threshold the metrics add
@@ -59,7 +67,13 @@ EVAL_DEFAULTS = {
   "recipe": "none",
   "aupro_fpr_limit": 0.3,
   "save_pixel_maps": False,
+  # The authors' test-informed protocols, reported next to the standard metrics and always
+  # named ..._test_selected: scores scaled with test-set ranges (Detector.test_selected_scores),
+  # the best of the scores the authors report (Detector.reported_best_of), and the best
+  # checkpoint on the test split among those evaluated so far (DMAD-PDM's selection).
+  "test_selected": False,
 }
+TEST_SELECTED = "_test_selected"
 
 
 def settings(config) -> dict:
@@ -221,6 +235,8 @@ class Evaluator:
         _pixel_metrics(scored.pixel_maps, scored.masks, float(self.settings["aupro_fpr_limit"])),
         pixel_map=self.detector.pixel_map,
       )
+    if self.settings["test_selected"]:
+      result.update(self._test_selected(scored))
     labels = scored.labels
     result.update(
       num_test=int(len(labels)),
@@ -230,12 +246,50 @@ class Evaluator:
     )
     return result
 
+  def _test_selected(self, scored: Scored) -> dict:
+    """The ``eval.test_selected`` image AUROCs (see :data:`EVAL_DEFAULTS`)."""
+    extra = self.detector.test_selected_scores(scored.scores)
+    out = {
+      f"image_AUROC_{k}{TEST_SELECTED}": metrics.image_auroc(v, scored.labels)
+      for k, v in extra.items()
+    }
+    names = tuple(self.detector.reported_best_of)
+    if names:
+      every = {**scored.scores, **extra}
+      out[f"image_AUROC_reported{TEST_SELECTED}"] = max(
+        metrics.image_auroc(every[k], scored.labels) for k in names
+      )
+      out[f"image_AUROC_reported_of{TEST_SELECTED}"] = " or ".join(names)
+    return out
+
+  def _best_checkpoint(self, outdir: str, step: int, result: dict) -> dict:
+    """The best checkpoint on the test split among those evaluated into ``outdir`` (this one
+    included): DMAD-PDM's released selection, labelled ``_test_selected``."""
+    key = "frame_AUROC_micro" if "frame_AUROC_micro" in result else "image_AUROC"
+    values = {step: result[key]}
+    for name in os.listdir(outdir):
+      stem = name[len("metrics_") : -len(".json")]
+      if name.startswith("metrics_") and name.endswith(".json") and stem.isdigit():
+        if int(stem) != step:
+          with open(os.path.join(outdir, name)) as f:
+            old = json.load(f)
+          if key in old:
+            values[int(stem)] = old[key]
+    best = max(values, key=lambda s: (values[s], -s))
+    return {
+      f"{key}_best_checkpoint{TEST_SELECTED}": values[best],
+      f"best_checkpoint_step{TEST_SELECTED}": int(best),
+      f"checkpoints_compared{TEST_SELECTED}": len(values),
+    }
+
   # -- outputs -------------------------------------------------------------------------------
   def write(self, step: int, result: dict, scored: Scored) -> dict:
     """Writes the metrics, scores and figures of ``step`` (process 0); returns the result with
     the figures' paths."""
     outdir = os.path.join(self.workdir, "eval")
     os.makedirs(outdir, exist_ok=True)
+    if self.settings["test_selected"]:
+      result.update(self._best_checkpoint(outdir, step, result))
     for name in ("metrics.json", f"metrics_{step}.json"):
       with open(os.path.join(outdir, name), "w") as f:
         json.dump(result, f, indent=2)

@@ -237,6 +237,19 @@ class Detector(abc.ABC):
     """Whether the eval job scores with :meth:`predict_sequential` (see :meth:`predict_state`)."""
     return type(self).predict_state is not Detector.predict_state
 
+  # Score names (of ``predict`` or :meth:`test_selected_scores`) of which the authors report the
+  # best image AUROC on the test split (PPDM: max(AUROC(fused), AUROC(rec))); () = none.
+  reported_best_of: ClassVar[tuple[str, ...]] = ()
+
+  def test_selected_scores(self, scores: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Image scores recomputed from the whole test split's ``scores`` (host arrays of every
+    test record), as some released evaluations do, e.g. min-max ranges taken over the test set;
+    {} (the default) when the detector has none. The eval job reports their AUROCs only with
+    ``eval.test_selected`` and always with a ``_test_selected`` suffix: they use the test labels'
+    split to set the scoring, so they are never the default numbers."""
+    del scores
+    return {}
+
   def data_init(self) -> MedianImage | TemplateBank | ImageFile | None:
     """The initial value this detector estimates from the training data (None: none)."""
     return None
@@ -284,6 +297,14 @@ def min_max_scale(value: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
   scaling that fitted statistics are kept for."""
   width = hi - lo
   return (value - lo) / jnp.where(width > 0, width, 1.0)
+
+
+def min_max_over(values: np.ndarray) -> np.ndarray:
+  """(v - min) / (max - min) over ``values`` themselves (a zero-width range divides by 1): the
+  test-set scaling of the released PPDM and DAAD+ evaluations."""
+  values = np.asarray(values, np.float64)
+  width = values.max() - values.min()
+  return (values - values.min()) / (width if width > 0 else 1.0)
 
 
 def reduce_statistics(rows: Mapping[str, np.ndarray]) -> dict[str, jnp.ndarray]:

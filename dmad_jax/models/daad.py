@@ -568,6 +568,14 @@ class DAADPlusDetector(base.TwoPlayer, DAADDetector):
   def fits_statistics(self) -> bool:
     return self.scaling != "none"
 
+  def test_selected_scores(self, scores):
+    """``score_test_minmax``: Eq. 7 with R and L min-max scaled over the test split (the
+    spec's reading of the paper; the default scales with the training split's ranges)."""
+    mm = base.min_max_over
+    return {
+      "score_test_minmax": self.gamma * mm(scores["rec"]) + (1 - self.gamma) * mm(scores["ali"])
+    }
+
   def predict(self, variables, batch) -> base.Prediction:
     """``scores`` {``score`` (Eq. 7 fusion), ``rec`` = R(x), ``ali`` = L(x)}, ``maps``
     {``rec``} and ``images`` {``input``, ``reconstruction``}."""

@@ -550,6 +550,20 @@ class PPDMDetector(base.Detector):
   def score_names(self):
     return ("score", "rec", "df") if self.deform else ("score", "rec")
 
+  @property
+  def reported_best_of(self):
+    """The released test reports max(AUROC(fused with test-set ranges), AUROC(rec))."""
+    return ("score_test_minmax", "rec") if self.deform else ()
+
+  def test_selected_scores(self, scores):
+    """``score_test_minmax``: Eq. 22 with the min-max ranges of ``rec`` and ``df`` taken over
+    the test split, as the released test script does (the default scales with the training
+    split's ranges)."""
+    if not self.deform:
+      return {}
+    mm = base.min_max_over
+    return {"score_test_minmax": mm(scores["rec"]) + self.alpha * mm(scores["df"])}
+
   # -- variables ---------------------------------------------------------------------------
   def prepare(self, images: jax.Array) -> jax.Array:
     """[-1, 1] images (3 or 1 channels) -> ImageNet-normalised 3-channel float32 images."""

@@ -2,6 +2,7 @@
 score scaling comes from the training split and is stored with the checkpoint."""
 
 import functools
+import json
 import os
 
 import jax
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from dmad_jax import data as data_lib
 from dmad_jax.configs import daad as daad_configs
@@ -141,7 +143,7 @@ def test_generator_and_discriminator_change_only_through_their_own_optimizer():
 def test_score_scaling_comes_from_the_training_split_and_is_checkpointed(tmp_path):
   config = _config("daad_plus")
   config.total_steps = 2
-  config.checkpoint_every_steps = 2
+  config.checkpoint_every_steps = 1
   workdir = str(tmp_path / "run")
   trainer.train_and_evaluate(config, workdir)
 
@@ -184,10 +186,32 @@ def test_score_scaling_comes_from_the_training_split_and_is_checkpointed(tmp_pat
   fused = 0.9 * (rec - r_lo) / (r_hi - r_lo) + 0.1 * (ali - l_lo) / (l_hi - l_lo)
   np.testing.assert_allclose(np.asarray(scores["score"]), fused, rtol=1e-6, atol=1e-6)
 
-  # The eval job reads them from the checkpoint and reports both parts' AUROC.
+  # The eval job reads them from the checkpoint and reports both parts' AUROC; no metric of
+  # the test-informed protocols unless asked for.
   result = job.evaluate(config, workdir)
   for key in ("image_AUROC", "image_AUROC_rec", "image_AUROC_ali"):
     assert 0.0 <= result[key] <= 1.0
+  assert not [k for k in result if "test_selected" in k]
+
+  # eval.test_selected: the fusion with the TEST split's ranges, labelled, next to the default
+  # numbers (unchanged), and the best of the evaluated checkpoints on the test split.
+  config.eval.test_selected = True
+  first = job.evaluate(config, workdir, step=1)
+  labelled = job.evaluate(config, workdir, step=2)
+  with open(os.path.join(workdir, "eval", "metrics.json")) as f:
+    written = json.load(f)
+  for key in ("image_AUROC", "image_AUROC_rec", "image_AUROC_ali"):
+    assert labelled[key] == result[key] == written[key]
+  with np.load(os.path.join(workdir, "eval", "scores_2.npz")) as f:
+    r, a, labels = f["rec"], f["ali"], f["labels"]
+  mm = lambda v: (v - v.min()) / (v.max() - v.min())  # noqa: E731
+  want = roc_auc_score(labels, 0.9 * mm(r) + 0.1 * mm(a))
+  assert written["image_AUROC_score_test_minmax_test_selected"] == pytest.approx(want, abs=1e-12)
+  best_step = 1 if first["image_AUROC"] >= labelled["image_AUROC"] else 2  # ties: the earlier
+  best = max(first["image_AUROC"], labelled["image_AUROC"])
+  assert written["image_AUROC_best_checkpoint_test_selected"] == best
+  assert written["best_checkpoint_step_test_selected"] == best_step
+  assert written["checkpoints_compared_test_selected"] == 2
 
 
 def test_fused_score_and_flips():

@@ -363,6 +363,40 @@ def test_paper_equation_options_change_exactly_their_terms():
   np.testing.assert_allclose(both["df"] - plain["df"], want, atol=1e-5)
 
 
+def test_test_selected_protocols_are_the_released_test_and_labelled():
+  """With ``eval.test_selected`` the eval job adds Eq. 22 with the TEST split's min-max ranges
+  and the released report max(AUROC(that), AUROC(rec)), both named ..._test_selected."""
+  import types
+
+  from sklearn.metrics import roc_auc_score
+
+  from dmad_jax.evaluation import job
+
+  det = get_detector(_config())
+  assert det.reported_best_of == ("score_test_minmax", "rec")
+  rng = np.random.default_rng(0)
+  labels = (rng.uniform(size=40) < 0.4).astype(int)
+  scores = {
+    "rec": rng.normal(size=40) + labels,
+    "df": rng.normal(size=40) * 3 + 0.5 * labels,
+    "score": rng.normal(size=40),
+  }
+  mm = lambda v: (v - v.min()) / (v.max() - v.min())  # noqa: E731
+  fused = mm(scores["rec"]) + det.alpha * mm(scores["df"])
+  np.testing.assert_allclose(det.test_selected_scores(scores)["score_test_minmax"], fused)
+  scored = types.SimpleNamespace(scores=scores, labels=labels)
+  out = job.Evaluator._test_selected(types.SimpleNamespace(detector=det), scored)
+  assert out["image_AUROC_score_test_minmax_test_selected"] == pytest.approx(
+    roc_auc_score(labels, fused), abs=1e-12
+  )
+  best = max(roc_auc_score(labels, fused), roc_auc_score(labels, scores["rec"]))
+  assert out["image_AUROC_reported_test_selected"] == pytest.approx(best, abs=1e-12)
+  assert all(k.endswith("_test_selected") for k in out)
+  # RD has no deformation: nothing to recompute.
+  rd = get_detector(_config(mvtec_rd))
+  assert rd.test_selected_scores(scores) == {} and rd.reported_best_of == ()
+
+
 # ---------------------------------------------------------------------------------------------
 # Configs.
 # ---------------------------------------------------------------------------------------------
