@@ -31,6 +31,13 @@ commit 4eb4175) has a coarse head with strides (2, 2, 1) (1/4 resolution) and a 
 strides (1, 1) (full resolution); shared/spec/seed_systems.md Sec. 1.2 instead says (1, 2, 1)
 and (2, 1) (both at 1/2). The default follows the released file; ``heads=spec`` gives the
 spec's.
+
+As released: frames are resized with OpenCV's bilinear definition (``data.resize =
+"cv2_bilinear"``; "pil_bilinear" is PIL's antialiased filter). Paper rather than code (the
+released scripts have no counterpart): the image-level score of Eq. 14 (``score``, next to the
+frame AUROC of the released recipe) uses alpha = 0.2, the paper's Sec. 4.1 value for video.
+The authors' best-on-test checkpoint selection is reported, labelled ``..._test_selected``,
+with ``--config.eval.test_selected=True``.
 """
 
 import os

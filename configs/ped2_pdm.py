@@ -16,6 +16,13 @@ from the data when training starts (the official loop drops each epoch's last pa
 the cosine schedule decays per step rather than per epoch, the template's learning rate stays
 at 50x (the official code drops it to 20x after epoch 5), and the checkpoint is the last one
 rather than the best on the test set.
+
+As released: frames are resized with OpenCV's bilinear definition (``data.resize =
+"cv2_bilinear"``; "pil_bilinear" is PIL's antialiased filter). Paper rather than code (the
+released scripts have no counterpart): the image-level score of Eq. 14 (``score``, next to the
+frame AUROC of the released recipe) uses alpha = 0.2, the paper's Sec. 4.1 value for video.
+The authors' best-on-test checkpoint selection is reported, labelled ``..._test_selected``,
+with ``--config.eval.test_selected=True``.
 """
 
 import ml_collections

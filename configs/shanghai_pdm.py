@@ -40,6 +40,15 @@ Deviations from the official code, by design: the cosine schedule decays per ste
 per epoch, the checkpoint is the last one rather than the best on the test set, and the object
 error finds objects with scipy connected components (contour area by Pick's theorem) instead of
 OpenCV contours.
+
+As released: frames are resized with OpenCV's bilinear definition (``data.resize =
+"cv2_bilinear"``; "pil_bilinear" is PIL's antialiased filter). Paper rather than code (the
+released scripts have no counterpart): the image-level score of Eq. 14 (``score``, next to the
+frame AUROC of the released recipe) uses alpha = 0.2, the paper's Sec. 4.1 value for video.
+The authors' best-on-test checkpoint selection is reported, labelled ``..._test_selected``,
+with ``--config.eval.test_selected=True``.
+A test video shorter than the 69-frame window is scored as the released ``conf_avg`` leaves
+it (all ones, "normal") before the global passes.
 """
 
 import ml_collections

@@ -133,7 +133,15 @@ def video_config(
   c = paper_config(256, 3)
   size = 32 if runlocal else 256
   c.data = ml_collections.ConfigDict(
-    dict(name="video", root=root, image_size=size, gray=False, t_length=5, labels=labels or "")
+    dict(
+      name="video",
+      root=root,
+      image_size=size,
+      gray=False,
+      t_length=5,
+      labels=labels or "",
+      resize="cv2_bilinear",  # the video models' reading (OpenCV's bilinear)
+    )
   )
   c.t_length = 5
   c.input_mode = input_mode

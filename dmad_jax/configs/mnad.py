@@ -26,7 +26,15 @@ def video_base(
   c.t_length = 5
   size = 32 if runlocal else 256
   c.data = ml_collections.ConfigDict(
-    dict(name="video", root=root, image_size=size, gray=False, t_length=5, labels=labels or "")
+    dict(
+      name="video",
+      root=root,
+      image_size=size,
+      gray=False,
+      t_length=5,
+      labels=labels or "",
+      resize="cv2_bilinear",  # as the released code reads frames (OpenCV)
+    )
   )
   c.model = ml_collections.ConfigDict(
     dict(

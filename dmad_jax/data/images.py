@@ -6,7 +6,9 @@ to get there live here so that folder, digits and TFDS images go through the sam
 1. decode with PIL (:func:`load_image`) or take a decoded uint8 array (:func:`prepare_array`);
 2. reduce any PIL mode to 8-bit gray (``L``) or ``RGB``; 16-bit and 32-bit gray are rescaled;
 3. convert to the configured channel count (gray replicated to RGB, RGB to ITU-R 601 luma);
-4. resize to ``(image_size, image_size)`` with PIL's bilinear filter when the size differs;
+4. resize to ``(image_size, image_size)`` when the size differs: PIL's bilinear filter
+   (``resize="pil_bilinear"``, antialiased when downscaling) or OpenCV's ``INTER_LINEAR``
+   definition (``"cv2_bilinear"``: the released video code's; no antialiasing);
 5. scale uint8 to ``[-1, 1]`` with :func:`to_unit_range`.
 """
 
@@ -129,10 +131,45 @@ def _to_l_or_rgb(img: Image.Image) -> Image.Image:
   return img.convert("RGB")
 
 
-def _finish(img: Image.Image, image_size: int, channels: int) -> np.ndarray:
+RESIZE_METHODS = ("pil_bilinear", "cv2_bilinear")
+
+
+def _bilinear_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """OpenCV INTER_LINEAR's sampling along one axis: output i reads the input at
+  (i + 0.5) * n_in / n_out - 0.5 (pixel centres), clamped to the border: (lower index, upper
+  index, weight of the upper one)."""
+  src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+  src = np.clip(src, 0, n_in - 1)
+  lo = np.floor(src).astype(np.int64)
+  hi = np.minimum(lo + 1, n_in - 1)
+  return lo, hi, src - lo
+
+
+def resize_bilinear_cv2(image: np.ndarray, size: int) -> np.ndarray:
+  """``cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR)`` for uint8 (H, W[, C])
+  images, by its definition: each output pixel interpolates the two nearest input pixel centres
+  along each axis, with no antialiasing when downscaling (a factor-4 downscale reads 2 of every
+  4 pixels). Computed in float64 and rounded; OpenCV's 11-bit fixed-point weights can round
+  differently by one gray level."""
+  x = np.asarray(image, np.float64)
+  extra = (1,) * (x.ndim - 2)  # the channel axis, when there is one
+  lo, hi, w = _bilinear_weights(x.shape[0], size)
+  x = x[lo] * (1 - w).reshape(-1, 1, *extra) + x[hi] * w.reshape(-1, 1, *extra)
+  lo, hi, w = _bilinear_weights(x.shape[1], size)
+  x = x[:, lo] * (1 - w).reshape(1, -1, *extra) + x[:, hi] * w.reshape(1, -1, *extra)
+  return np.clip(np.floor(x + 0.5), 0, 255).astype(np.uint8)
+
+
+def _finish(
+  img: Image.Image, image_size: int, channels: int, resize: str = "pil_bilinear"
+) -> np.ndarray:
   """Converts an ``L``/``RGB`` PIL image to the channel count and size; returns uint8 HWC."""
   if channels == 1 and img.mode != "L":
     img = img.convert("L")
+  if resize not in RESIZE_METHODS:
+    raise ValueError(f"resize must be one of {RESIZE_METHODS}, got {resize!r}")
+  if img.size != (image_size, image_size) and resize == "cv2_bilinear":
+    img = Image.fromarray(resize_bilinear_cv2(np.asarray(img), image_size), mode=img.mode)
   if img.size != (image_size, image_size):
     # Resizing in 8-bit gray/RGB keeps the same filter for every source. PIL's bilinear filter
     # uses pixel centres (no align-corners) and widens its support when downscaling, so it also
@@ -178,7 +215,9 @@ def prepare_array(image: np.ndarray, *, image_size: int, channels: int) -> np.nd
   return _finish(img, int(image_size), channels)
 
 
-def load_image(path: str | os.PathLike, *, image_size: int, channels: int) -> np.ndarray:
+def load_image(
+  path: str | os.PathLike, *, image_size: int, channels: int, resize: str = "pil_bilinear"
+) -> np.ndarray:
   """Reads an image file into a uint8 ``(image_size, image_size, channels)`` array.
 
   Handles every format PIL decodes (png, jpg/jpeg, bmp, tif/tiff, webp, ...) and the modes gray,
@@ -191,6 +230,7 @@ def load_image(path: str | os.PathLike, *, image_size: int, channels: int) -> np
     path: image file.
     image_size: output height and width.
     channels: 1 (gray) or 3 (RGB).
+    resize: "pil_bilinear" (antialiased) or "cv2_bilinear" (:func:`resize_bilinear_cv2`).
 
   Returns:
     uint8 array of shape ``(image_size, image_size, channels)``; pass it through
@@ -206,7 +246,7 @@ def load_image(path: str | os.PathLike, *, image_size: int, channels: int) -> np
     with Image.open(path) as img:
       img.load()
       img = _to_l_or_rgb(img)
-      return _finish(img, int(image_size), channels)
+      return _finish(img, int(image_size), channels, resize)
   # PIL plugins raise many unrelated types for bad input (OSError, SyntaxError, struct.error,
   # IndexError, ...); all of them mean "this file is unusable" to the caller.
   except Exception as err:

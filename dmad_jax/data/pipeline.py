@@ -267,6 +267,7 @@ SOURCE_KEYS = {
     "t_length": 5,
     "labels": None,
     "templates": "single",
+    "resize": "cv2_bilinear",
   },
   "dagm": {
     "root": REQUIRED,
@@ -336,7 +337,8 @@ def get_source(data_config: Any, split: str):
     :func:`dmad_jax.data.labels.load_frame_labels`), ``templates`` (background template per
     video: 'single', 'scene' or 'video_transductive', see
     :func:`dmad_jax.data.video.video_sources`; the test split's templates are indexed by the
-    training videos' names, which are listed, not read). Records are clips, see
+    training videos' names, which are listed, not read), ``resize`` ("cv2_bilinear", the
+    released code's, or "pil_bilinear"). Records are clips, see
     :class:`dmad_jax.data.video.VideoFrameSource`.
   * ``dagm``: ``root`` (holding ``Class<k>/{Train,Test}/`` with ``Label/Labels.txt``),
     ``class_id`` (1..10), ``image_size``, ``channels`` (3 repeats the gray images), ``validate``
@@ -417,6 +419,7 @@ def get_source(data_config: Any, split: str):
     image_size=s["image_size"],
     gray=s["gray"],
     t_length=s["t_length"],
+    resize=s["resize"],
   )[split]
 
 

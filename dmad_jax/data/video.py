@@ -38,7 +38,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from dmad_jax.data.base import check_index, describe_source, record_spec
-from dmad_jax.data.images import check_image_options, load_image, to_unit_range
+from dmad_jax.data.images import RESIZE_METHODS, check_image_options, load_image, to_unit_range
 from dmad_jax.data.labels import list_frames, load_frame_labels
 
 SPLIT_ALIASES = {
@@ -95,6 +95,7 @@ class VideoFrameSource:
     t_length: int = 5,
     labels: str | os.PathLike | None = None,
     skip_first: int | None = None,
+    resize: str = "cv2_bilinear",
   ):
     """Lists the videos and frames of one split.
 
@@ -102,6 +103,9 @@ class VideoFrameSource:
       root: the folder holding ``training/`` and ``testing/``.
       split: ``"training"`` or ``"testing"`` (``"train"`` / ``"test"`` are accepted).
       image_size: frames are resized to ``(image_size, image_size)``.
+      resize: how: "cv2_bilinear" (the default: OpenCV's bilinear, as the released MNAD and
+        DMAD-PDM code reads frames, no antialiasing) or "pil_bilinear" (PIL's, antialiased,
+        the image sources'); see :func:`dmad_jax.data.images.resize_bilinear_cv2`.
       gray: read frames as luminance and repeat it to 3 channels (Avenue, ShanghaiTech).
       t_length: frames per clip.
       labels: optional label file or folder (see :func:`dmad_jax.data.labels.load_frame_labels`).
@@ -130,6 +134,9 @@ class VideoFrameSource:
     self.split = SPLIT_ALIASES[split]
     self.gray = bool(gray)
     self._image_size = int(image_size)
+    if resize not in RESIZE_METHODS:
+      raise ValueError(f"resize must be one of {RESIZE_METHODS}, got {resize!r}")
+    self._resize = resize
 
     if not os.path.isdir(self.root):
       raise FileNotFoundError(f"dataset root {self.root!r} is not a folder; {_LAYOUT}")
@@ -243,7 +250,9 @@ class VideoFrameSource:
         self._cache.move_to_end(key)
         return cached
     path = self.frame_paths[video][frame]
-    image = load_image(path, image_size=self._image_size, channels=1 if self.gray else 3)
+    image = load_image(
+      path, image_size=self._image_size, channels=1 if self.gray else 3, resize=self._resize
+    )
     if self.gray:
       image = np.repeat(image, 3, axis=-1)
     image = to_unit_range(image)

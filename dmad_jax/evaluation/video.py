@@ -15,8 +15,9 @@ anomalous, concatenated over videos in sorted video order) into one anomaly scor
   with Avenue's weights and edge padding, 0.2 off + 0.4 patch, smoothed again. Both errors come
   from :class:`HostFrameErrors` (frame differencing that removes static anomalies).
 * ``dmad_shanghai`` (keys ``deformation``, ``reconstruction``, ``object``): per-video min-max
-  and inversion, a 69-frame robust average per video, a 55-frame one over the concatenation,
-  0.2/0.4/0.6 fusion, another 55-frame pass, then a per-video 1-D Kalman filter.
+  and inversion, a 69-frame robust average per video (a video shorter than 69 frames becomes
+  all ones, "normal", as the released ``conf_avg`` leaves it), a 55-frame one over the
+  concatenation, 0.2/0.4/0.6 fusion, another 55-frame pass, then a per-video 1-D Kalman filter.
 * ``mnad`` (keys ``neg_psnr``, ``feature_distance``): MNAD's test (spec Sec. 6): per-video
   min-max of -PSNR and of the feature distance, fused 0.6 / 0.4 (MNAD's min-max has no 1e-8 in
   the denominator; the difference is below any AUROC resolution). No smoothing.
@@ -88,6 +89,7 @@ def robust_moving_average(
   offset: int | None = None,
   head: float | str = 1.0,
   tail: float | str = "last",
+  short: str = "unchanged",
 ) -> np.ndarray:
   """DMAD's ``conf_avg``: in every window of ``size`` frames keep the ``keep`` values closest to
   the window mean and take their weighted mean.
@@ -103,13 +105,20 @@ def robust_moving_average(
       written value.
     tail: value of the outputs after the last written one: a number, "edge" for the last
       written value, or "last" for the last input value.
+    short: what a sequence shorter than ``size`` (no complete window) becomes: "unchanged", or
+      "head" (every output is ``head``, a number: the released ShanghaiTech ``conf_avg``, whose
+      output starts as ones and has no window to write).
 
   Returns:
-    (T,) smoothed sequence. Sequences shorter than ``size`` are returned unchanged.
+    (T,) smoothed sequence.
   """
   x = np.asarray(x, np.float64)
   n = x.shape[0]
   if n < size:
+    if short == "head":
+      return np.full(n, float(head))
+    if short != "unchanged":
+      raise ValueError(f"robust_moving_average: short must be 'unchanged' or 'head', got {short!r}")
     return x.copy()
   w = np.ones(size) if weights is None else np.asarray(weights, np.float64)
   if w.shape != (size,):
@@ -217,7 +226,8 @@ def score_frames(
   for k in _KEYS[recipe]:
     inv = 1 - minmax_per_video(errors[k], video_lengths)
     per_video = [
-      robust_moving_average(v, size=69, keep=25, offset=35, head=1.0, tail=1.0)
+      # A video shorter than the window comes out as ones (normal), as in the released script.
+      robust_moving_average(v, size=69, keep=25, offset=35, head=1.0, tail=1.0, short="head")
       for v in split_videos(inv, video_lengths)
     ]
     lists[k] = robust_moving_average(

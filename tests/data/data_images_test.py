@@ -126,3 +126,25 @@ def test_invalid_options():
 def test_prepare_array_shapes(shape, channels):
   out = images.prepare_array(np.zeros(shape, np.uint8), image_size=9, channels=channels)
   assert out.shape == (9, 9, channels) and out.dtype == np.uint8
+
+
+def test_cv2_bilinear_reads_pixel_centres_without_antialiasing(tmp_path):
+  """OpenCV's INTER_LINEAR by its definition: output i samples the input at (i + 0.5) * scale
+  - 0.5. A factor-4 downscale therefore averages input pixels 4i + 1 and 4i + 2 only (PIL's
+  antialiased filter mixes in the others); a factor-2 upscale of [a, b] gives a, .75a + .25b,
+  .25a + .75b, b; equal sizes are unchanged."""
+  stripes = np.tile(np.array([0, 200, 200, 0], np.uint8), 8)  # period 4
+  img = np.tile(stripes, (32, 1))
+  small = images.resize_bilinear_cv2(img, 8)
+  np.testing.assert_array_equal(small, np.full((8, 8), 200, np.uint8))
+  Image.fromarray(img).save(tmp_path / "s.png")
+  cv = images.load_image(tmp_path / "s.png", image_size=8, channels=1, resize="cv2_bilinear")
+  pil = images.load_image(tmp_path / "s.png", image_size=8, channels=1)
+  np.testing.assert_array_equal(cv[..., 0], small)
+  assert np.abs(pil.astype(int) - 100).max() < 30  # PIL averages the whole period
+  up = images.resize_bilinear_cv2(np.array([[0, 100]] * 2, np.uint8), 4)
+  np.testing.assert_array_equal(up[0], [0, 25, 75, 100])
+  rgb = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+  np.testing.assert_array_equal(images.resize_bilinear_cv2(rgb, 16), rgb)
+  with pytest.raises(ValueError, match="resize must be one of"):
+    images.load_image(tmp_path / "s.png", image_size=8, channels=1, resize="nearest")

@@ -59,6 +59,24 @@ def test_robust_moving_average_basics():
   assert video.robust_moving_average(spike, size=11, keep=5)[10] == 0.0
   short = np.arange(3.0)
   np.testing.assert_array_equal(video.robust_moving_average(short, size=11, keep=5), short)
+  # The released ShanghaiTech conf_avg has no window to write in a short video: all ones.
+  np.testing.assert_array_equal(
+    video.robust_moving_average(short, size=11, keep=5, head=1.0, short="head"), np.ones(3)
+  )
+
+
+def test_shanghai_recipe_scores_a_video_shorter_than_its_window_as_normal():
+  """A 40-frame video (< 69) gets per-video normality 1 before the global passes, as released:
+  its frames score as the smoothing of ones, whatever its errors."""
+  lengths = [120, 40, 100]
+  rng = np.random.default_rng(2)
+  errors = {k: rng.normal(size=260) for k in ("deformation", "reconstruction", "object")}
+  a = video.score_frames(errors, video_lengths=lengths, recipe="dmad_shanghai")
+  changed = {k: v.copy() for k, v in errors.items()}
+  for v in changed.values():
+    v[120:160] = rng.normal(size=40) * 5  # other errors in the short video only
+  b = video.score_frames(changed, video_lengths=lengths, recipe="dmad_shanghai")
+  np.testing.assert_array_equal(a, b)
 
 
 def test_kalman_filter_follows_a_step_and_keeps_the_first_value():
