@@ -144,8 +144,8 @@ class Evaluator:
     self.spec = self.test.element_spec
     self.has_masks = "mask" in self.spec
     self.mesh = sharding.make_mesh(config.get("mesh", None))
-    shapes = state_lib.abstract_variables(config, self.detector, self.spec)
-    self.variables_sharding = state_lib.shardings(shapes, self.mesh, config)
+    self.shapes = state_lib.abstract_variables(config, self.detector, self.spec)
+    self.variables_sharding = state_lib.shardings(self.shapes, self.mesh, config)
     # Pictures of the inputs travel back only when the heatmaps need them.
     keep = ("label", "index", *(("mask", "image") if self.has_masks else ()))
     # A detector with a sequential predict (e.g. MNAD's test-time memory update) is run with
@@ -163,7 +163,7 @@ class Evaluator:
   def restore(self, step: int):
     """The variables of checkpoint ``step``."""
     variables, _ = state_lib.restore_variables(
-      self.config, self.detector, self.spec, self.workdir, step, self.mesh
+      self.config, self.detector, self.spec, self.workdir, step, self.mesh, self.shapes
     )
     return variables
 

@@ -102,13 +102,17 @@ def make_optimizer(
   )
 
 
-def optimizer(config, detector, element_spec, total_steps: int) -> optax.GradientTransformation:
+def optimizer(
+  config, detector, element_spec, total_steps: int, params_shape=None
+) -> optax.GradientTransformation:
   """The run's optimizer (:func:`make_optimizer` for the detector's parameter shapes). Build it
   once and pass it to :func:`create` and :func:`abstract`: the state carries it as static
-  metadata, which must be the same object in both."""
-  init_rng, _ = base_rng(config.seed)
-  shapes = jax.eval_shape(detector.init, init_rng, example_batch(element_spec))["params"]
-  return make_optimizer(config, detector, total_steps, shapes)
+  metadata, which must be the same object in both. ``params_shape``: the parameters of
+  :func:`abstract_variables`, when the caller has them (``init`` is not traced again)."""
+  if params_shape is None:
+    init_rng, _ = base_rng(config.seed)
+    params_shape = jax.eval_shape(detector.init, init_rng, example_batch(element_spec))["params"]
+  return make_optimizer(config, detector, total_steps, params_shape)
 
 
 def create(config, detector, element_spec, tx, init_value=None) -> TrainState:
@@ -143,11 +147,22 @@ def initial(config, detector, element_spec, total_steps: int, init_value=None) -
   return create(config, detector, element_spec, tx, init_value)
 
 
-def abstract(config, detector, element_spec, tx=None) -> TrainState:
+def abstract(config, detector, element_spec, tx=None, variables=None) -> TrainState:
   """The shapes and dtypes of :func:`create`'s state (nothing is computed); without ``tx``, an
-  optimizer for a one-step run (its state's shapes do not depend on the run's length)."""
+  optimizer for a one-step run (its state's shapes do not depend on the run's length).
+  ``variables``: :func:`abstract_variables` of the same arguments, when the caller has them
+  (the state is then built around them without tracing ``init`` again)."""
   tx = tx if tx is not None else optimizer(config, detector, element_spec, 1)
-  return jax.eval_shape(functools.partial(create, config, detector, element_spec, tx))
+  if variables is None:
+    return jax.eval_shape(functools.partial(create, config, detector, element_spec, tx))
+
+  def around(v):
+    _, train_rng = base_rng(config.seed)
+    return TrainState.create(
+      apply_fn=None, params=v["params"], tx=tx, batch_stats=v["batch_stats"], rng=train_rng
+    )
+
+  return jax.eval_shape(around, variables)
 
 
 def abstract_variables(config, detector, element_spec) -> dict:
@@ -170,9 +185,13 @@ def shardings(abstract_state, mesh, config):
   )
 
 
-def restore_variables(config, detector, element_spec, workdir: str, step: int, mesh):
+def restore_variables(config, detector, element_spec, workdir: str, step: int, mesh, shapes=None):
   """The ``{"params", "batch_stats"}`` of checkpoint ``step`` of ``workdir``, sharded on
   ``mesh``; the optimizer state and the data position are not read.
+
+  Args:
+    shapes: :func:`abstract_variables` of the same arguments, when the caller has it (saves
+      tracing ``init`` again, e.g. for every checkpoint the eval job evaluates).
 
   Returns:
     (variables, their shardings).
@@ -180,7 +199,8 @@ def restore_variables(config, detector, element_spec, workdir: str, step: int, m
   Raises:
     CheckpointMismatchError: when the checkpoint does not fit the config's model.
   """
-  shapes = abstract_variables(config, detector, element_spec)
+  if shapes is None:
+    shapes = abstract_variables(config, detector, element_spec)
   var_sh = sharding.state_shardings(shapes, mesh, fsdp_min_size=config.get("fsdp_min_size", 2**18))
   target = sharding.with_shardings(shapes, var_sh)
   variables = checkpoint.restore_subset(workdir, step, target, config=config)

@@ -290,8 +290,10 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
       f"{checkpoint.checkpoint_dir(workdir)} holds step {latest}, beyond the {total_steps} "
       f"steps this config plans ({plan.describe()}): use a new workdir or a longer run"
     )
-  tx = state_lib.optimizer(config, detector, spec, total_steps)
-  abstract = state_lib.abstract(config, detector, spec, tx)
+  # One trace of the detector's init gives the shapes of the optimizer and of the state.
+  shapes = state_lib.abstract_variables(config, detector, spec)
+  tx = state_lib.optimizer(config, detector, spec, total_steps, shapes["params"])
+  abstract = state_lib.abstract(config, detector, spec, tx, variables=shapes)
   state_sh = state_lib.shardings(abstract, mesh, config)
   if latest is not None:
     state = checkpoint.restore(
