@@ -5,6 +5,8 @@ same):
   dmad eval --config configs/<x>.py[:ARG] --workdir DIR [--step N | --watch]
   dmad calibrate --workdir DIR [--config FILE] [--step N]
   dmad predict --workdir DIR IMAGES... --out DIR [--step N]
+  dmad export --workdir DIR --out MODEL.dmad [--step N] [--platforms cpu,cuda,tpu]
+  dmad predict --exported MODEL.dmad IMAGES... --out DIR
   dmad config --config configs/<x>.py[:ARG] [--config.KEY=VALUE ...]
   dmad video-auc --scores F.npz --labels L.npy --recipe R [--plot P.png]
   dmad extract-frames IN.avi OUT_DIR
@@ -14,7 +16,9 @@ same):
 the latest (or ``--step``) checkpoint, or with ``--watch`` on every new checkpoint until the
 final one; ``calibrate`` fits and stores a checkpoint's decision threshold
 (``dmad_jax.evaluation.calibration``; without --config the run's config.json); ``predict``
-writes heatmaps and scores of new images (``dmad_jax.predict``); ``video-auc`` re-scores saved
+writes heatmaps and scores of new images (``dmad_jax.predict``); ``export`` writes a calibrated
+checkpoint step as one portable file that ``predict --exported`` runs without the model code
+(``dmad_jax.exported``); ``video-auc`` re-scores saved
 per-frame errors; ``config`` prints a config as JSON; ``extract-frames`` turns a video file into
 the frame-dump layout of the video sources; ``convert-weights`` turns torchvision ResNet weights
 into a teacher file.
@@ -48,8 +52,12 @@ COMMANDS = {
     "fit and store a checkpoint's decision threshold",
   ),
   "predict": (
-    "--workdir DIR IMAGES... --out DIR [--step N]",
+    "--workdir DIR | --exported MODEL.dmad  IMAGES... --out DIR [--step N]",
     "anomaly scores and heatmaps of new images",
+  ),
+  "export": (
+    "--workdir DIR --out MODEL.dmad [--step N] [--platforms cpu,cuda,tpu]",
+    "a calibrated checkpoint step as one portable file (jax.export; no model code to load it)",
   ),
   "config": (
     "--config FILE[:ARG] [--config.KEY=VALUE ...]",
@@ -96,7 +104,13 @@ _LABELS = flags.DEFINE_string("labels", None, "video-auc: frame labels .npy (1 =
 _RECIPE = flags.DEFINE_string("recipe", "none", "video-auc: score recipe (see evaluation.video).")
 _SKIP = flags.DEFINE_integer("skip_first", 4, "video-auc: unscored frames at each video start.")
 _PLOT = flags.DEFINE_string("plot", None, "video-auc: write per-video score plots to this PNG.")
-_OUT = flags.DEFINE_string("out", None, "predict: folder for the heatmaps and predictions.json.")
+_OUT = flags.DEFINE_string(
+  "out", None, "predict: folder for the heatmaps and predictions.json; export: the file written."
+)
+_EXPORTED = flags.DEFINE_string("exported", None, "predict: a `dmad export` file to run.")
+_PLATFORMS = flags.DEFINE_string(
+  "platforms", "cpu", "export: comma-separated platforms (cpu, cuda, rocm, tpu)."
+)
 _ARCH = flags.DEFINE_string(
   "arch", None, "convert-weights: resnet18|resnet34|resnet50|wide_resnet50_2 (default: inferred)."
 )
@@ -195,14 +209,39 @@ def calibrate() -> None:
 
 
 def predict_images(paths: list[str]) -> None:
-  """``dmad predict --workdir DIR IMAGES... --out DIR``: heatmaps and scores of new images."""
+  """``dmad predict --workdir DIR IMAGES... --out DIR``: heatmaps and scores of new images
+  (``--exported FILE`` instead of ``--workdir``: from an exported file, without the model code)."""
+  _setup_logging()
+  try:
+    if _EXPORTED.value is not None:
+      from dmad_jax import exported
+
+      exported.predict_command(_EXPORTED.value, paths, _OUT.value)
+    else:
+      from dmad_jax import predict
+
+      predict.predict_command(_WORKDIR.value, paths, _OUT.value, _STEP.value)
+  except (ValueError, FileNotFoundError) as e:  # ImageReadError is a ValueError.
+    sys.exit(f"predict: {e}")
+
+
+def export_model() -> None:
+  """``dmad export --workdir DIR --out MODEL.dmad``: a calibrated step as one portable file."""
   from dmad_jax import predict
 
   _setup_logging()
+  platforms = tuple(p.strip() for p in _PLATFORMS.value.split(",") if p.strip())
   try:
-    predict.predict_command(_WORKDIR.value, paths, _OUT.value, _STEP.value)
-  except (ValueError, FileNotFoundError) as e:  # ImageReadError is a ValueError.
-    sys.exit(f"predict: {e}")
+    predictor = predict.Predictor.from_workdir(_WORKDIR.value, _STEP.value)
+    meta = predictor.export(_OUT.value, platforms)
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"export: {e}")
+  size = os.path.getsize(_OUT.value)
+  print(
+    f"exported step {meta['step']} of {predictor.workdir} for {', '.join(platforms)}: "
+    f"{os.path.abspath(_OUT.value)} ({size / 1e6:.1f} MB); run it with "
+    f"`dmad predict --exported {_OUT.value} IMAGES... --out DIR`"
+  )
 
 
 def main(argv):
@@ -211,9 +250,14 @@ def main(argv):
     what = "no command given" if command is None else f"unknown command {command!r}"
     raise app.UsageError(f"{what}\n{usage()}")
   if command == "predict":
-    if len(argv) < 3 or _WORKDIR.value is None or _OUT.value is None:
+    if len(argv) < 3 or (_WORKDIR.value is None) == (_EXPORTED.value is None) or not _OUT.value:
       raise app.UsageError(usage("predict"))
     predict_images(argv[2:])
+    return
+  if command == "export":
+    if len(argv) != 2 or _WORKDIR.value is None or _OUT.value is None:
+      raise app.UsageError(usage("export"))
+    export_model()
     return
   positional = 2 if command in ("convert-weights", "extract-frames") else 0  # IN OUT
   if len(argv) != 2 + positional:

@@ -17,11 +17,13 @@ DMAD = os.path.join(os.path.dirname(sys.executable), "dmad")
 CONFIG_FILES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.py")))
 
 
-def dmad(*args, cwd, timeout=600, user_flags=False):
-  """Runs the installed script with the environment a user has: no PYTHONPATH; with
-  ``user_flags``, also XLA's default flags rather than the suite's (conftest.SUITE_XLA_FLAGS:
-  -O0, the older fusion emitters)."""
+def dmad(*args, cwd, timeout=600, user_flags=False, pythonpath=None):
+  """Runs the installed script with the environment a user has: no PYTHONPATH (``pythonpath``:
+  this one); with ``user_flags``, also XLA's default flags rather than the suite's
+  (conftest.SUITE_XLA_FLAGS: -O0, the older fusion emitters)."""
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  if pythonpath is not None:
+    env["PYTHONPATH"] = str(pythonpath)
   if user_flags:
     flags = env.get("XLA_FLAGS", "").split()
     suite = ("xla_backend_optimization_level", "xla_cpu_use_fusion_emitters")
@@ -192,6 +194,40 @@ def test_train_eval_predict_of_folder_pdm_through_the_installed_script(tmp_path)
     rows = json.load(f)["images"]
   assert [r["path"] for r in rows] == new
   assert all(os.path.isfile(elsewhere / r["heatmap"]) for r in rows)
+
+  # The step as one file, run where Flax cannot be imported (a `flax` package that raises
+  # first on the path): the eval job's scores to 1e-5 and its decisions, on every test image.
+  exp = dmad("export", "--workdir=run", "--out=model.dmad", cwd=elsewhere, user_flags=True)
+  assert exp.returncode == 0, exp.stderr[-3000:]
+  assert "exported step 3" in exp.stdout
+  (tmp_path / "noflax" / "flax").mkdir(parents=True)
+  (tmp_path / "noflax" / "flax" / "__init__.py").write_text(
+    "raise ImportError('flax is not installed here')\n"
+  )
+  with np.load(elsewhere / "run" / "eval" / "scores_3.npz") as f:
+    saved = {k: f[k] for k in f.files}
+  tests = sorted(glob.glob(str(tmp_path / "data" / "test" / "*" / "*.png")))
+  assert len(tests) == len(saved["score"]) == 11
+  run = dmad(
+    "predict",
+    "--exported=model.dmad",
+    *tests,
+    "--out=pred_exported",
+    cwd=elsewhere,
+    user_flags=True,
+    pythonpath=tmp_path / "noflax",
+  )
+  assert run.returncode == 0, run.stderr[-3000:]
+  with open(elsewhere / "pred_exported" / "predictions.json") as f:
+    rows = json.load(f)["images"]
+  # The eval job's records are the test split in sorted order (good, then scratch), as `tests`.
+  np.testing.assert_allclose(
+    [r["score"] for r in rows], saved["score"][np.argsort(saved["index"])], rtol=1e-5, atol=1e-5
+  )
+  threshold = m["threshold"]
+  assert [r["is_anomalous"] for r in rows] == [
+    bool(x) for x in saved["score"][np.argsort(saved["index"])] > threshold
+  ]
 
 
 def test_usage_lists_every_command(tmp_path):

@@ -252,3 +252,37 @@ def test_f1_threshold_is_the_best_cut():
   assert not np.any(scores == threshold)  # Half-way between scores: rounding cannot flip one.
   with pytest.raises(ValueError, match="needs normal and anomalous images"):
     calibration.f1_threshold(scores, np.zeros_like(labels))
+
+
+def test_exported_file_predicts_what_the_predictor_does_and_holds_no_kernel(
+  run, predictor, tmp_path
+):
+  """`Predictor.export`: the CPU file reproduces the restored step (to 1e-5: it runs the plain
+  XLA formulations, not the CPU kernels) with the same calibration and decisions; files for
+  CUDA and TPU are written from this CPU host and deserialize to programs for those platforms
+  without any dmad_jax kernel."""
+  import re
+
+  from dmad_jax import exported
+
+  test = FolderSource(run["data"], "test", image_size=SIZE)
+  want = predictor.predict_files(test.paths)
+  meta = predictor.export(str(tmp_path / "cpu.dmad"))
+  assert meta["step"] == EVAL_STEP and meta["calibration"] == predictor.calibration
+  loaded = Predictor.from_exported(str(tmp_path / "cpu.dmad"))
+  got = loaded.predict_files(test.paths)
+  np.testing.assert_allclose(got["score"], want["score"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got["map"], want["map"], rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(got["is_anomalous"], want["is_anomalous"])
+  assert loaded.threshold == predictor.threshold and loaded.preprocessing == predictor.preprocessing
+  # A batch of any size (the batch dimension is symbolic).
+  assert loaded(np.zeros((1, SIZE, SIZE, 3), np.uint8))["score"].shape == (1,)
+  predictor.export(str(tmp_path / "accel.dmad"), ("cuda", "tpu"))
+  _, program = exported.read(str(tmp_path / "accel.dmad"))
+  assert tuple(program.platforms) == ("cuda", "tpu")
+  assert not re.search(r"dmad_", program.mlir_module())
+  with pytest.raises(ValueError, match="exported for \\['cuda', 'tpu'\\]"):
+    exported.load(str(tmp_path / "accel.dmad"))
+  (tmp_path / "bad.dmad").write_bytes(b"not a zip")
+  with pytest.raises(ValueError, match="bad.dmad: not a dmad export"):
+    exported.load(str(tmp_path / "bad.dmad"))

@@ -176,11 +176,13 @@ _LOWERING_FOR: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.Cont
 
 
 @contextlib.contextmanager
-def lowering_for(platforms):
+def lowering_for(platforms, *, kernels: bool = True):
   """Within the block, programs are traced for ``platforms`` only (e.g. ``("cuda", "tpu")``):
   :func:`by_platform` traces just the formulations those platforms run. Use it around
-  ``jax.export`` of a fresh ``jax.jit`` (``dmad_jax.train.export_train_step`` does)."""
-  token = _LOWERING_FOR.set(tuple(platforms))
+  ``jax.export`` of a fresh ``jax.jit`` (``dmad_jax.train.export_train_step`` does). With
+  ``kernels=False`` the CPU formulations are left out for the CPU too, so the program runs
+  where these kernels are not registered (a ``dmad export`` file)."""
+  token = _LOWERING_FOR.set(tuple(platforms) if kernels else ("__no_cpu_kernels__",))
   try:
     yield
   finally:
