@@ -1,0 +1,48 @@
+"""experiments/roofline.py: the cost-analysis table on the smallest configs, and the stored one."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "experiments", "roofline.py")
+
+
+def _script():
+  spec = importlib.util.spec_from_file_location("roofline", SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.slow  # traces and lowers the train and predict steps of every model
+def test_roofline_of_every_model_on_the_smallest_configs(capsys):
+  script = _script()
+  result = script.main(["--smallest"])
+  rows = {r["model"]: r for r in result["rows"]}
+  assert set(rows) == set(script.MODELS)
+  for name, r in rows.items():
+    # The XLA formulations are costed (no opaque CPU-kernel call): training does more work than
+    # prediction (backward pass and update), and every number is positive.
+    assert r["train_flops"] > r["predict_flops"] > 0, name
+    assert r["train_bytes"] > 0 and r["predict_bytes"] > 0, name
+    assert r["gradient_bytes"] == 4 * r["parameters"] > 0, name
+    for chip, spec in script.CHIPS.items():
+      p = r["projection"][chip]
+      t = max(r["train_flops"] / spec["flops"], r["train_bytes"] / spec["hbm"])
+      ar = 2 * 7 / 8 * r["gradient_bytes"] / spec["link"]
+      assert p["train_step_s"] == pytest.approx(t) and p["allreduce_s"] == pytest.approx(ar)
+      assert p["efficiency"] == pytest.approx(t / (t + ar)) and 0 < p["efficiency"] <= 1
+  assert "| pdm_ped2 |" in capsys.readouterr().out
+
+
+def test_stored_table_covers_every_model_at_its_paper_configuration():
+  script = _script()
+  with open(os.path.join(ROOT, "experiments", "results", "roofline.json")) as f:
+    stored = json.load(f)
+  assert stored["configs"] == "paper" and "projection" in stored["what"]
+  assert {r["model"] for r in stored["rows"]} == set(script.MODELS)
+  ped2 = next(r for r in stored["rows"] if r["model"] == "pdm_ped2")
+  assert (ped2["batch_size"], ped2["image_size"]) == (8, 256)
