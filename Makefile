@@ -9,7 +9,7 @@ SHELL  := /bin/bash
 # This machine's pip config names local indexes that lack most packages; hide that noise only.
 QUIET  := 2>&1 | { grep -v '^WARNING: Location' || true; }
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench accel-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ lint: $(VENV)/.installed-test
 bench: $(VENV)/.installed-test
 	$(PY) experiments/bench_ops.py
 	$(PY) experiments/bench_train.py
+
+# On a GPU or TPU host: the tests marked `gpu` and the training benchmark, one summary
+# (experiments/results/accel_check_<platform>.json). Refuses on a CPU-only host.
+accel-check: $(VENV)/.installed-test
+	$(PY) experiments/accel_check.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
