@@ -28,4 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       name="digits", protocol=a["protocol"], image_size=32, channels=1, test_fraction=0.3, seed=0
     )
   )
+  # The eval job also reports classical detectors (KDE, k-NN, PCA, one-class SVM, isolation
+  # forest) fitted on the same training images (dmad_jax.evaluation.baselines).
+  c.eval.baselines = not a["runlocal"]
   return c

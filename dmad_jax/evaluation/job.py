@@ -50,7 +50,7 @@ import numpy as np
 
 from dmad_jax import data as data_lib
 from dmad_jax.configs import schema
-from dmad_jax.evaluation import calibration, figures, metrics, video
+from dmad_jax.evaluation import baselines, calibration, figures, metrics, video
 from dmad_jax.evaluation.inference import Runner
 from dmad_jax.models import base as models_base
 from dmad_jax.models import get_detector
@@ -72,6 +72,10 @@ EVAL_DEFAULTS = {
   # the best of the scores the authors report (Detector.reported_best_of), and the best
   # checkpoint on the test split among those evaluated so far (DMAD-PDM's selection).
   "test_selected": False,
+  # Classical detectors on raw pixels (KDE, k-NN, PCA, one-class SVM, isolation forest), fitted
+  # on the training split and scored on the test split: reported as baseline_image_AUROC_<name>
+  # (dmad_jax.evaluation.baselines). Reads the training split.
+  "baselines": False,
 }
 TEST_SELECTED = "_test_selected"
 
@@ -237,6 +241,8 @@ class Evaluator:
       )
     if self.settings["test_selected"]:
       result.update(self._test_selected(scored))
+    if self.settings["baselines"] and jax.process_index() == 0:
+      result.update(self._baselines(scored))
     labels = scored.labels
     result.update(
       num_test=int(len(labels)),
@@ -260,6 +266,19 @@ class Evaluator:
         metrics.image_auroc(every[k], scored.labels) for k in names
       )
       out[f"image_AUROC_reported_of{TEST_SELECTED}"] = " or ".join(names)
+    return out
+
+  def _baselines(self, scored: Scored) -> dict:
+    """``baseline_image_AUROC_<name>`` of the classical detectors on the same split."""
+    t0 = time.time()
+    train = baselines.split_images(data_lib.get_source(self.config.data, "train"))
+    test = baselines.split_images(self.test)
+    labels = scored.labels[np.argsort(scored.indices)]
+    out = {
+      f"baseline_image_AUROC_{k}": metrics.image_auroc(v, labels)
+      for k, v in baselines.scores(train, test).items()
+    }
+    log.info("classical baselines on %d training images: %.1f s", len(train), time.time() - t0)
     return out
 
   def _best_checkpoint(self, outdir: str, step: int, result: dict) -> dict:

@@ -47,10 +47,13 @@ def test_one_step_train_then_eval(tmp_path):
   assert rows[-1]["step"] == 1 and np.isfinite(rows[-1]["loss"])
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
 
+  config.eval.baselines = True  # the classical detectors on the same split, next to the model
   result = job.evaluate(config, workdir)
   with open(os.path.join(workdir, "eval", "metrics.json")) as f:
     written = json.load(f)
   assert written["step"] == 1 and written["num_test"] == result["num_test"]
+  for name in ("kde", "knn", "pca", "ocsvm", "iforest"):
+    assert 0.5 < written[f"baseline_image_AUROC_{name}"] <= 1.0, name
   # Every test image scored exactly once although 540 is not a multiple of the batch (64).
   scores = np.load(os.path.join(workdir, "eval", "scores_1.npz"))
   n_test = len(trainer.data_lib.get_source(config.data, "test"))
