@@ -2,7 +2,8 @@
 
 Stands apart from training (it shares only the state and checkpoint modules), so it can run on
 another machine, on an old checkpoint, or ``--watch`` a workdir while training runs. It reads the
-test split only (shapes come from its ``element_spec``), and restores only the variables that
+test split only (shapes come from its ``element_spec``; ``eval.baselines`` also reads the
+training split, to fit the classical detectors it reports), and restores only the variables that
 inference needs, never the optimizer state. An :class:`Evaluator` is built once and evaluates
 any number of checkpoints with one compiled predict program.
 
