@@ -185,7 +185,9 @@ class Predictor(ImagePredictor):
       The file's metadata record.
     """
     platforms = tuple(platforms)
-    variables = jax.device_get(self._variables)
+    # Host copies as jax arrays (constants of the program; numpy arrays would be indexed by
+    # tracers inside the model).
+    variables = jax.tree.map(jnp.asarray, jax.device_get(self._variables))
     detector = self._detector
     size, ch = self.preprocessing["image_size"], self.preprocessing["channels"]
 

@@ -118,7 +118,8 @@ def nearest_code_indices(
   code_sq = jnp.sum(codebook * codebook, axis=-1)
 
   num_rows = z_flat.shape[0]
-  if num_rows <= chunk_size:
+  # A symbolic row count (a program exported with a free batch size) is searched in one piece.
+  if not isinstance(num_rows, int) or num_rows <= chunk_size:
     return _nearest_code(z_flat, codebook, code_sq)
   num_chunks = -(-num_rows // chunk_size)
   padded = jnp.pad(z_flat, ((0, num_chunks * chunk_size - num_rows), (0, 0)))
