@@ -229,8 +229,10 @@ class Detector(abc.ABC):
   ) -> tuple[Prediction, Any]:
     """``(Prediction, state after the batch)``: the batch's records in order, each scored with
     the state left by the records before it. ``real`` (B,) is False on padding records, which
-    must leave the state unchanged. Pure: the eval job jits it and carries the state."""
-    raise NotImplementedError(f"{type(self).__name__} has no sequential predict")
+    must leave the state unchanged. Pure: the eval job jits it and carries the state. By
+    default: :meth:`predict`, the state passed through unchanged."""
+    del real
+    return self.predict(variables, batch), state
 
   @property
   def sequential(self) -> bool:
