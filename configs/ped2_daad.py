@@ -22,41 +22,8 @@ min-max scaled over the training split), min-max normalised within each test vid
 ``none``).
 """
 
-import ml_collections
-
-from dmad_jax.configs import common, daad
+from dmad_jax.configs import daad
 
 
-def parse_arg(arg: str | None) -> dict:
-  defaults = {
-    "root": None,
-    "labels": None,
-    "variant": "daad_plus",
-    "input_mode": "reconstruct",
-    "epochs": 60,
-  }
-  return common.parse_arg(
-    "ped2_daad",
-    arg,
-    defaults,
-    choices={"variant": ("daad", "daad_plus"), "input_mode": ("reconstruct", "predict")},
-    required=("root",),
-    example="root=/data/ped2;labels=L.npy",
-  )
-
-
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  a = parse_arg(arg)
-  c = daad.video_config(
-    root=a["root"],
-    labels=a["labels"],
-    input_mode=a["input_mode"],
-    epochs=float(a["epochs"]),
-    runlocal=a["runlocal"],
-  )
-  daad.apply_variant(c, a["variant"])
-  c.optimizer.lr = c.discriminator_optimizer.lr = 2e-4  # the paper's video setting
-  if a["runlocal"]:
-    daad.shrink_for_tests(c)
-    daad.apply_variant(c, a["variant"])
-  return c
+def get_config(arg: str | None = None):
+  return daad.video_from_arg("ped2_daad", arg, "ped2")

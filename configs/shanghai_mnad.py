@@ -24,20 +24,8 @@ Deviations from the released code, by design: the cosine schedule decays per ste
 per epoch, and frames are resized with the data sources' resize (see dmad_jax.data.video).
 """
 
-import ml_collections
-
-from dmad_jax.configs import common, mnad
+from dmad_jax.configs import mnad
 
 
-def parse_arg(arg: str | None) -> dict:
-  defaults = {"root": None, "labels": None, "epochs": 60}
-  return common.parse_arg(
-    "shanghai_mnad", arg, defaults, required=("root",), example="root=/data/shanghai;labels=L.npy"
-  )
-
-
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  a = parse_arg(arg)
-  return mnad.video_base(
-    runlocal=a["runlocal"], root=a["root"], labels=a["labels"], epochs=float(a["epochs"])
-  )
+def get_config(arg: str | None = None):
+  return mnad.from_arg("shanghai_mnad", arg, "shanghai")

@@ -120,3 +120,26 @@ def parse_arg(
         f"configs/{name}.py: {key} must be one of {', '.join(map(str, allowed))}, got {out[key]!r}"
       )
   return out
+
+
+def video_data(
+  *, root: str, labels: str | None, runlocal: bool, gray: bool = False, templates: str = "single"
+):
+  """``config.data`` of a frame-dump video set as the video models read it: clips of 5 frames
+  (4 in, the 5th the target) at 256x256 (32x32 with ``runlocal``), resized with OpenCV's
+  bilinear definition as the released MNAD / DMAD-PDM code reads frames ("pil_bilinear" is
+  PIL's filter, antialiased when downscaling)."""
+  import ml_collections
+
+  return ml_collections.ConfigDict(
+    dict(
+      name="video",
+      root=root,
+      image_size=32 if runlocal else 256,
+      gray=gray,
+      t_length=5,
+      labels=labels or "",
+      templates=templates,
+      resize="cv2_bilinear",
+    )
+  )

@@ -131,18 +131,7 @@ def video_config(
   labels cover); "reconstruct" uses the clip's last frame only.
   """
   c = paper_config(256, 3)
-  size = 32 if runlocal else 256
-  c.data = ml_collections.ConfigDict(
-    dict(
-      name="video",
-      root=root,
-      image_size=size,
-      gray=False,
-      t_length=5,
-      labels=labels or "",
-      resize="cv2_bilinear",  # the video models' reading (OpenCV's bilinear)
-    )
-  )
+  c.data = common.video_data(root=root, labels=labels, runlocal=runlocal)
   c.t_length = 5
   c.input_mode = input_mode
   c.model.rates = (16, 16, 1)
@@ -191,3 +180,36 @@ def parse_folder_arg(
   if a["image_size"] % 16:
     raise ValueError(f"configs/{name}.py: image_size {a['image_size']} must be divisible by 16")
   return a
+
+
+def video_from_arg(name: str, arg: str | None, dataset: str) -> ml_collections.ConfigDict:
+  """The config of ``configs/<name>.py``, DAAD on a video set (arg keys: root, labels, variant
+  (daad or daad_plus, the default), input_mode, epochs, runlocal)."""
+  defaults = {
+    "root": None,
+    "labels": None,
+    "variant": "daad_plus",
+    "input_mode": "reconstruct",
+    "epochs": 60,
+  }
+  a = common.parse_arg(
+    name,
+    arg,
+    defaults,
+    choices={"variant": ("daad", "daad_plus"), "input_mode": ("reconstruct", "predict")},
+    required=("root",),
+    example=f"root=/data/{dataset};labels=L.npy",
+  )
+  c = video_config(
+    root=a["root"],
+    labels=a["labels"],
+    input_mode=a["input_mode"],
+    epochs=float(a["epochs"]),
+    runlocal=a["runlocal"],
+  )
+  apply_variant(c, a["variant"])
+  c.optimizer.lr = c.discriminator_optimizer.lr = 2e-4  # the paper's video setting
+  if a["runlocal"]:
+    shrink_for_tests(c)
+    apply_variant(c, a["variant"])
+  return c

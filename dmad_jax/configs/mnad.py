@@ -25,17 +25,7 @@ def video_base(
   c.model_name = "mnad"
   c.t_length = 5
   size = 32 if runlocal else 256
-  c.data = ml_collections.ConfigDict(
-    dict(
-      name="video",
-      root=root,
-      image_size=size,
-      gray=False,
-      t_length=5,
-      labels=labels or "",
-      resize="cv2_bilinear",  # as the released code reads frames (OpenCV)
-    )
-  )
+  c.data = common.video_data(root=root, labels=labels, runlocal=runlocal)
   c.model = ml_collections.ConfigDict(
     dict(
       image_size=size,
@@ -78,3 +68,14 @@ def video_base(
     common.set_test_durations(c)
     c.eval.figure_samples = 2
   return c
+
+
+def from_arg(name: str, arg: str | None, dataset: str) -> ml_collections.ConfigDict:
+  """The config of ``configs/<name>.py`` (arg keys: root, labels, epochs, runlocal)."""
+  defaults = {"root": None, "labels": None, "epochs": 60}
+  a = common.parse_arg(
+    name, arg, defaults, required=("root",), example=f"root=/data/{dataset};labels=L.npy"
+  )
+  return video_base(
+    runlocal=a["runlocal"], root=a["root"], labels=a["labels"], epochs=float(a["epochs"])
+  )

@@ -130,19 +130,8 @@ def video_base(
   c = base(runlocal)
   c.t_length = 5
   size = 32 if runlocal else 256
-  c.data = ml_collections.ConfigDict(
-    dict(
-      name="video",
-      root=root,
-      image_size=size,
-      gray=gray,
-      t_length=5,
-      labels=labels or "",
-      templates=templates,
-      # OpenCV's bilinear resize, as the released code reads frames ("pil_bilinear": PIL's,
-      # antialiased when downscaling).
-      resize="cv2_bilinear",
-    )
+  c.data = common.video_data(
+    root=root, labels=labels, runlocal=runlocal, gray=gray, templates=templates
   )
   set_image_size(c, size, in_channels=12, out_channels=3)
   c.model.mask_source = "encoder"
