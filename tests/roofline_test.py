@@ -17,12 +17,17 @@ def _script():
   return module
 
 
-@pytest.mark.slow  # traces and lowers the train and predict steps of every model
-def test_roofline_of_every_model_on_the_smallest_configs(capsys):
+# One model of each kind (reconstruction with deformation, teacher-student, two players, a memory
+# carried as state); the stored table below covers every model at its paper configuration.
+SMALL = ("pdm_ped2", "ppdm", "daad_plus", "mnad_ped2")
+
+
+@pytest.mark.slow  # traces and lowers the train and predict steps of four models
+def test_roofline_on_the_smallest_configs(capsys):
   script = _script()
-  result = script.main(["--smallest"])
+  result = script.main(["--smallest", f"--models={','.join(SMALL)}"])
   rows = {r["model"]: r for r in result["rows"]}
-  assert set(rows) == set(script.MODELS)
+  assert set(rows) == set(SMALL) and set(SMALL) <= set(script.MODELS)
   for name, r in rows.items():
     # The XLA formulations are costed (no opaque CPU-kernel call): training does more work than
     # prediction (backward pass and update), and every number is positive.
