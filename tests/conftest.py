@@ -171,3 +171,19 @@ def oneclass_tfds_dir(tmp_path_factory):
     )
     cls(data_dir=data_dir, file_format="array_record").download_and_prepare()
   return data_dir
+
+
+@pytest.fixture(scope="session")
+def experiment_script():
+  """``load(name)``: the module of ``experiments/<name>.py``, imported from its file (the
+  experiments are scripts, not a package)."""
+  import importlib.util
+
+  def load(name):
+    path = _os.path.join(ROOT, "experiments", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+  return load

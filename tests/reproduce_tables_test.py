@@ -3,7 +3,6 @@ pixel metrics beside the paper's) through the script as users run it, and every 
 protocol config (RD, ARD, PPDM, DAAD, IGD) on locally prepared TFDS copies of MNIST,
 Fashion-MNIST and CIFAR-10."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,13 +12,6 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "reproduce_tables.py")
-
-
-def _script():
-  spec = importlib.util.spec_from_file_location("reproduce_tables", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 @pytest.mark.slow  # trains and evaluates RD (a ResNet student) in a subprocess
@@ -57,8 +49,10 @@ def test_dagm_table_of_rd_through_the_script(tmp_path, dagm_writer):
   [("mnist", "rd"), ("cifar10", "ard"), ("fashion_mnist", "ppdm"), ("mnist", "daad"),
    ("cifar10", "igd")],
 )  # fmt: skip
-def test_one_class_configs_run_end_to_end_on_tfds(table, model, tmp_path, oneclass_tfds_dir):
-  script = _script()
+def test_one_class_configs_run_end_to_end_on_tfds(
+  table, model, tmp_path, oneclass_tfds_dir, experiment_script
+):
+  script = experiment_script("reproduce_tables")
   result = script.main(
     [f"--table={table}", f"--model={model}", "--classes=7"]
     + [f"--args=data_dir={oneclass_tfds_dir};runlocal", f"--workroot={tmp_path}"]

@@ -1,20 +1,11 @@
 """experiments/roofline.py: the cost-analysis table on the smallest configs, and the stored one."""
 
-import importlib.util
 import json
 import os
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "experiments", "roofline.py")
-
-
-def _script():
-  spec = importlib.util.spec_from_file_location("roofline", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 # One model of each kind (reconstruction with deformation, teacher-student, two players, a memory
@@ -23,8 +14,8 @@ SMALL = ("pdm_ped2", "ppdm", "daad_plus", "mnad_ped2")
 
 
 @pytest.mark.slow  # traces and lowers the train and predict steps of four models
-def test_roofline_on_the_smallest_configs(capsys):
-  script = _script()
+def test_roofline_on_the_smallest_configs(capsys, experiment_script):
+  script = experiment_script("roofline")
   result = script.main(["--smallest", f"--models={','.join(SMALL)}"])
   rows = {r["model"]: r for r in result["rows"]}
   assert set(rows) == set(SMALL) and set(SMALL) <= set(script.MODELS)
@@ -45,8 +36,8 @@ def test_roofline_on_the_smallest_configs(capsys):
   assert "| pdm_ped2 |" in capsys.readouterr().out
 
 
-def test_stored_table_covers_every_model_at_its_paper_configuration():
-  script = _script()
+def test_stored_table_covers_every_model_at_its_paper_configuration(experiment_script):
+  script = experiment_script("roofline")
   with open(os.path.join(ROOT, "experiments", "results", "roofline.json")) as f:
     stored = json.load(f)
   assert stored["configs"] == "paper" and "projection" in stored["what"]
