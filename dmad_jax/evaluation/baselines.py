@@ -5,8 +5,9 @@ split's images (flattened pixels in [-1, 1], the model's own inputs) and scores 
 so that a model's image AUROC is read next to what a kernel density estimate or a nearest
 neighbour does on exactly the same split. Every choice is made on the training images alone:
 
-* ``kde``: Gaussian kernel density, bandwidth chosen by 5-fold cross-validated log-likelihood
-  of the training images (score: minus the log-density);
+* ``kde``: Gaussian kernel density in the principal components keeping 95% of the training
+  variance, bandwidth chosen by 5-fold cross-validated log-likelihood of the training images
+  (score: minus the log-density);
 * ``knn``: mean Euclidean distance to the 5 nearest training images;
 * ``pca``: reconstruction error of the principal components keeping 95% of the training
   variance;
@@ -24,9 +25,15 @@ BASELINES = ("kde", "knn", "pca", "ocsvm", "iforest")
 
 
 def _kde(train, test):
+  from sklearn.decomposition import PCA
   from sklearn.model_selection import GridSearchCV
   from sklearn.neighbors import KernelDensity
 
+  # In the principal components that keep 95% of the training variance: in all the pixels'
+  # dimensions the density is dominated by noise directions (measured on the digits demo split:
+  # AUROC 0.70 on the 1024 pixels, 0.99 on the 21 components).
+  pca = PCA(n_components=0.95, svd_solver="full").fit(train)
+  train, test = pca.transform(train), pca.transform(test)
   # Bandwidths around the median nearest-neighbour distance, the scale of the data.
   d = _nearest_distances(train, train, k=2)[:, 1]
   scale = float(np.median(d)) or 1.0
