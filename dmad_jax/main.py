@@ -315,7 +315,9 @@ def main(argv):
   else:
     result = job.evaluate(config, workdir, _STEP.value)
   summary = {
-    k: v for k, v in result.items() if k.startswith(("image_AUROC", "frame_AUROC")) or k == "step"
+    k: v
+    for k, v in result.items()
+    if k.startswith(("image_AUROC", "frame_AUROC", "baseline_image_AUROC")) or k == "step"
   }
   print(json.dumps(summary, indent=2))
   print(f"metrics: {os.path.join(os.path.abspath(workdir), 'eval', 'metrics.json')}")
