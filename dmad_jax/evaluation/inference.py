@@ -108,8 +108,7 @@ class Runner:
   def over(self, variables, source, state=None) -> Iterator[tuple[object, dict]]:
     """``(outputs, kept entries)`` of every batch of one exact pass over ``source``, as NumPy,
     padding rows dropped; together the batches hold every record once, in order. A stateful
-    runner starts from ``state`` and carries it through the batches in order (the final one is
-    :attr:`state` afterwards)."""
+    runner starts from ``state`` and carries it through the batches in order."""
     if self.stateful and state is None:
       raise ValueError("a stateful Runner needs the state its pass starts from")
     for batch in data_lib.make_eval_batches(
@@ -120,7 +119,6 @@ class Runner:
     ):
       if self.stateful:
         out, kept, state = self._call(variables, batch, state)
-        self.state = state
         yield out, kept
       else:
         yield self._call(variables, batch)
