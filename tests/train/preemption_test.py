@@ -5,12 +5,14 @@ STEPS float32 steps of the runlocal digits config (checkpoints at EVERY); an uni
 2-process run, computed once per session, is the reference. Same process count, so the same
 summation order: an interrupted run that resumes must end bit-identical to it.
 
-- SIGTERM to one process only, then (after the rerun resumed) to both a step apart: JAX's
-  preemption service picks one step, both processes save it as one checkpoint (both data
-  positions) and exit 143 naming it; the rerun resumes there.
-- SIGKILL to one process: JAX's coordination service stops the other within the heartbeat
-  timeout, naming the lost process; the last complete checkpoint is intact and the rerun resumes
-  from it.
+One workdir, four launches:
+
+- SIGTERM to one process only: JAX's preemption service picks one step, both processes save it
+  as one checkpoint (both data positions) and exit 143 naming it; the rerun resumes there.
+- SIGKILL to one process (once a later checkpoint is committed): JAX's coordination service stops
+  the other within the heartbeat timeout, naming the lost process; the last complete checkpoint
+  is intact and the rerun resumes from it.
+- SIGTERM to both processes a step apart: as the first, and the last launch trains to the end.
 - While two processes write checkpoints, a step that the eval job's ``--watch`` lists is never
   changed afterwards (orbax commits a step only when every process has written its part).
 """
@@ -38,8 +40,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 digits_pdm = load_module(os.path.join(ROOT, "configs", "digits_pdm.py"))
 # The installed console script, run as users run it.
 DMAD = os.path.join(os.path.dirname(sys.executable), "dmad")
-STEPS, EVERY = 11, 3  # checkpoints at 3, 6, 9 and 11
-STOP_AFTER = 4  # signals go out once step 4 is logged (after the first checkpoint)
+STEPS, EVERY = 14, 3  # checkpoints at 3, 6, 9, 12 and 14
+STOP_AFTER = 4  # the first signal goes out once step 4 is logged and step 3 is committed
 # The heartbeat timeout these runs use (--heartbeat_timeout_seconds; JAX's default is 100 s):
 # after a SIGKILL the survivor must be gone within it plus the slack below.
 HEARTBEAT = 10
@@ -53,6 +55,13 @@ OVERRIDES = (
   "--config.keep_checkpoints=10",
 )
 SAVED = re.compile(r"saved step (\d+) in \S+; rerun the same command to resume")
+RESUMED = re.compile(r"resumed from \S+ at step (\d+)")
+
+
+def _resumed_at(out):
+  found = RESUMED.search(out)
+  assert found, out[-3000:]
+  return int(found.group(1))
 
 
 def _free_port() -> int:
@@ -74,6 +83,7 @@ def _start(workdir):
     JAX_PLATFORMS="cpu",
   )
   env.pop("PYTHONPATH", None)
+  logged_before = len(_steps(workdir))  # launches append to metrics.jsonl
   procs = []
   for i in range(2):
     log = open(f"{workdir}.{launch}.p{i}.log", "w")  # noqa: SIM115 (closed by _finish)
@@ -81,7 +91,7 @@ def _start(workdir):
     args += [*OVERRIDES, f"--coordinator_address=localhost:{port}", "--num_processes=2"]
     args += [f"--process_id={i}", f"--heartbeat_timeout_seconds={HEARTBEAT}"]
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    proc.log_file = log
+    proc.log_file, proc.logged_before = log, logged_before
     procs.append(proc)
   return procs
 
@@ -120,9 +130,28 @@ def _steps(workdir):
     return []
 
 
-def _wait_for_step(procs, workdir, step):
+def _committed(workdir):
+  """The latest checkpoint step orbax has committed (every process wrote its part), or 0."""
+  if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
+    return 0
+  return checkpoint.manager(workdir, read_only=True).latest_step() or 0
+
+
+def _logged(procs, workdir):
+  """Steps the launch ``procs`` has logged so far."""
+  return _steps(workdir)[procs[0].logged_before :]
+
+
+def _wait_for_step(procs, workdir, step, committed=0):
+  """Waits until this launch has logged ``step`` and a checkpoint at ``committed`` or later is
+  committed.
+
+  A save runs in the background, and with two processes orbax commits it only after both have
+  written their part: a process killed before then leaves the step uncommitted (a CI run killed
+  process 1 at step 4 before step 3 was committed, and no checkpoint was left to resume from).
+  """
   deadline = time.time() + TIMEOUT
-  while max(_steps(workdir), default=0) < step:
+  while max(_logged(procs, workdir), default=0) < step or _committed(workdir) < committed:
     for p in procs:
       assert p.poll() is None, f"a process ended (rc {p.returncode}) before step {step}"
     assert time.time() < deadline, f"timed out waiting for step {step}"
@@ -197,18 +226,18 @@ def reference(tmp_path_factory):
     if not saved.exists():
       workdir = str(shared / "preemption_reference")
       _train(workdir)
-      assert checkpoint.manager(workdir, read_only=True).all_steps() == [3, 6, 9, 11]
+      assert checkpoint.manager(workdir, read_only=True).all_steps() == [3, 6, 9, 12, 14]
       np.savez(str(saved) + ".tmp.npz", *_state(workdir))
       os.replace(str(saved) + ".tmp.npz", saved)
   with np.load(saved) as f:
     return [f[f"arr_{i}"] for i in range(len(f.files))]
 
 
-def _preempt(procs, workdir, targets, gap, after):
-  """SIGTERM to the processes ``targets`` (``gap`` seconds apart) once step ``after`` is logged;
-  both must exit 143 naming the same saved step, which holds both data positions. Returns the
-  step and the outputs."""
-  _wait_for_step(procs, workdir, after)
+def _preempt(procs, workdir, targets, gap, after, committed=0):
+  """SIGTERM to the processes ``targets`` (``gap`` seconds apart) once step ``after`` is logged
+  (and step ``committed`` saved); both must exit 143 naming the same saved step, which holds both
+  data positions. Returns the step and the outputs."""
+  _wait_for_step(procs, workdir, after, committed)
   for i, target in enumerate(targets):
     if i:
       time.sleep(gap)
@@ -222,36 +251,17 @@ def _preempt(procs, workdir, targets, gap, after):
   assert "preemption notice" in outs[0] and "preemption notice" in outs[1]
   assert after <= step < STEPS
   assert checkpoint.manager(workdir, read_only=True).latest_step() == step
-  assert max(_steps(workdir)) == step  # the step they agreed on was finished, then saved
+  assert _logged(procs, workdir)[-1] == step  # the step they agreed on was finished, then saved
   assert _data_files(workdir, step) == ["process_0-of-2.json", "process_1-of-2.json"]
   return step, outs
 
 
-@pytest.mark.multidevice
-def test_sigterm_to_one_process_then_to_both_each_saves_one_step_and_the_rerun_is_bit_identical(
-  tmp_path, reference
-):
-  """One workdir, three launches: SIGTERM to process 1 only (the one that writes no logs;
-  process 0 learns of it from the service alone), resume, SIGTERM to both a step apart, resume
-  to the end: bit-identical to the uninterrupted run; checkpoints listed meanwhile never change."""
-  workdir = str(tmp_path / "run")
-  watcher = _Watcher(workdir)
-  first, _ = _preempt(_start(workdir), workdir, targets=(1,), gap=0.0, after=STOP_AFTER)
-  second, outs = _preempt(_start(workdir), workdir, targets=(0, 1), gap=0.3, after=first + 1)
-  assert f"at step {first}" in outs[0], outs[0][-3000:]
-  assert second > first
-  outs = _train(workdir)
-  assert f"at step {second}" in outs[0], outs[0][-3000:]
-  listed = watcher.stop_and_check()
-  assert {first, second, STEPS} <= set(listed), listed
-  _assert_bit_identical(reference, _state(workdir), f"preempted at steps {first} and {second}")
-
-
-@pytest.mark.multidevice
-def test_sigkill_to_one_process_stops_the_other_within_the_heartbeat_timeout(tmp_path, reference):
-  workdir = str(tmp_path / "run")
-  procs = _start(workdir)
-  _wait_for_step(procs, workdir, STOP_AFTER)
+def _kill_one(procs, workdir, after, committed, resumed):
+  """SIGKILL to process 1 once step ``after`` is logged and step ``committed`` saved: process 0
+  must stop within the heartbeat timeout, naming task 1; the last complete checkpoint (a step at
+  which process 1 died mid-write is not listed) holds both data positions; the launch had resumed
+  at step ``resumed``. Returns the last complete step."""
+  _wait_for_step(procs, workdir, after, committed)
   procs[1].kill()
   killed_at = time.time()
   codes, outs = _finish(procs, timeout=HEARTBEAT + SLACK)
@@ -263,11 +273,41 @@ def test_sigkill_to_one_process_stops_the_other_within_the_heartbeat_timeout(tmp
   assert re.search(r"tasks are unhealthy \(stopped sending heartbeats\):\s*1\b", outs[0]), outs[0][
     -3000:
   ]
-  # The last complete checkpoint is intact (a step at which process 1 died mid-write is not
-  # listed) and the rerun resumes from it.
+  assert _resumed_at(outs[0]) == resumed
   last = checkpoint.manager(workdir, read_only=True).latest_step()
-  assert last is not None and last % EVERY == 0 and last < STEPS, last
+  assert last is not None and last % EVERY == 0 and committed <= last < STEPS, last
   assert _data_files(workdir, last) == ["process_0-of-2.json", "process_1-of-2.json"]
+  return last
+
+
+@pytest.mark.multidevice
+def test_sigterm_sigkill_and_sigterm_to_both_each_resume_and_the_end_is_bit_identical(
+  tmp_path, reference
+):
+  """One workdir, four launches: SIGTERM to process 1 only (the one that writes no logs;
+  process 0 learns of it from the service alone), resume; SIGKILL to process 1 once the next
+  checkpoint is committed, resume from the last complete one; SIGTERM to both a step apart,
+  resume to the end: bit-identical to the uninterrupted run; checkpoints listed meanwhile never
+  change."""
+  workdir = str(tmp_path / "run")
+  watcher = _Watcher(workdir)
+  first, _ = _preempt(
+    _start(workdir), workdir, targets=(1,), gap=0.0, after=STOP_AFTER, committed=EVERY
+  )
+  # The next checkpoint after ``first`` (4 or 5) is at 6: kill once it is committed.
+  next_save = (first // EVERY + 1) * EVERY
+  last = _kill_one(
+    _start(workdir), workdir, after=next_save + 1, committed=next_save, resumed=first
+  )
+  procs = _start(workdir)
+  second, outs = _preempt(procs, workdir, targets=(0, 1), gap=0.3, after=last + 1)
+  assert _resumed_at(outs[0]) == last and second > last
   outs = _train(workdir)
-  assert f"at step {last}" in outs[0], outs[0][-3000:]
-  _assert_bit_identical(reference, _state(workdir), f"process 1 killed after step {last}")
+  assert _resumed_at(outs[0]) == second
+  listed = watcher.stop_and_check()
+  assert {first, last, second, STEPS} <= set(listed), listed
+  _assert_bit_identical(
+    reference,
+    _state(workdir),
+    f"preempted at step {first}, killed after {last}, preempted at {second}",
+  )
