@@ -1,8 +1,8 @@
 """Crash safety and determinism of ``dmad train``, on the runlocal digits config in subprocesses.
 
 Every run trains STEPS steps with a checkpoint every EVERY steps; an uninterrupted run is the
-reference. Runs that are killed (SIGKILL at a random step, SIGKILL inside a checkpoint write) or
-stopped (SIGTERM) and then rerun with the same command must end with bit-identical parameters.
+reference. One workdir is killed inside a checkpoint write, stopped by SIGTERM and killed at a
+random step, each time rerun with the same command: it must end with bit-identical parameters.
 The subprocesses share a persistent compilation cache, so only the first one compiles; each
 still pays a few seconds of CPU for importing JAX, orbax and grain, and
 the first one ~40 s for compiling, hence the ``slow`` marks (about 3 min of CPU for all four
@@ -40,10 +40,19 @@ digits_pdm = load_module(os.path.join(CONFIGS, "digits_pdm.py"))
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The installed console script, run as users run it.
 DMAD = os.path.join(os.path.dirname(sys.executable), "dmad")
-STEPS, EVERY = 8, 3  # checkpoints at steps 3, 6 and 8
+STEPS, EVERY = 11, 3  # checkpoints at steps 3, 6, 9 and 11
 TIMEOUT = 300
 # Kill steps are drawn from this seeded generator; the drawn step is in every failure message.
 KILL_RNG = random.Random(20240607)
+RESUMED = re.compile(r"resumed from \S+ at step (\d+)")
+
+
+def _resumed_at(log):
+  found = RESUMED.search(log)
+  assert found, log[-3000:]
+  return int(found.group(1))
+
+
 # With this variable set to a step number, the training process SIGKILLs itself while saving
 # that step, after every file is written into the temporary directory and before the rename
 # that commits it: the worst moment for a crash. The hook lives in a sitecustomize module that
@@ -93,6 +102,7 @@ def _command(workdir, *overrides):
     f"--config.total_steps={STEPS}",
     f"--config.checkpoint_every_steps={EVERY}",
     "--config.log_every_steps=1",
+    "--config.keep_checkpoints=10",
     *overrides,
   ]
 
@@ -110,8 +120,9 @@ def _env(cache_dir, **extra):
 
 
 def _start(workdir, cache_dir, *overrides, **env):
-  """Starts a training subprocess; its output goes to files next to the workdir."""
+  """Starts a training subprocess; its output is appended to ``<workdir>.log``."""
   out = open(f"{workdir}.log", "a")  # noqa: SIM115 (closed by _finish)
+  log_start = out.tell()
   proc = subprocess.Popen(
     _command(workdir, *overrides),
     cwd=ROOT,
@@ -120,7 +131,7 @@ def _start(workdir, cache_dir, *overrides, **env):
     stderr=subprocess.STDOUT,
     text=True,
   )
-  proc.log_file = out
+  proc.log_file, proc.log_start = out, log_start
   return proc
 
 
@@ -130,7 +141,8 @@ def _finish(proc):
   finally:
     proc.log_file.close()
   with open(proc.log_file.name) as f:
-    return proc.returncode, f.read()
+    f.seek(proc.log_start)
+    return proc.returncode, f.read()  # this launch's output
 
 
 def _train(workdir, cache_dir, *overrides):
@@ -176,14 +188,6 @@ def _latest(workdir):
   return checkpoint.manager(workdir, read_only=True).latest_step()
 
 
-def _committed(workdir):
-  """Whether a checkpoint step has been committed (polled without building a manager)."""
-  try:
-    return any(name.isdigit() for name in os.listdir(checkpoint.checkpoint_dir(workdir)))
-  except FileNotFoundError:
-    return False
-
-
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory, cache_dir):
   """Final state of an uninterrupted run (seed 0), computed once per pytest session: under
@@ -198,7 +202,7 @@ def reference(tmp_path_factory, cache_dir):
     if not saved.exists():
       workdir = str(shared / "reliability_reference")
       _train(workdir, cache_dir)
-      assert checkpoint.manager(workdir, read_only=True).all_steps() == [3, 6, 8]
+      assert checkpoint.manager(workdir, read_only=True).all_steps() == [3, 6, 9, 11]
       params = _params(workdir)
       np.savez(str(saved) + ".tmp.npz", *params)
       os.replace(str(saved) + ".tmp.npz", saved)
@@ -216,73 +220,82 @@ def test_same_seed_is_bit_identical_and_another_seed_differs(tmp_path, cache_dir
   assert differ > len(reference) // 2, f"seed 1 changed only {differ} of {len(reference)} arrays"
 
 
-@pytest.mark.slow
-def test_sigkill_at_a_random_step_then_rerun_is_bit_identical(tmp_path, cache_dir, reference):
-  workdir = str(tmp_path / "run")
-  kill_at = KILL_RNG.randint(EVERY + 1, STEPS - 2)
-  proc = _start(workdir, cache_dir)
-  _wait_until(
-    proc,
-    lambda: _committed(workdir) and max(_steps(workdir), default=0) >= kill_at,
-    f"the first checkpoint and step {kill_at}",
-  )
-  proc.send_signal(signal.SIGKILL)
-  code, log = _finish(proc)
-  assert code == -signal.SIGKILL, log[-3000:]
-  killed_after = max(_steps(workdir))
-  latest = _latest(workdir)
-  assert latest is not None and latest < STEPS, (kill_at, latest)
-
-  log = _train(workdir, cache_dir)
-  assert f"at step {latest}" in log, log[-3000:]  # "resumed from ... at step N"
-  _assert_bit_identical(
-    reference, _params(workdir), f"killed after step {killed_after} (drawn {kill_at})"
-  )
+def _steps_since(workdir, logged_before):
+  """Steps the current launch logged (launches append to metrics.jsonl)."""
+  return _steps(workdir)[logged_before:]
 
 
 @pytest.mark.slow
-def test_sigkill_inside_a_checkpoint_write_never_commits_it(
+def test_killed_in_a_write_stopped_and_killed_at_a_random_step_then_rerun_is_bit_identical(
   tmp_path, cache_dir, reference, hook_dir
 ):
+  """One workdir, four launches of the same command: SIGKILL inside the write of step 6 (it is
+  never committed and the rerun removes its files), SIGTERM after a drawn step (the run finishes
+  that step, saves it and exits 143), SIGKILL at a drawn step after the next checkpoint (the
+  rerun resumes from the last complete one), then to the end: bit-identical to the reference."""
   workdir = str(tmp_path / "run")
-  # The hook kills the process after step 6's files are written, before the rename that
+  ckpt = checkpoint.checkpoint_dir(workdir)
+
+  # 1. The hook kills the process after step 6's files are written, before the rename that
   # commits them.
   hook = {CRASH_ENV: "6", "PYTHONPATH": hook_dir}
   code, log = _finish(_start(workdir, cache_dir, **hook))
   assert code == -signal.SIGKILL, log[-3000:]
-  ckpt = checkpoint.checkpoint_dir(workdir)
   partial = [name for name in os.listdir(ckpt) if name.startswith("6.")]
   assert partial and os.path.isdir(os.path.join(ckpt, partial[0], checkpoint.STATE)), partial
   assert checkpoint.manager(workdir, read_only=True).all_steps() == [3]
 
-  log = _train(workdir, cache_dir)
-  assert "at step 3" in log, log[-3000:]
-  assert sorted(os.listdir(ckpt)) == ["3", "6", "8"]  # the partial directory was removed
-  _assert_bit_identical(reference, _params(workdir), "killed while writing step 6")
-
-
-@pytest.mark.slow
-def test_sigterm_saves_the_current_step_and_exits(tmp_path, cache_dir, reference):
-  workdir = str(tmp_path / "run")
-  stop_after = KILL_RNG.randint(EVERY + 1, STEPS - 2)
+  # 2. SIGTERM once the rerun (which resumed at step 3) has logged a drawn step.
+  stop_after = KILL_RNG.randint(EVERY + 1, 2 * EVERY - 1)
+  before = len(_steps(workdir))
   proc = _start(workdir, cache_dir)
   _wait_until(
     proc,
-    lambda: _committed(workdir) and max(_steps(workdir), default=0) >= stop_after,
-    f"the first checkpoint and step {stop_after}",
+    lambda: max(_steps_since(workdir, before), default=0) >= stop_after,
+    f"step {stop_after} after resuming",
   )
   proc.send_signal(signal.SIGTERM)
   code, log = _finish(proc)
   assert code == 143, log[-3000:]
+  assert _resumed_at(log) == 3
+  assert not [name for name in os.listdir(ckpt) if name.startswith("6.")]  # removed on start
   saved = re.search(r"saved step (\d+) in \S+; rerun the same command to resume", log)
   assert saved, log[-3000:]
   step = int(saved.group(1))
-  assert stop_after <= step < STEPS and _latest(workdir) == step
-  assert max(_steps(workdir)) == step  # it finished the step it was in, then stopped
+  assert stop_after <= step < 3 * EVERY and _latest(workdir) == step
+  assert _steps(workdir)[-1] == step  # it finished the step it was in, then stopped
 
+  # 3. SIGKILL at a drawn step once the next checkpoint after ``step`` is committed.
+  next_save = (step // EVERY + 1) * EVERY
+  kill_at = KILL_RNG.randint(next_save + 1, next_save + EVERY - 1)
+  before = len(_steps(workdir))
+  proc = _start(workdir, cache_dir)
+  _wait_until(
+    proc,
+    lambda: (
+      (_latest(workdir) or 0) >= next_save
+      and max(_steps_since(workdir, before), default=0) >= kill_at
+    ),
+    f"checkpoint {next_save} and step {kill_at}",
+  )
+  proc.send_signal(signal.SIGKILL)
+  code, log = _finish(proc)
+  assert code == -signal.SIGKILL, log[-3000:]
+  assert _resumed_at(log) == step
+  killed_after = _steps(workdir)[-1]
+  latest = _latest(workdir)
+  assert latest is not None and next_save <= latest < STEPS, (kill_at, latest)
+
+  # 4. To the end.
   log = _train(workdir, cache_dir)
-  assert f"at step {step}" in log, log[-3000:]
-  _assert_bit_identical(reference, _params(workdir), f"stopped by SIGTERM at step {step}")
+  assert _resumed_at(log) == latest
+  assert sorted(os.listdir(ckpt)) == sorted(["3", "6", "9", "11"])
+  _assert_bit_identical(
+    reference,
+    _params(workdir),
+    f"killed writing step 6, stopped at step {step}, killed after step {killed_after} "
+    f"(drawn {stop_after}, {kill_at})",
+  )
 
 
 class _NaNSometimes(models_base.Detector):
