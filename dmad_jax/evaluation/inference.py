@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from dmad_jax import data as data_lib
+from dmad_jax.ops import cpu_kernels
 from dmad_jax.train import distributed, sharding
 
 __all__ = ["Runner"]
@@ -77,6 +78,8 @@ class Runner:
       out, state = fn(variables, state, batch, batch[data_lib.MASK_KEY])
       return (out, kept_of(batch)), state
 
+    run = cpu_kernels.traced_for_devices(run, mesh.devices.flat)
+    run_stateful = cpu_kernels.traced_for_devices(run_stateful, mesh.devices.flat)
     # Replicated outputs: every process holds the whole global batch (gathered over hosts).
     if self.stateful:
       self._jit = jax.jit(

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmad_jax.configs import schema
+from dmad_jax.ops import cpu_kernels
 
 __all__ = [
   "Detector",
@@ -158,8 +159,8 @@ class Detector(abc.ABC):
     slower (DAAD's test-sized generator: 11 s against 2.4 s). Parameters are drawn replicated,
     so nothing is lost; the values are as deterministic, just other ones."""
     cache = self.__dict__.setdefault("_compiled_inits", {})
-    if fn not in cache:
-      cache[fn] = jax.jit(fn)
+    if fn not in cache:  # run on the default device: traced for its platform
+      cache[fn] = jax.jit(cpu_kernels.traced_for_devices(fn, jax.local_devices()))
     with jax.threefry_partitionable(False):
       return cache[fn](*args)
 

@@ -52,6 +52,7 @@ __all__ = [
   "build",
   "by_platform",
   "lowering_for",
+  "traced_for_devices",
   "unavailable_reason",
 ]
 
@@ -187,6 +188,24 @@ def lowering_for(platforms, *, kernels: bool = True):
     yield
   finally:
     _LOWERING_FOR.reset(token)
+
+
+def traced_for_devices(fn, devices):
+  """``fn``, traced within :func:`lowering_for` the platforms of ``devices``.
+
+  For a function jitted to run on those devices (a train step over the run's mesh): on a CPU
+  host :func:`by_platform` then traces only the CPU formulations instead of both into a
+  ``lax.platform_dependent`` that lowering reduces to the CPU one anyway; the compiled program is
+  the same, its tracing faster (the runlocal digits PDM train step: 3.3 s -> 1.8 s here).
+  """
+  platforms = tuple(sorted({d.platform for d in devices}))
+
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with lowering_for(platforms):
+      return fn(*args, **kwargs)
+
+  return traced
 
 
 def by_platform(cpu, default, *args):

@@ -26,6 +26,7 @@ from dmad_jax.data import templates
 from dmad_jax.evaluation.inference import Runner
 from dmad_jax.models import base as models_base
 from dmad_jax.models import get_detector
+from dmad_jax.ops import cpu_kernels
 from dmad_jax.train import checkpoint, distributed, durations, preflight, sharding
 from dmad_jax.train import state as state_lib
 from dmad_jax.train.optim import learning_rate_schedule
@@ -303,6 +304,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   else:
     init_value = data_init_value(detector, train_source)
     init_fn = functools.partial(state_lib.create, config, detector, spec, tx, init_value)
+    init_fn = cpu_kernels.traced_for_devices(init_fn, mesh.devices.flat)
     state = jax.jit(init_fn, out_shardings=state_sh)()
     if config.get("init_from", None):
       state = state_lib.with_values_from_run(state, config.init_from)
@@ -323,7 +325,10 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     writer.write_hparams({"num_params": n_params, "batch_size": config.batch_size})
   lr_schedule = learning_rate_schedule(config.optimizer, total_steps)
   step_fn = jax.jit(
-    functools.partial(train_step, detector=detector, lr_schedule=lr_schedule),
+    cpu_kernels.traced_for_devices(
+      functools.partial(train_step, detector=detector, lr_schedule=lr_schedule),
+      mesh.devices.flat,
+    ),
     in_shardings=(state_sh, data_sh),
     out_shardings=(state_sh, rep),
     donate_argnums=0,

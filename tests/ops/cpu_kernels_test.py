@@ -56,6 +56,41 @@ def test_kernels_are_built_and_called_on_this_machine():
   assert "dmad_grid_sample" not in hlo16
 
 
+def test_a_function_traced_for_the_cpu_devices_computes_the_same_and_traces_one_formulation():
+  """``traced_for_devices`` (the trainer's and the eval job's jitted programs): on this CPU host
+  it traces only the kernel formulation, not both into a ``platform_dependent``, and the
+  program computes bit for bit what the platform-dependent one does."""
+  assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
+  traced = {"cpu": 0, "default": 0}
+
+  def counting(name, fn):
+    def wrapped(*args):
+      traced[name] += 1
+      return fn(*args)
+
+    return wrapped
+
+  def loss(x, grid):
+    sampled = cpu_kernels.by_platform(
+      counting("cpu", lambda x, grid: sampling.grid_sample(x, grid)),
+      counting("default", lambda x, grid: sampling.grid_sample(x, grid)),
+      x,
+      grid,
+    )
+    return jnp.sum(sampled**2)
+
+  x, grid, _ = _data()
+  both = jax.jit(jax.value_and_grad(loss, (0, 1)))
+  one = jax.jit(cpu_kernels.traced_for_devices(jax.value_and_grad(loss, (0, 1)), jax.devices()))
+  expected = both(x, grid)
+  assert traced == {"cpu": 1, "default": 1}
+  got = one(x, grid)
+  assert traced == {"cpu": 2, "default": 1}  # the second program traced the CPU one only
+  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert 'custom_call_target="dmad_grid_sample_bwd"' in one.lower(x, grid).compile().as_text()
+
+
 @pytest.mark.parametrize("mode,padding_mode,align_corners", OPTIONS)
 @pytest.mark.parametrize("shape", [(2, 9, 11, 3), (2, 16, 12, 64), (1, 5, 4, 7)])
 def test_kernels_match_the_xla_formulation(shape, mode, padding_mode, align_corners):
