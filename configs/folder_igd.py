@@ -3,6 +3,8 @@
   <root>/train/good/*.png|jpg|...     normal training images
   <root>/test/good/*                  normal test images
   <root>/test/<defect>/*              anomalous test images, one folder per defect type
+  <root>/validation/good/*            optional normal images for the threshold (without it,
+                                      20% of train/good is held out of training for it)
 
   dmad train --config 'configs/folder_igd.py:root=/data/bottle;weights=r18.npz' --workdir runs/b
   dmad eval  --config 'configs/folder_igd.py:root=/data/bottle;weights=r18.npz' --workdir runs/b
@@ -48,10 +50,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     channels=a["channels"],
   )
   c.data.root = a["root"]
-  # The threshold `dmad predict` uses: the 0.99 quantile of the training images' scores.
-  c.calibration = ml_collections.ConfigDict(
-    dict(method="normal_quantile", split="train", quantile=0.99)
-  )
+  # The threshold `dmad predict` uses: the 0.99 quantile of the scores of normal images held out
+  # of training (<root>/validation/good/*, else 20% of train/good).
+  common.set_held_out_threshold(c)
   if a["runlocal"]:
     igd.shrink_for_tests(c)
   return c

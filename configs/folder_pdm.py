@@ -3,6 +3,8 @@
   <root>/train/good/*.png|jpg|...     normal training images
   <root>/test/good/*                  normal test images
   <root>/test/<defect>/*              anomalous test images, one folder per defect type
+  <root>/validation/good/*            optional normal images for the threshold (without it,
+                                      20% of train/good is held out of training for it)
 
   dmad train --config configs/folder_pdm.py:root=/data/bottle,image_size=256 --workdir runs/bottle
   dmad eval  --config configs/folder_pdm.py:root=/data/bottle,image_size=256 --workdir runs/bottle
@@ -11,9 +13,9 @@
 Arg keys: root (required), image_size (default 256, divisible by 8), channels (3 or 1),
 runlocal (tiny model and run, for tests).
 
-The run is 100 epochs of the training folder, whatever its size (a 50-image folder trains 625
-steps of batch 8, a 5,000-image one 62,500), with a checkpoint every 10 epochs; change it with
-``--config.total_epochs=N``.
+The run is 100 epochs of the training images, whatever their number (a 50-image ``train/good``
+without ``validation/`` trains on 40 of them: 500 steps of batch 8; 5,000 images, 62,500 steps),
+with a checkpoint every 10 epochs; change it with ``--config.total_epochs=N``.
 """
 
 import ml_collections
@@ -45,11 +47,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   pdm.set_image_size(c, size, in_channels=ch, out_channels=ch)
   # The decision threshold `dmad predict` uses, fitted by the eval job (or `dmad calibrate`) and
   # stored with the checkpoint (dmad_jax.evaluation.calibration): the 0.99 quantile of the
-  # scores of normal images. split="validation" (<root>/validation/good/*, normal images held out
-  # from training) gives a better threshold than the training images when you have them.
-  c.calibration = ml_collections.ConfigDict(
-    dict(method="normal_quantile", split="train", quantile=0.99)
-  )
+  # scores of normal images the model did not train on, <root>/validation/good/* when the folder
+  # has it, else 20% of train/good held out of training (--config.data.validation_fraction).
+  common.set_held_out_threshold(c)
   if not a["runlocal"]:
     # The official Ped2 widths, with a 3-channel image in and out.
     c.model.channels = (32, 64, 128, 256)

@@ -138,6 +138,16 @@ _SHUTDOWN = flags.DEFINE_integer(
 )
 
 
+# The decision threshold's lines of the eval summary (dmad_jax.evaluation.calibration.for_eval).
+_THRESHOLD_SUMMARY = (
+  "threshold",
+  "threshold_split",
+  "threshold_num_normal",
+  "threshold_nominal_FPR",
+  "threshold_FPR",
+)
+
+
 def _setup_logging():
   logging.basicConfig(
     level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
@@ -317,9 +327,18 @@ def main(argv):
   summary = {
     k: v
     for k, v in result.items()
-    if k.startswith(("image_AUROC", "frame_AUROC", "baseline_image_AUROC")) or k == "step"
+    if k.startswith(("image_AUROC", "frame_AUROC", "baseline_image_AUROC"))
+    or k in ("step", *_THRESHOLD_SUMMARY)
   }
   print(json.dumps(summary, indent=2))
+  if "threshold_FPR" in result:
+    nominal = result.get("threshold_nominal_FPR")
+    print(
+      f"threshold: fitted ({result['threshold_method']}) on {result['threshold_num_normal']} "
+      f"normal images of the {result['threshold_split']} split; it flags "
+      f"{100 * result['threshold_FPR']:.1f}% of the test split's normal images"
+      + (f" (nominal {100 * nominal:.1f}%)" if nominal is not None else "")
+    )
   print(f"metrics: {os.path.join(os.path.abspath(workdir), 'eval', 'metrics.json')}")
   print(f"figures: {result.get('panel')}\n         {result.get('histogram')}")
 

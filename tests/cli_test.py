@@ -186,7 +186,13 @@ def test_train_eval_predict_of_folder_pdm_through_the_installed_script(tmp_path)
   with open(elsewhere / "run" / "eval" / "metrics.json") as f:
     m = json.load(f)
   assert (m["step"], m["num_normal"], m["num_anomalous"]) == (3, 6, 5)
-  assert 0.0 <= m["image_AUROC"] <= 1.0 and "threshold" in m  # folder_pdm calibrates
+  assert 0.0 <= m["image_AUROC"] <= 1.0
+  # folder_pdm calibrates on the 20% of train/good (5 of 24) held out of training, and the eval
+  # output states the share of the test normals that its threshold flags.
+  assert (m["threshold_split"], m["threshold_num_normal"]) == ("validation", 5)
+  assert "5 of the 24 images of train/good held out" in train.stderr
+  flagged = 100 * m["threshold_FPR"]
+  assert f"flags {flagged:.1f}% of the test split's normal images (nominal 1.0%)" in ev.stdout
   new = sorted(glob.glob(str(tmp_path / "data" / "test" / "scratch" / "*.png")))[:2]
   pred = dmad("predict", "--workdir=run", *new, "--out=pred", cwd=elsewhere, user_flags=True)
   assert pred.returncode == 0, pred.stderr[-3000:]

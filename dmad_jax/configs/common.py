@@ -27,6 +27,27 @@ def set_duration(c, name: str, *, steps: int | None = None, epochs: float | None
       c[key] = value
 
 
+# Image configs hold this share of the training images out of training (a folder without
+# validation/, or the digits' train part) and fit the decision threshold on its normal images:
+# the model has fitted its training images, so their scores sit below those of unseen normal
+# images and a threshold from them flags far more than 1 - quantile of new normal images.
+VALIDATION_FRACTION = 0.2
+THRESHOLD_QUANTILE = 0.99
+
+
+def set_held_out_threshold(c, fraction: float = VALIDATION_FRACTION) -> None:
+  """Holds ``fraction`` of the training images out as the validation split
+  (``c.data.validation_fraction``) and fits the decision threshold there: the
+  ``THRESHOLD_QUANTILE`` quantile of its normal images' scores (dmad_jax.evaluation.calibration;
+  ``--config.calibration.split=train`` is the training-split quantile)."""
+  import ml_collections
+
+  c.data.validation_fraction = float(fraction)
+  c.calibration = ml_collections.ConfigDict(
+    dict(method="normal_quantile", split="validation", quantile=THRESHOLD_QUANTILE)
+  )
+
+
 def set_test_durations(c) -> None:
   """The test-sized run length: 2 steps, logged and checkpointed at each."""
   set_duration(c, "total", steps=2)

@@ -74,6 +74,39 @@ def check_index(index, length: int) -> int:
   return i
 
 
+def holdout_indices(n: int, fraction: float, seed: int, *, what: str) -> tuple[np.ndarray, ...]:
+  """Splits ``range(n)`` into kept and held-out positions, seeded and independent of anything else.
+
+  ``max(1, round(fraction * n))`` positions are held out, chosen by a permutation of
+  ``np.random.default_rng(seed)``; both parts are returned sorted, so records keep the order of
+  their listing and only ``seed`` decides membership.
+
+  Args:
+    n: number of records.
+    fraction: the share to hold out, in (0, 1).
+    seed: the permutation's seed.
+    what: names the records in errors (e.g. the folder).
+
+  Returns:
+    ``(kept, held)``: int64 index arrays, disjoint, together ``range(n)``.
+
+  Raises:
+    ValueError: for a fraction outside (0, 1), or when either part would be empty.
+  """
+  fraction = float(fraction)
+  if not 0.0 < fraction < 1.0:
+    raise ValueError(f"validation_fraction must be in (0, 1), got {fraction}")
+  held_n = max(1, round(fraction * n))
+  if n - held_n < 1:
+    raise ValueError(
+      f"{what}: {n} image(s) cannot be split into training and validation images "
+      f"(validation_fraction {fraction} holds out {held_n}); add images or set "
+      "validation_fraction=0"
+    )
+  perm = np.random.default_rng(int(seed)).permutation(n)
+  return np.sort(perm[held_n:]), np.sort(perm[:held_n])
+
+
 def count_summary(names: Sequence[str]) -> str:
   """Formats ``name: count`` pairs sorted by name, e.g. ``"crack: 2, good: 3"``.
 

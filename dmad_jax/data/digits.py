@@ -12,7 +12,10 @@ odd digits normal, even digits anomalous).
 
 The 1797 images are split once, stratified by digit and seeded: the train split holds only the
 normal digits of the train part, the test split holds every digit of the test part, labelled 1
-when the digit is not normal.
+when the digit is not normal. With ``validation_fraction > 0`` a stratified share of the train
+part is set aside first as a labelled ``validation`` split (every digit, labelled as the test
+split), used to choose settings and to fit the decision threshold; the test split is only
+reported.
 """
 
 from __future__ import annotations
@@ -63,9 +66,17 @@ class DigitsSource(ArraySource):
 
   Attributes:
     digits: int32 ``(N,)`` digit id (0..9) of every record.
+    ids: int64 ``(N,)`` position of every record in ``sklearn.datasets.load_digits()``.
   """
 
-  def __init__(self, images: np.ndarray, digits: np.ndarray, normal: tuple[int, ...], name: str):
+  def __init__(
+    self,
+    images: np.ndarray,
+    digits: np.ndarray,
+    normal: tuple[int, ...],
+    name: str,
+    ids: np.ndarray,
+  ):
     """Builds the source.
 
     Args:
@@ -73,11 +84,13 @@ class DigitsSource(ArraySource):
       digits: ``(N,)`` digit ids.
       normal: the normal digits; every other digit is labelled 1.
       name: a short name for logs.
+      ids: ``(N,)`` positions in the scikit-learn data set.
     """
     digits = np.asarray(digits, np.int32)
     labels = (~np.isin(digits, normal)).astype(np.int32)
     super().__init__(images, labels, [f"digit {d}" for d in digits], name=name)
     self.digits = digits
+    self.ids = np.asarray(ids, np.int64)
 
 
 @functools.cache
@@ -104,6 +117,7 @@ def digits_sources(
   channels: int = 1,
   test_fraction: float = 0.3,
   seed: int = 0,
+  validation_fraction: float = 0.0,
 ) -> dict[str, DigitsSource]:
   """Builds the train and test sources of the digits one-class benchmark.
 
@@ -112,15 +126,20 @@ def digits_sources(
     image_size: output height and width (the 8x8 digits are upsampled bilinearly).
     channels: 1 (gray) or 3 (gray replicated).
     test_fraction: fraction of the 1797 images held out for the test split.
-    seed: ``random_state`` of the stratified split.
+    seed: ``random_state`` of the stratified split (and of the validation split).
+    validation_fraction: when > 0, this share of the train part (stratified by digit, seeded)
+      becomes a labelled ``validation`` split holding *every* digit of it, labelled as the test
+      split; training uses the normal digits of the rest only. 0: no validation split.
 
   Returns:
-    ``{"train": source, "test": source}``. Train holds the normal digits of the train part (all
-    labelled 0); test holds all digits of the test part, labelled 1 when not normal.
+    ``{"train": source, "test": source}`` plus ``"validation"`` when ``validation_fraction > 0``.
+    Train holds the normal digits of the train part (all labelled 0); test holds all digits of
+    the test part, labelled 1 when not normal.
 
   Raises:
     ValueError: if ``normal_digits`` is empty, outside 0..9, or covers all ten digits (no
-      anomalies left to detect), or ``test_fraction`` is not in (0, 1).
+      anomalies left to detect), or ``test_fraction`` is not in (0, 1), or
+      ``validation_fraction`` is not in [0, 1).
   """
   from sklearn.model_selection import train_test_split
 
@@ -131,6 +150,8 @@ def digits_sources(
     raise ValueError("normal_digits covers all ten digits: the test split would have no anomalies")
   if not 0.0 < float(test_fraction) < 1.0:
     raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+  if not 0.0 <= float(validation_fraction) < 1.0:
+    raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
 
   images, digits = _digits_uint8(int(image_size), int(channels))
   train_idx, test_idx = train_test_split(
@@ -142,10 +163,19 @@ def digits_sources(
   # Sorting keeps records in the dataset's original order; the seed alone decides membership.
   train_idx = np.sort(train_idx)
   test_idx = np.sort(test_idx)
-  train_idx = train_idx[np.isin(digits[train_idx], normal)]
+  splits = {"test": test_idx}
+  if validation_fraction:
+    train_idx, val_idx = train_test_split(
+      train_idx,
+      test_size=float(validation_fraction),
+      stratify=digits[train_idx],
+      random_state=int(seed),
+    )
+    train_idx, splits["validation"] = np.sort(train_idx), np.sort(val_idx)
+  splits["train"] = train_idx[np.isin(digits[train_idx], normal)]
 
   tag = f"digits normal={','.join(map(str, normal))} seed={seed}"
   return {
-    split: DigitsSource(images[idx], digits[idx], normal, name=f"{tag} {split}")
-    for split, idx in (("train", train_idx), ("test", test_idx))
+    split: DigitsSource(images[idx], digits[idx], normal, name=f"{tag} {split}", ids=idx)
+    for split, idx in splits.items()
   }

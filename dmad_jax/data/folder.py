@@ -9,6 +9,10 @@ Expected layout::
   <root>/validation/good/*.png     optional held-out normal images (and validation/<defect>/*),
                                    read only to calibrate a threshold (evaluation.calibration)
 
+Without ``validation/``, ``validation_fraction > 0`` makes the validation split a seeded share of
+``train/good`` that training never sees (:func:`dmad_jax.data.base.holdout_indices`): normal images
+the model did not fit, so that a threshold fitted on them holds on new normal images.
+
 Files are listed in sorted order (folders by name, then files by name), so record ``i`` is the
 same file on every machine and every run. Hidden files (``.DS_Store``, ...) are skipped silently;
 files with other extensions are skipped with a logged warning.
@@ -44,6 +48,7 @@ from dmad_jax.data.base import (
   NORMAL,
   check_index,
   describe_source,
+  holdout_indices,
   make_record,
   record_spec,
 )
@@ -452,6 +457,8 @@ class FolderSource(ImageListSource):
     image_size: int,
     channels: int = 3,
     validate: bool | str = True,
+    validation_fraction: float = 0.0,
+    seed: int = 0,
   ):
     """Lists (and optionally checks) the images of one split.
 
@@ -467,6 +474,11 @@ class FolderSource(ImageListSource):
         mask is unreadable or of another size) with a logged warning; ``False`` checks nothing (a
         bad file raises when it is read). With validation, images of mixed sizes are logged (a
         warning naming the sizes and an example file); all are resized to ``image_size``.
+      validation_fraction: when > 0 and the folder has no ``validation/``, this share of
+        ``train/good`` (at least one image, chosen by a permutation seeded with ``seed``) is the
+        ``validation`` split (normal images only) and is left out of ``train``. With a
+        ``validation/`` folder that folder is the split and ``train`` keeps every image.
+      seed: the seed of that choice.
 
     Raises:
       FileNotFoundError: if ``root`` or its split folder does not exist.
@@ -484,12 +496,20 @@ class FolderSource(ImageListSource):
 
     if not os.path.isdir(self.root):
       raise FileNotFoundError(f"dataset root {self.root!r} is not a folder; {_LAYOUT}")
-    split_dir = os.path.join(self.root, split)
+    self._note = ""
+    # Held-out validation images: a seeded share of train/good, unless validation/ exists.
+    self.held_out = (
+      split != "test"
+      and bool(validation_fraction)
+      and not os.path.isdir(os.path.join(self.root, "validation"))
+    )
+    listed = "train" if self.held_out else split
+    split_dir = os.path.join(self.root, listed)
     if not os.path.isdir(split_dir):
       raise FileNotFoundError(f"split folder {split_dir!r} does not exist; {_LAYOUT}")
 
     classes = _subdirs(split_dir)
-    if split == "train":
+    if listed == "train":
       if GOOD not in classes:
         raise FileNotFoundError(
           f"training folder {os.path.join(split_dir, GOOD)!r} does not exist; {_LAYOUT}"
@@ -526,6 +546,16 @@ class FolderSource(ImageListSource):
       files = _list_images(os.path.join(split_dir, name))
       paths.extend(files)
       defects.extend([name] * len(files))
+    where = split_dir
+    if self.held_out:
+      kept, held = holdout_indices(
+        len(paths), validation_fraction, seed, what=os.path.join(split_dir, GOOD)
+      )
+      paths = [paths[i] for i in (held if split == "validation" else kept)]
+      defects = [GOOD] * len(paths)
+      total = len(kept) + len(held)
+      where = f"{os.path.join(split_dir, GOOD)} ({len(held)} of {total} held out for validation)"
+      self._note = f"; {len(held)} of the {total} images of train/good held out for validation"
 
     # Only the test split has masks: train/ holds normal images and MVTec ships no train masks.
     gt_dir = os.path.join(self.root, GROUND_TRUTH)
@@ -533,7 +563,7 @@ class FolderSource(ImageListSource):
     if split == "test" and os.path.isdir(gt_dir):
       mask_paths = _match_masks(gt_dir, split_dir, paths, defects)
 
-    self._set_records(paths, defects, mask_paths, validate=validate, where=split_dir)
+    self._set_records(paths, defects, mask_paths, validate=validate, where=where)
 
   def describe(self) -> str:
     """One line for logs: root, split, size, shape and per-folder counts.
@@ -546,4 +576,4 @@ class FolderSource(ImageListSource):
     )
     if self.mask_paths is not None:
       line += f"; masks from {os.path.join(self.root, GROUND_TRUTH)}"
-    return line
+    return line + self._note

@@ -248,8 +248,16 @@ SOURCE_KEYS = {
     "channels": 1,
     "test_fraction": 0.3,
     "seed": 0,
+    "validation_fraction": 0.0,
   },
-  "folder": {"root": REQUIRED, "image_size": REQUIRED, "channels": 3, "validate": True},
+  "folder": {
+    "root": REQUIRED,
+    "image_size": REQUIRED,
+    "channels": 3,
+    "validate": True,
+    "validation_fraction": 0.0,
+    "seed": 0,
+  },
   "tfds": {
     "tfds_name": REQUIRED,
     "protocol": REQUIRED,
@@ -326,10 +334,13 @@ def get_source(data_config: Any, split: str):
   Keys read, by ``data_config.name`` (:data:`SOURCE_KEYS` has the defaults):
 
   * ``digits``: ``protocol`` (``'one_class=K'`` / ``'normal=A,B,..'``), ``image_size``,
-    ``channels``, ``test_fraction``, ``seed``.
+    ``channels``, ``test_fraction``, ``seed``, ``validation_fraction`` (> 0: a labelled
+    validation split carved from the train part, see :func:`dmad_jax.data.digits_sources`).
   * ``folder``: ``root``, ``image_size``, ``channels``, ``validate`` (``True``: decode every file
     of the split at construction and fail naming the unreadable ones; ``"skip"``: leave them out
-    with a warning naming each file and the reason; ``False``: no start-up pass).
+    with a warning naming each file and the reason; ``False``: no start-up pass),
+    ``validation_fraction`` and ``seed`` (without ``<root>/validation/``: the seeded share of
+    ``train/good`` held out of training as the validation split).
   * ``tfds``: ``tfds_name``, ``protocol``, ``image_size``, ``channels``, ``data_dir``,
     ``image_key``, ``label_key``, ``download``.
   * ``video``: ``root`` (holding ``{training,testing}/frames/<video>/``), ``image_size``,
@@ -348,8 +359,10 @@ def get_source(data_config: Any, split: str):
 
   Args:
     data_config: ``config.data`` (a ConfigDict or mapping).
-    split: ``"train"``, ``"test"`` or, for folder sources, ``"validation"`` (the
-      ``<root>/validation/`` folder: normal images in ``good/``, anomalous ones beside it).
+    split: ``"train"``, ``"test"`` or ``"validation"``: for folder sources the
+      ``<root>/validation/`` folder (normal images in ``good/``, anomalous ones beside it) or,
+      without it, the images held out of ``train/good`` by ``validation_fraction``; for digits
+      the labelled share of the train part set aside by ``validation_fraction``.
 
   Raises:
     ConfigError: for an invalid data config (see :func:`data_settings`).
@@ -359,10 +372,13 @@ def get_source(data_config: Any, split: str):
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
   s = data_settings(data_config)
   name = s["name"]
-  if split == "validation" and name != "folder":
+  if split == "validation" and not (
+    name == "folder" or (name == "digits" and s["validation_fraction"])
+  ):
     raise ValueError(
-      f"split 'validation' needs a folder dataset (<root>/validation/good/...); data source "
-      f"{name!r} has none"
+      f"split 'validation' needs a folder dataset (<root>/validation/good/..., or "
+      f"config.data.validation_fraction > 0) or digits with config.data.validation_fraction > 0; "
+      f"data source {name!r} has none"
     )
   if name == "digits":
     from dmad_jax.data.digits import digits_sources, parse_protocol
@@ -373,6 +389,7 @@ def get_source(data_config: Any, split: str):
       channels=s["channels"],
       test_fraction=s["test_fraction"],
       seed=s["seed"],
+      validation_fraction=s["validation_fraction"],
     )[split]
   if name == "folder":
     from dmad_jax.data.folder import FolderSource
@@ -383,6 +400,8 @@ def get_source(data_config: Any, split: str):
       image_size=s["image_size"],
       channels=s["channels"],
       validate=s["validate"],
+      validation_fraction=s["validation_fraction"],
+      seed=s["seed"],
     )
   if name == "dagm":
     from dmad_jax.data.dagm import DAGMSource

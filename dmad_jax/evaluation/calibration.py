@@ -19,12 +19,15 @@ Methods (``config.calibration``; the section is optional, defaults in :data:`DEF
 
 An image is anomalous when ``score > threshold``. Splits (``calibration.split``):
 
-* ``train`` (default; every data source): the training images. They are normal, but the model
-  has seen them, so their scores are lower than those of new normal images and the threshold
-  flags more new normal images than ``1 - quantile``. Prefer a held-out set when there is one.
-* ``validation`` (folder sources): ``<root>/validation/good/*`` (normal images the model never
-  trained on) and, for ``f1``, ``<root>/validation/<defect>/*`` (anomalous ones), read with the
-  data config's size and channels.
+* ``validation`` (default): images the model never trained on. For a folder source,
+  ``<root>/validation/good/*`` (and, for ``f1``, ``<root>/validation/<defect>/*``) when the
+  folder exists, otherwise the share ``config.data.validation_fraction`` of ``train/good`` held
+  out of training; for digits, the labelled share of the train part set aside by
+  ``config.data.validation_fraction``. Read with the data config's size and channels.
+* ``train`` (a named option, every data source): the training images. They are normal, but the
+  model has fitted them, so their scores are lower than those of new normal images and the
+  threshold flags more new normal images than ``1 - quantile`` (a 50-image folder trained to the
+  end flagged most of its normal test images this way).
 * ``test``: allowed, but the threshold is then fitted on the images it is evaluated on: the run
   logs a warning and the stored metadata says ``"optimistic": true``.
 
@@ -68,7 +71,7 @@ log = logging.getLogger("dmad_jax")
 CALIBRATION_FILE = "calibration.json"
 METHODS = ("normal_quantile", "f1")
 SPLITS = ("train", "validation", "test")
-DEFAULTS = {"method": "normal_quantile", "split": "train", "quantile": 0.99}
+DEFAULTS = {"method": "normal_quantile", "split": "validation", "quantile": 0.99}
 # Settings whose change makes a stored calibration stale.
 _SETTING_KEYS = tuple(DEFAULTS)
 # Image sources all decode to uint8, resize with PIL's bilinear filter, then scale to [-1, 1]
@@ -112,17 +115,21 @@ def split_source(config, split: str):
   """
   if split == "validation":
     data = config.data
-    if data.name != "folder":
+    held_out = float(data.get("validation_fraction", 0.0) or 0.0) > 0
+    if data.name not in ("folder", "digits") or (data.name == "digits" and not held_out):
       raise ValueError(
-        f"calibration split 'validation' needs a folder dataset (<root>/validation/good/...); "
-        f"data source {data.name!r} has none: use --config.calibration.split=train"
+        f"calibration split 'validation' needs images held out of training: a folder dataset "
+        f"(<root>/validation/good/... or config.data.validation_fraction > 0) or digits with "
+        f"config.data.validation_fraction > 0; data source {data.name!r} has none: set one, or "
+        "use --config.calibration.split=train"
       )
-    folder = os.path.join(data.root, "validation")
-    if not os.path.isdir(folder):
+    folder = os.path.join(data.root, "validation") if data.name == "folder" else None
+    if folder is not None and not held_out and not os.path.isdir(folder):
       raise FileNotFoundError(
         f"calibration split 'validation': {folder!r} does not exist. Put normal images the "
         f"model did not train on in {os.path.join(folder, 'good')}/ (and, for method 'f1', "
-        f"anomalous ones in {os.path.join(folder, '<defect>')}/), or use "
+        f"anomalous ones in {os.path.join(folder, '<defect>')}/), or hold out a share of the "
+        "training images with --config.data.validation_fraction=0.2, or use "
         "--config.calibration.split=train"
       )
   return data_lib.get_source(config.data, split)
@@ -399,7 +406,10 @@ def for_eval(config, workdir: str, step: int, test_scores, test_labels, **model)
   Returns:
     ``{}`` when there is no calibration to report (no section and none stored, or fitting
     failed: logged as a warning, the evaluation itself goes on); otherwise ``threshold``,
-    ``threshold_method``, ``threshold_split`` and the ``threshold_*`` metrics.
+    ``threshold_method``, ``threshold_split``, ``threshold_num_normal`` (the normal images it
+    was fitted on), ``threshold_nominal_FPR`` (``1 - quantile``, for ``normal_quantile``) and
+    the ``threshold_*`` metrics on the test split (``threshold_FPR``: the share of its normal
+    images flagged).
   """
   stored = load(workdir, step)
   if config.get("calibration", None) is not None and not is_current(stored, config):
@@ -413,7 +423,12 @@ def for_eval(config, workdir: str, step: int, test_scores, test_labels, **model)
     "threshold": float(stored["threshold"]),
     "threshold_method": stored["method"],
     "threshold_split": stored["split"],
+    "threshold_num_normal": int(stored.get("num_normal", 0)),
   }
+  if stored["method"] == "normal_quantile":
+    # About this share of unseen normal images should score above a quantile threshold; the
+    # test normals' threshold_FPR says whether they do.
+    out["threshold_nominal_FPR"] = 1.0 - float(stored["quantile"])
   out.update(threshold_report(test_scores, test_labels, stored["threshold"]))
   return out
 

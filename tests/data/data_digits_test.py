@@ -5,6 +5,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 from dmad_jax.data import digits_sources, parse_protocol
+from dmad_jax.data.digits import _digits_uint8
 
 CLASS_COUNTS = np.bincount(load_digits().target)  # 1797 images, 174..183 per digit.
 
@@ -97,3 +98,29 @@ def test_native_size_keeps_the_original_pixels():
 def test_invalid_arguments(kwargs):
   with pytest.raises(ValueError):
     digits_sources(**kwargs)
+
+
+def test_validation_split_is_a_labelled_stratified_share_of_the_train_part():
+  plain = digits_sources(normal_digits=(1, 3, 5, 7, 9))
+  src = digits_sources(normal_digits=(1, 3, 5, 7, 9), validation_fraction=0.2)
+  train, val, test = src["train"], src["validation"], src["test"]
+  # The test split does not move; train and validation split the train part between them.
+  np.testing.assert_array_equal(test.ids, plain["test"].ids)
+  part = np.setdiff1d(np.arange(CLASS_COUNTS.sum()), test.ids)
+  assert not np.intersect1d(train.ids, val.ids).size and not np.intersect1d(val.ids, test.ids).size
+  np.testing.assert_array_equal(np.union1d(train.ids, val.ids[val.labels == 0]), plain["train"].ids)
+  assert np.isin(val.ids, part).all()
+  # Validation holds every digit, ~20% of each digit's train part, labelled as the test split.
+  part_counts = CLASS_COUNTS - np.bincount(test.digits, minlength=10)
+  np.testing.assert_allclose(np.bincount(val.digits, minlength=10) / part_counts, 0.2, atol=0.01)
+  np.testing.assert_array_equal(val.labels, (val.digits % 2 == 0).astype(np.int32))
+  assert set(train.digits.tolist()) == {1, 3, 5, 7, 9} and train.labels.max() == 0
+  np.testing.assert_array_equal(val.images, _digits_uint8(32, 1)[0][val.ids])
+  # Seeded: the same call gives the same split, another seed another one.
+  again = digits_sources(normal_digits=(1, 3, 5, 7, 9), validation_fraction=0.2)["validation"]
+  other = digits_sources(normal_digits=(1, 3, 5, 7, 9), validation_fraction=0.2, seed=1)
+  np.testing.assert_array_equal(again.ids, val.ids)
+  assert not np.array_equal(other["validation"].ids, val.ids)
+  assert "validation" not in plain
+  with pytest.raises(ValueError, match="validation_fraction"):
+    digits_sources(normal_digits=(1,), validation_fraction=1.0)

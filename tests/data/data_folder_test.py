@@ -140,3 +140,49 @@ def test_bad_arguments(tree):
     FolderSource(tree, "val", image_size=8)
   with pytest.raises(ValueError, match="validate"):
     FolderSource(tree, "train", image_size=8, validate="yes")
+
+
+def _write_goods(root, n):
+  good = root / "train" / "good"
+  good.mkdir(parents=True)
+  for i in range(n):
+    Image.fromarray(_rand((8, 8, 3))).save(good / f"{i:03d}.png")
+  (root / "test" / "good").mkdir(parents=True)
+  Image.fromarray(_rand((8, 8, 3))).save(root / "test" / "good" / "t.png")
+  return root
+
+
+def test_validation_fraction_holds_a_seeded_share_of_train_good_out_of_training(tmp_path):
+  root = _write_goods(tmp_path / "ds", 10)
+  whole = FolderSource(root, "train", image_size=8).paths
+  train = FolderSource(root, "train", image_size=8, validation_fraction=0.2)
+  val = FolderSource(root, "validation", image_size=8, validation_fraction=0.2)
+  assert (len(train), len(val)) == (8, 2)
+  assert sorted(train.paths + val.paths) == whole and not set(train.paths) & set(val.paths)
+  assert train.paths == sorted(train.paths) and val.labels.tolist() == [0, 0]
+  assert "2 of the 10 images of train/good held out for validation" in val.describe()
+  # Deterministic for a seed, another seed holds out other images; the test split is untouched.
+  again = FolderSource(root, "validation", image_size=8, validation_fraction=0.2, seed=0)
+  assert again.paths == val.paths
+  others = {
+    tuple(FolderSource(root, "validation", image_size=8, validation_fraction=0.2, seed=s).paths)
+    for s in range(1, 6)
+  }
+  assert others - {tuple(val.paths)}
+  test = FolderSource(root, "test", image_size=8, validation_fraction=0.2)
+  assert len(test) == 1
+  # At least one image is held out, and at least one is left to train on.
+  assert len(FolderSource(root, "validation", image_size=8, validation_fraction=0.01)) == 1
+  one = _write_goods(tmp_path / "one", 1)
+  with pytest.raises(ValueError, match="1 image.*validation_fraction") as info:
+    FolderSource(one, "train", image_size=8, validation_fraction=0.2)
+  assert str(one / "train" / "good") in str(info.value)
+
+
+def test_a_validation_folder_takes_precedence_over_the_fraction(tmp_path):
+  root = _write_goods(tmp_path / "ds", 10)
+  (root / "validation" / "good").mkdir(parents=True)
+  Image.fromarray(_rand((8, 8, 3))).save(root / "validation" / "good" / "v.png")
+  train = FolderSource(root, "train", image_size=8, validation_fraction=0.2)
+  val = FolderSource(root, "validation", image_size=8, validation_fraction=0.2)
+  assert len(train) == 10 and [p.rsplit("/", 1)[-1] for p in val.paths] == ["v.png"]
