@@ -339,7 +339,7 @@ def main(argv):
       f"{100 * result['threshold_FPR']:.1f}% of the test split's normal images"
       + (f" (nominal {100 * nominal:.1f}%)" if nominal is not None else "")
     )
-  print(f"metrics: {os.path.join(os.path.abspath(workdir), 'eval', 'metrics.json')}")
+  print(f"metrics: {os.path.join(job.output_dir(workdir, result['split']), 'metrics.json')}")
   print(f"figures: {result.get('panel')}\n         {result.get('histogram')}")
 
 

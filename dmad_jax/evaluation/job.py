@@ -36,6 +36,11 @@ config, the step's threshold is fitted on the named split and stored in its chec
 when it is missing or was made with other settings; with a stored threshold the metrics add
 ``threshold``, ``threshold_method``, ``threshold_split`` and ``threshold_precision`` / ``_recall``
 / ``_F1`` / ``_FPR`` on the test labels (reported, never used to fit).
+
+Choosing settings: ``eval.split="validation"`` scores the validation split instead (images held
+out of training, see :func:`dmad_jax.data.get_source`) into ``<workdir>/eval_validation/``, with
+the same metrics and baselines and no threshold, so that settings are compared there and the
+test split is only reported (``experiments/select_digits_defaults.py``).
 """
 
 from __future__ import annotations
@@ -77,13 +82,37 @@ EVAL_DEFAULTS = {
   # on the training split and scored on the test split: reported as baseline_image_AUROC_<name>
   # (dmad_jax.evaluation.baselines). Reads the training split.
   "baselines": False,
+  # The split scored: "test", or "validation" (images held out of training, see
+  # dmad_jax.data.get_source) to compare settings without looking at the test split; its
+  # outputs go to <workdir>/eval_validation/ and it fits no decision threshold.
+  "split": "test",
 }
 TEST_SELECTED = "_test_selected"
+EVAL_SPLITS = ("test", "validation")
 
 
 def settings(config) -> dict:
-  """``config.eval`` checked and merged into :data:`EVAL_DEFAULTS`."""
-  return schema.section(config, "eval", EVAL_DEFAULTS)
+  """``config.eval`` checked and merged into :data:`EVAL_DEFAULTS`.
+
+  Raises:
+    ConfigError: for an unknown key or split, or ``test_selected`` with a split other than test.
+  """
+  out = schema.section(config, "eval", EVAL_DEFAULTS)
+  if out["split"] not in EVAL_SPLITS:
+    raise schema.ConfigError(
+      f"config.eval.split must be one of {EVAL_SPLITS}, got {out['split']!r}"
+    )
+  if out["test_selected"] and out["split"] != "test":
+    raise schema.ConfigError(
+      "config.eval.test_selected reports the authors' test-informed protocols, which need "
+      f"config.eval.split='test' (got {out['split']!r})"
+    )
+  return out
+
+
+def output_dir(workdir: str, split: str = "test") -> str:
+  """Where the eval job writes: ``<workdir>/eval`` (test split) or ``<workdir>/eval_<split>``."""
+  return os.path.join(os.path.abspath(workdir), "eval" if split == "test" else f"eval_{split}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +174,9 @@ class Evaluator:
     self.workdir = os.path.abspath(workdir)
     self.settings = settings(config)
     self.detector = get_detector(config)
-    self.test = data_lib.get_source(config.data, "test")
+    self.split = self.settings["split"]
+    # The scored split: the test split unless config.eval.split names another.
+    self.test = data_lib.get_source(config.data, self.split)
     self.spec = self.test.element_spec
     self.has_masks = "mask" in self.spec
     self.mesh = sharding.make_mesh(config.get("mesh", None))
@@ -306,7 +337,7 @@ class Evaluator:
   def write(self, step: int, result: dict, scored: Scored) -> dict:
     """Writes the metrics, scores and figures of ``step`` (process 0); returns the result with
     the figures' paths."""
-    outdir = os.path.join(self.workdir, "eval")
+    outdir = output_dir(self.workdir, self.split)
     os.makedirs(outdir, exist_ok=True)
     if self.settings["test_selected"]:
       result.update(self._best_checkpoint(outdir, step, result))
@@ -396,25 +427,29 @@ class Evaluator:
           self.config.model_name,
         )
     scored = self.score(variables)
-    result = {**self.metrics(scored), "step": int(step)}
+    result = {**self.metrics(scored), "step": int(step), "split": self.split}
     # The step's decision threshold (fitted first on its named split when the config has a
     # calibration section) and its precision / recall / F1 on the test labels, for information.
-    result.update(
-      calibration.for_eval(
-        self.config,
-        self.workdir,
-        step,
-        scored.scores["score"],
-        scored.labels,
-        runner=self.runner,
-        variables=variables,
-        pixel_key=self.detector.pixel_map,
-      )
-    )
+    # A validation pass leaves it alone: that split may be the one it is fitted on.
+    if self.split == "test":
+      result.update(self._threshold(step, scored, variables))
     if jax.process_index() == 0:
       result = self.write(step, result, scored)
       log.info("eval step %d: %s", step, json.dumps({k: result[k] for k in sorted(result)}))
     return result
+
+  def _threshold(self, step: int, scored: Scored, variables) -> dict:
+    """The step's threshold and its precision / recall / F1 / FPR on the test labels."""
+    return calibration.for_eval(
+      self.config,
+      self.workdir,
+      step,
+      scored.scores["score"],
+      scored.labels,
+      runner=self.runner,
+      variables=variables,
+      pixel_key=self.detector.pixel_map,
+    )
 
 
 def evaluate(config, workdir: str, step: int | None = None) -> dict:

@@ -8,7 +8,9 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from dmad_jax import data as data_lib
 from dmad_jax.configs import load_module
+from dmad_jax.configs.schema import ConfigError
 from dmad_jax.evaluation import job
 from dmad_jax.train import train_and_evaluate
 
@@ -30,6 +32,28 @@ def test_watch_compiles_the_predict_program_once_for_three_checkpoints(tmp_path)
   # Traced once, and one executable in jit's cache: the three checkpoints shared one program.
   assert evaluator.runner.traces == 1
   assert evaluator.runner._jit._cache_size() == 1
+
+  # Settings are compared on the validation split: the same job scores it into eval_validation/
+  # (its own images, counts and scores), fits no threshold and leaves the test results alone.
+  with open(os.path.join(workdir, "eval", "metrics.json")) as f:
+    test_metrics = f.read()
+  config.eval.split = "validation"
+  val = job.evaluate(config, workdir, 3)
+  source = data_lib.get_source(config.data, "validation")
+  assert (val["split"], val["num_test"]) == ("validation", len(source))
+  assert (val["num_normal"], val["num_anomalous"]) == (
+    int((source.labels == 0).sum()),
+    int((source.labels == 1).sum()),
+  )
+  assert val["image_AUROC"] != results[3]["image_AUROC"] and "threshold" not in val
+  with np.load(os.path.join(workdir, "eval_validation", "scores_3.npz")) as f:
+    assert len(f["score"]) == len(source)
+  with open(os.path.join(workdir, "eval", "metrics.json")) as f:
+    assert f.read() == test_metrics
+  assert results[3]["split"] == "test" and "threshold_FPR" in results[3]
+  config.eval.test_selected = True
+  with pytest.raises(ConfigError, match="test_selected.*eval.split='test'"):
+    job.Evaluator(config, workdir)
 
 
 def _write_folder(root, n_train=8):

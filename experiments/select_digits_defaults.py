@@ -1,0 +1,137 @@
+"""Chooses the image-mode settings of ``configs/digits_pdm.py`` on the validation split only.
+
+  python experiments/select_digits_defaults.py [--candidates base,codes8,...] [--json]
+
+The digits protocol (odd digits normal) holds a stratified 20% of its train part out of training
+as a labelled validation split (``config.data.validation_fraction``). Each candidate below (a
+named set of config overrides: model size, code book size, training length) is trained from
+scratch, then scored on the validation split by the eval job (``--config.eval.split=validation``)
+with each score weight ``score.alpha`` of :data:`ALPHAS` (the fused score is the reconstruction
+error plus alpha times the deformation error; alpha = 0 is ``image_AUROC_rec``). The classical
+baselines are scored on the same validation images. The candidate and alpha with the highest
+validation image AUROC are chosen, and only that one is evaluated on the test split.
+
+Writes ``experiments/results/digits_selection.json`` with ``--json``: every candidate's
+overrides, wall time, validation AUROCs (fused for each alpha, reconstruction only, deformation
+only) and baselines, the choice, and the chosen run's test metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+
+import jax
+
+from dmad_jax.configs import load
+from dmad_jax.evaluation import job
+from dmad_jax.train import train_and_evaluate
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+OUT = os.path.join(HERE, "results", "digits_selection.json")
+
+# Candidate name -> config overrides (dotted keys). "base" is configs/digits_pdm.py as it is.
+CANDIDATES = {
+  "base": {},
+  "codes8": {"model.num_codes": 8},
+  "codes64": {"model.num_codes": 64},
+  "steps1200": {"total_steps": 1200, "checkpoint_every_steps": 600},
+  "narrow_code": {"model.channels": (16, 32, 64, 16)},
+  "wide_offsets": {"model.max_offsets": (4.0, 6.0)},
+}
+ALPHAS = (0.1, 0.3, 1.0, 3.0)
+
+
+def _config(overrides: dict, **extra):
+  config = load(os.path.join(ROOT, "configs", "digits_pdm.py"))
+  for key, value in {**overrides, **extra}.items():
+    node = config
+    *path, leaf = key.split(".")
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+def _auroc_keys(result: dict) -> dict:
+  return {k: v for k, v in result.items() if "AUROC" in k and not isinstance(v, str)}
+
+
+def run_candidate(name: str, overrides: dict, workroot: str) -> dict:
+  workdir = os.path.join(workroot, name)
+  shutil.rmtree(workdir, ignore_errors=True)
+  t0 = time.time()
+  train_and_evaluate(_config(overrides), workdir)
+  train_s = time.time() - t0
+  out = {"overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}}
+  out["train_seconds"] = round(train_s, 1)
+  validation = {}
+  for i, alpha in enumerate(ALPHAS):
+    config = _config(overrides, **{"eval.split": "validation", "score.alpha": alpha})
+    config.eval.baselines = i == 0  # once: they do not depend on the model
+    result = job.evaluate(config, workdir)
+    if i == 0:
+      validation.update(
+        {k: v for k, v in _auroc_keys(result).items() if k != "image_AUROC"},
+        num_normal=result["num_normal"],
+        num_anomalous=result["num_anomalous"],
+      )
+    validation[f"image_AUROC_alpha_{alpha}"] = result["image_AUROC"]
+  out["validation"] = validation
+  return out
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--candidates", default=",".join(CANDIDATES))
+  parser.add_argument("--workroot", default=os.path.join(ROOT, "runs", "digits_selection"))
+  parser.add_argument("--json", action="store_true", help=f"store the result in {OUT}")
+  a = parser.parse_args()
+  names = a.candidates.split(",")
+  unknown = sorted(set(names) - set(CANDIDATES))
+  if unknown:
+    raise SystemExit(f"unknown candidates {unknown}; known: {', '.join(CANDIDATES)}")
+  jax.config.update("jax_compilation_cache_dir", os.path.join(a.workroot, "jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
+  logging.getLogger("absl").setLevel(logging.WARNING)
+
+  runs = {}
+  for name in names:
+    runs[name] = run_candidate(name, CANDIDATES[name], a.workroot)
+    print(name, json.dumps(runs[name]["validation"]), flush=True)
+  choices = [
+    (r["validation"][f"image_AUROC_alpha_{alpha}"], name, alpha)
+    for name, r in runs.items()
+    for alpha in ALPHAS
+  ]
+  best, name, alpha = max(choices)
+  # The chosen run on the test split, reported once.
+  config = _config(CANDIDATES[name], **{"score.alpha": alpha})
+  test = job.evaluate(config, os.path.join(a.workroot, name))
+  result = {
+    "command": " ".join(["python", "experiments/select_digits_defaults.py", *sys.argv[1:]]),
+    "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+    "protocol": str(config.data.protocol),
+    "selection": "highest validation image AUROC over candidates x score.alpha",
+    "alphas": list(ALPHAS),
+    "candidates": runs,
+    "chosen": {"candidate": name, "score.alpha": alpha, "validation_image_AUROC": best},
+    "test": {**_auroc_keys(test), "num_normal": test["num_normal"], "step": test["step"]},
+  }
+  print(json.dumps(result["chosen"]), json.dumps(result["test"]), sep="\n")
+  if a.json:
+    with open(OUT, "w") as f:
+      json.dump(result, f, indent=2)
+      f.write("\n")
+
+
+if __name__ == "__main__":
+  main()
