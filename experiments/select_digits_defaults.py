@@ -1,13 +1,13 @@
 """Chooses the image-mode settings of ``configs/digits_pdm.py`` on the validation split only.
 
-  python experiments/select_digits_defaults.py [--candidates base,codes8,...] [--json]
+  python experiments/select_digits_defaults.py [--candidates base,codes8,...] [--reuse] [--json]
 
 The digits protocol (odd digits normal) holds a stratified 20% of its train part out of training
 as a labelled validation split (``config.data.validation_fraction``). Each candidate below (a
 named set of config overrides: model size, code book size, training length) is trained from
 scratch, then scored on the validation split by the eval job (``--config.eval.split=validation``)
 with each score weight ``score.alpha`` of :data:`ALPHAS` (the fused score is the reconstruction
-error plus alpha times the deformation error; alpha = 0 is ``image_AUROC_rec``). The classical
+error plus alpha times the deformation error; alpha = 0 is the reconstruction alone). The classical
 baselines are scored on the same validation images. The candidate and alpha with the highest
 validation image AUROC are chosen, and only that one is evaluated on the test split.
 
@@ -38,15 +38,25 @@ ROOT = os.path.dirname(HERE)
 OUT = os.path.join(HERE, "results", "digits_selection.json")
 
 # Candidate name -> config overrides (dotted keys). "base" is configs/digits_pdm.py as it is.
+# The 2x2 code adds an encoder level (CoordConv blocks of 2 then divide every level's size).
+_CODE_2X2 = {"model.channels": (16, 32, 64, 64, 32), "model.coord_blocks": 2}
 CANDIDATES = {
   "base": {},
   "codes8": {"model.num_codes": 8},
-  "codes64": {"model.num_codes": 64},
   "steps1200": {"total_steps": 1200, "checkpoint_every_steps": 600},
   "narrow_code": {"model.channels": (16, 32, 64, 16)},
-  "wide_offsets": {"model.max_offsets": (4.0, 6.0)},
+  "narrow_code8": {"model.channels": (16, 32, 64, 8)},
+  "narrow_code_codes32": {"model.channels": (16, 32, 64, 16), "model.num_codes": 32},
+  "narrow_code_steps1200": {
+    "model.channels": (16, 32, 64, 16),
+    "total_steps": 1200,
+    "checkpoint_every_steps": 600,
+  },
+  "code2x2": _CODE_2X2,
+  "code2x2_codes8": {**_CODE_2X2, "model.num_codes": 8},
+  "code2x2_wide_offsets": {**_CODE_2X2, "model.max_offsets": (4.0, 6.0)},
 }
-ALPHAS = (0.1, 0.3, 1.0, 3.0)
+ALPHAS = (0.0, 0.1, 0.3, 1.0)
 
 
 def _config(overrides: dict, **extra):
@@ -64,14 +74,23 @@ def _auroc_keys(result: dict) -> dict:
   return {k: v for k, v in result.items() if "AUROC" in k and not isinstance(v, str)}
 
 
-def run_candidate(name: str, overrides: dict, workroot: str) -> dict:
+def run_candidate(name: str, overrides: dict, workroot: str, reuse: bool = False) -> dict:
   workdir = os.path.join(workroot, name)
-  shutil.rmtree(workdir, ignore_errors=True)
-  t0 = time.time()
-  train_and_evaluate(_config(overrides), workdir)
-  train_s = time.time() - t0
   out = {"overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}}
-  out["train_seconds"] = round(train_s, 1)
+  record = os.path.join(workdir, "candidate.json")
+  done = None
+  if reuse and os.path.exists(record):
+    with open(record) as f:
+      done = json.load(f)
+  if done is not None and done["overrides"] == out["overrides"]:
+    out["train_seconds"] = done["train_seconds"]  # trained by an earlier run of this script
+  else:
+    shutil.rmtree(workdir, ignore_errors=True)
+    t0 = time.time()
+    train_and_evaluate(_config(overrides), workdir)
+    out["train_seconds"] = round(time.time() - t0, 1)
+    with open(record, "w") as f:
+      json.dump(out, f)
   validation = {}
   for i, alpha in enumerate(ALPHAS):
     config = _config(overrides, **{"eval.split": "validation", "score.alpha": alpha})
@@ -93,6 +112,11 @@ def main() -> None:
   parser.add_argument("--candidates", default=",".join(CANDIDATES))
   parser.add_argument("--workroot", default=os.path.join(ROOT, "runs", "digits_selection"))
   parser.add_argument("--json", action="store_true", help=f"store the result in {OUT}")
+  parser.add_argument(
+    "--reuse",
+    action="store_true",
+    help="keep a candidate's run from an earlier call with the same overrides (no retraining)",
+  )
   a = parser.parse_args()
   names = a.candidates.split(",")
   unknown = sorted(set(names) - set(CANDIDATES))
@@ -105,7 +129,7 @@ def main() -> None:
 
   runs = {}
   for name in names:
-    runs[name] = run_candidate(name, CANDIDATES[name], a.workroot)
+    runs[name] = run_candidate(name, CANDIDATES[name], a.workroot, a.reuse)
     print(name, json.dumps(runs[name]["validation"]), flush=True)
   choices = [
     (r["validation"][f"image_AUROC_alpha_{alpha}"], name, alpha)
