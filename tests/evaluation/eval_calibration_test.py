@@ -35,6 +35,7 @@ def test_image_configs_fit_the_threshold_on_images_held_out_of_training():
   ):
     c = load_module(os.path.join(CONFIGS, name)).get_config(arg)
     assert c.data.validation_fraction == common.VALIDATION_FRACTION, name
+    assert c.data.seed == 0, name  # which images are held out: a key users can set
     assert calibration.settings(c) == {
       "method": "normal_quantile",
       "split": "validation",
