@@ -1,10 +1,11 @@
 """``configs/folder_pdm.py`` on a small folder of your own, through the installed ``dmad`` script.
 
-  python experiments/folder_own_data.py [--train 50] [--json]
+  python experiments/folder_own_data.py [--train 50] [--order shuffled,ordered] [--draws 3] [--json]
 
 Writes a folder in the MVTec-style layout from scikit-learn's handwritten digits (real 8x8
 scans, saved as 32x32 PNG files): ``train/good`` holds ``--train`` images of the digit 1,
-``test/good`` 100 more ones and ``test/other_digit`` 100 other digits. Then runs, as a user
+``test/good`` 100 more ones (``--order``: drawn at random, ``--draws`` times with seeds 0, 1, ...,
+or in the data set's order) and ``test/other_digit`` 100 other digits. Then runs, as a user
 would, ``dmad train`` and ``dmad eval`` with the config's full recipe (Ped2 widths, 100 epochs of
 the training images, the decision threshold fitted on the 20% of ``train/good`` held out of
 training), and records the training plan the log states, the wall time of each command, the
@@ -37,13 +38,14 @@ OUT = os.path.join(HERE, "results", "folder_own_data.json")
 N_TEST = 100  # normal and anomalous test images each (scikit-learn has 182 ones)
 
 
-def write_folder(root: str, n_train: int) -> dict:
+def write_folder(root: str, n_train: int, order: str, seed: int = 0) -> dict:
   digits = load_digits()
   images = (digits.images * (255.0 / 16.0)).astype(np.uint8)
   ones = np.flatnonzero(digits.target == 1)
   others = np.flatnonzero(digits.target != 1)
-  rng = np.random.default_rng(0)
-  others = rng.permutation(others)
+  others = np.random.default_rng(0).permutation(others)
+  if order == "shuffled":
+    ones = np.random.default_rng(seed).permutation(ones)
   split = {
     ("train", "good"): ones[:n_train],
     ("test", "good"): ones[n_train : n_train + N_TEST],
@@ -68,11 +70,43 @@ def run(args: list[str], cwd: str) -> tuple[float, str]:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--train", type=int, default=50, help="training images")
+  parser.add_argument(
+    "--order",
+    default="shuffled,ordered",
+    help="how the ones are split between train/ and test/, comma-separated runs: 'shuffled' "
+    "(a seeded permutation: train and test normals are exchangeable) or 'ordered' (the data "
+    "set's order: the first ones train, the next ones test, as this script did before)",
+  )
   parser.add_argument("--json", action="store_true", help=f"store the result in {OUT}")
+  parser.add_argument(
+    "--draws", type=int, default=3, help="'shuffled' folders drawn (seeds 0..draws-1)"
+  )
   a = parser.parse_args()
+  runs = {}
+  for order in a.order.split(","):
+    for seed in range(a.draws) if order == "shuffled" else (0,):
+      name = f"shuffled, draw {seed}" if order == "shuffled" else order
+      runs[name] = one_run(a.train, order, seed)
+      print(name, json.dumps(runs[name]["threshold"]), flush=True)
+  result = {
+    "command": "python experiments/folder_own_data.py"
+    + (f" --train {a.train}" if a.train != 50 else "")
+    + (f" --order {a.order}" if a.order != "shuffled,ordered" else "")
+    + (f" --draws {a.draws}" if a.draws != 3 else ""),
+    "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+    "runs": runs,
+  }
+  print(json.dumps(result, indent=2))
+  if a.json:
+    with open(OUT, "w") as f:
+      json.dump(result, f, indent=2)
+      f.write("\n")
+
+
+def one_run(n_train: int, order: str, seed: int) -> dict:
   work = tempfile.mkdtemp(prefix="dmad_folder_")
   try:
-    counts = write_folder(os.path.join(work, "data"), a.train)
+    counts = write_folder(os.path.join(work, "data"), n_train, order, seed)
     config = f"{ROOT}/configs/folder_pdm.py:root={work}/data,image_size=32,channels=1"
     train_s, log = run(["train", f"--config={config}", "--workdir=run"], work)
     plan = re.search(r"training plan: (.*)", log).group(1)
@@ -85,10 +119,7 @@ def main() -> None:
       on_train = json.load(f)
   finally:
     shutil.rmtree(work, ignore_errors=True)
-  result = {
-    "command": "python experiments/folder_own_data.py"
-    + (f" --train {a.train}" if a.train != 50 else ""),
-    "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+  return {
     "folder": counts,
     "training_plan": plan,
     "train_seconds": round(train_s, 1),
@@ -105,11 +136,6 @@ def main() -> None:
       for split, m in (("validation (held out, default)", metrics), ("train", on_train))
     },
   }
-  print(json.dumps(result, indent=2))
-  if a.json:
-    with open(OUT, "w") as f:
-      json.dump(result, f, indent=2)
-      f.write("\n")
 
 
 if __name__ == "__main__":
