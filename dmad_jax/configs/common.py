@@ -37,9 +37,10 @@ THRESHOLD_QUANTILE = 0.99
 
 def set_held_out_threshold(c, fraction: float = VALIDATION_FRACTION) -> None:
   """Holds ``fraction`` of the training images out as the validation split
-  (``c.data.validation_fraction``, chosen with ``c.data.seed``) and fits the decision threshold there: the
-  ``THRESHOLD_QUANTILE`` quantile of its normal images' scores (dmad_jax.evaluation.calibration;
-  ``--config.calibration.split=train`` is the training-split quantile)."""
+  (``c.data.validation_fraction``, chosen with ``c.data.seed``) and fits the decision threshold
+  there: the ``THRESHOLD_QUANTILE`` quantile of its normal images' scores
+  (dmad_jax.evaluation.calibration; ``--config.calibration.split=train`` is the training-split
+  quantile)."""
   import ml_collections
 
   c.data.validation_fraction = float(fraction)
