@@ -447,6 +447,8 @@ class FolderSource(ImageListSource):
     labels: int32 ``(N,)`` array, 0 for ``good`` and 1 otherwise.
     mask_paths: test split of a folder with ``ground_truth/``: the mask of every record (None for
       ``good`` images); otherwise None.
+    held_out: whether this train or validation split is a share of ``train/good`` held out by
+      ``validation_fraction`` (the folder has no ``validation/``).
   """
 
   def __init__(
