@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dmad_jax.configs import common
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The console script pip installed next to this interpreter (what `make` puts in .venv/bin).
 DMAD = os.path.join(os.path.dirname(sys.executable), "dmad")
@@ -146,6 +148,8 @@ def test_every_config_loads_through_the_installed_script(name, tmp_path):
     assert config["model_name"] in (
       "pdm", "daad", "daad_plus", "ppdm", "rd", "ard", "igd", "igd_kd", "mnad"
     )  # fmt: skip
+    # Every key the eval job reads is in the section, so each can be set on the command line.
+    assert set(config["eval"]) >= set(common.EVAL_DEFAULTS), sorted(config["eval"])
   if arg is not None:
     # Without its required arg the config says which arg to pass, in its own words.
     missing = dmad("config", f"--config={os.path.join(ROOT, 'configs', name)}", cwd=elsewhere)
@@ -153,6 +157,15 @@ def test_every_config_loads_through_the_installed_script(name, tmp_path):
     assert f"configs/{name} needs the config arg" in missing.stderr, missing.stderr[-2000:]
     assert "--config configs/" in missing.stderr
     assert "ModuleNotFoundError" not in missing.stderr and "ImportError" not in missing.stderr
+
+
+def test_an_eval_setting_that_a_config_docstring_names_is_accepted_on_the_command_line():
+  # configs/ped2_pdm.py documents --config.eval.test_selected=True (dmad locks the config, so a
+  # key missing from the section was refused with a KeyError).
+  flag = "--config.eval.test_selected=True"
+  out = dmad("config", "--config=configs/ped2_pdm.py:root=/data/ped2", flag, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert json.loads(out.stdout)["eval"]["test_selected"] is True
 
 
 @pytest.mark.slow

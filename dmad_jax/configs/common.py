@@ -12,6 +12,8 @@ import difflib
 import re
 from collections.abc import Mapping, Sequence
 
+import ml_collections
+
 FLAGS = ("runlocal",)
 
 
@@ -167,3 +169,40 @@ def video_data(
       resize="cv2_bilinear",
     )
   )
+
+
+# Every key the eval job reads from ``config.eval`` (dmad_jax.evaluation.job), with its default.
+EVAL_DEFAULTS = {
+  "batch_size": 64,
+  "figure_samples": 6,
+  "recipe": "none",
+  "aupro_fpr_limit": 0.3,
+  "save_pixel_maps": False,
+  # The authors' test-informed protocols, reported next to the standard metrics and always
+  # named ..._test_selected: scores scaled with test-set ranges (Detector.test_selected_scores),
+  # the best of the scores the authors report (Detector.reported_best_of), and the best
+  # checkpoint on the test split among those evaluated so far (DMAD-PDM's selection).
+  "test_selected": False,
+  # Classical detectors on raw pixels (KDE, k-NN, PCA, one-class SVM, isolation forest), fitted
+  # on the training split and scored on the test split: reported as baseline_image_AUROC_<name>
+  # (dmad_jax.evaluation.baselines). Reads the training split.
+  "baselines": False,
+  # The split scored: "test", or "validation" (images held out of training, see
+  # dmad_jax.data.get_source) to compare settings without looking at the test split; its
+  # outputs go to <workdir>/eval_validation/ and it fits no decision threshold.
+  "split": "test",
+}
+
+
+def eval_section(**values) -> ml_collections.ConfigDict:
+  """``config.eval`` with every key of :data:`EVAL_DEFAULTS`, ``values`` replacing defaults: a
+  config whose section lacks a key cannot take it on the command line
+  (``--config.eval.test_selected=True``), as ``dmad`` locks the config it loads.
+
+  Raises:
+    KeyError: for a key the eval job does not read.
+  """
+  unknown = sorted(set(values) - set(EVAL_DEFAULTS))
+  if unknown:
+    raise KeyError(f"eval_section: unknown keys {unknown}; known: {sorted(EVAL_DEFAULTS)}")
+  return ml_collections.ConfigDict({**EVAL_DEFAULTS, **values})

@@ -112,7 +112,7 @@ def paper_config(image_size: int = 256, channels: int = 3) -> ml_collections.Con
   c.keep_checkpoints = 3
   c.nonfinite = "stop"
   c.eval_at_end = False
-  c.eval = ml_collections.ConfigDict(dict(batch_size=8, figure_samples=6))
+  c.eval = common.eval_section(batch_size=8, figure_samples=6)
   return c
 
 

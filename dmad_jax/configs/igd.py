@@ -120,7 +120,7 @@ def recipe(
   c.keep_checkpoints = 3
   c.nonfinite = "stop"
   c.eval_at_end = False
-  c.eval = ml_collections.ConfigDict(dict(batch_size=8, figure_samples=6))
+  c.eval = common.eval_section(batch_size=8, figure_samples=6)
   return c
 
 

@@ -60,7 +60,7 @@ def video_base(
   c.nonfinite = "stop"
   c.eval_at_end = False
   # Batches of 8 frames scored one after another (the memory update is sequential).
-  c.eval = ml_collections.ConfigDict(dict(batch_size=8, figure_samples=6, recipe="mnad"))
+  c.eval = common.eval_section(batch_size=8, figure_samples=6, recipe="mnad")
   if runlocal:
     c.model.channels = (8, 8, 16, 16)
     c.model.gen_features = 8

@@ -141,7 +141,7 @@ def ppdm_base(a: dict, *, model_name: str, epochs: int, batch_size: int, data=No
   c.keep_checkpoints = 2
   c.nonfinite = "stop"
   c.eval_at_end = False
-  c.eval = ml_collections.ConfigDict(dict(batch_size=8, figure_samples=6))
+  c.eval = common.eval_section(batch_size=8, figure_samples=6)
   return c
 
 

@@ -99,7 +99,7 @@ def base(runlocal: bool = False) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.nonfinite = "stop"
   c.eval_at_end = False
-  c.eval = ml_collections.ConfigDict(dict(batch_size=128, figure_samples=6))
+  c.eval = common.eval_section(batch_size=128, figure_samples=6)
 
   if runlocal:
     c.model.channels = (8, 8, 16, 16)

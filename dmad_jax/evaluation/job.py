@@ -55,7 +55,7 @@ import jax
 import numpy as np
 
 from dmad_jax import data as data_lib
-from dmad_jax.configs import schema
+from dmad_jax.configs import common, schema
 from dmad_jax.evaluation import baselines, calibration, figures, metrics, video
 from dmad_jax.evaluation.inference import Runner
 from dmad_jax.models import base as models_base
@@ -67,26 +67,9 @@ from dmad_jax.train.writers import MetricWriter
 log = logging.getLogger("dmad_jax")
 
 # config.eval, with its defaults.
-EVAL_DEFAULTS = {
-  "batch_size": 64,
-  "figure_samples": 6,
-  "recipe": "none",
-  "aupro_fpr_limit": 0.3,
-  "save_pixel_maps": False,
-  # The authors' test-informed protocols, reported next to the standard metrics and always
-  # named ..._test_selected: scores scaled with test-set ranges (Detector.test_selected_scores),
-  # the best of the scores the authors report (Detector.reported_best_of), and the best
-  # checkpoint on the test split among those evaluated so far (DMAD-PDM's selection).
-  "test_selected": False,
-  # Classical detectors on raw pixels (KDE, k-NN, PCA, one-class SVM, isolation forest), fitted
-  # on the training split and scored on the test split: reported as baseline_image_AUROC_<name>
-  # (dmad_jax.evaluation.baselines). Reads the training split.
-  "baselines": False,
-  # The split scored: "test", or "validation" (images held out of training, see
-  # dmad_jax.data.get_source) to compare settings without looking at the test split; its
-  # outputs go to <workdir>/eval_validation/ and it fits no decision threshold.
-  "split": "test",
-}
+# Every key of config.eval with its default; the configs' eval sections hold all of them
+# (dmad_jax.configs.common.eval_section), so that any one can be set on the command line.
+EVAL_DEFAULTS = common.EVAL_DEFAULTS
 TEST_SELECTED = "_test_selected"
 EVAL_SPLITS = ("test", "validation")
 
