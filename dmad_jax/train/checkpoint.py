@@ -15,6 +15,7 @@ a step and is deleted when the next training run opens the manager.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 
@@ -42,13 +43,21 @@ _VARIABLES = ("params", "batch_stats")
 # Arrays whose slices would be smaller than this are written whole by one replica; big ones
 # (memory banks, a WideResNet teacher) are still split.
 MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL = 1 << 20
-ocp.type_handlers.register_type_handler(
-  jax.Array,
-  ocp.type_handlers.ArrayHandler(
-    min_slice_bytes_for_replica_parallel=MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL
-  ),
-  override=True,
-)
+# The override is deliberate; orbax logs a warning for it ("Type handler registry type ...
+# overriding jax.Array") that every `import dmad_jax.train` would print, so it is silenced here.
+_absl_logger = logging.getLogger("absl")
+_absl_level = _absl_logger.level
+_absl_logger.setLevel(logging.ERROR)
+try:
+  ocp.type_handlers.register_type_handler(
+    jax.Array,
+    ocp.type_handlers.ArrayHandler(
+      min_slice_bytes_for_replica_parallel=MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL
+    ),
+    override=True,
+  )
+finally:
+  _absl_logger.setLevel(_absl_level)
 
 
 class CheckpointMismatchError(ValueError):
