@@ -187,3 +187,39 @@ def experiment_script():
     return module
 
   return load
+
+
+@pytest.fixture
+def run_notebook(tmp_path, monkeypatch):
+  """``run(name) -> (summary, pictures)``: ``colab/<name>`` executed top to bottom in a fresh
+  kernel (cwd ``colab/``, as a user opens it from a checkout) with its small settings
+  (``DMAD_NOTEBOOK_SMALL=1``) and its work directory under ``tmp_path``; ``summary`` is the
+  ``summary.json`` its last cell writes there (what the notebook computed), ``pictures`` the
+  number of images its cells displayed."""
+  import json
+
+  import nbformat
+  from nbclient import NotebookClient
+
+  def run(name):
+    workdir = tmp_path / name.removesuffix(".ipynb")
+    monkeypatch.setenv("DMAD_NOTEBOOK_SMALL", "1")
+    monkeypatch.setenv("DMAD_NOTEBOOK_WORKDIR", str(workdir))
+    monkeypatch.delenv("DMAD_REPO", raising=False)  # found from the working directory, colab/
+    nb = nbformat.read(_os.path.join(ROOT, "colab", name), as_version=4)
+    NotebookClient(
+      nb,
+      timeout=600,
+      kernel_name="python3",
+      resources={"metadata": {"path": _os.path.join(ROOT, "colab")}},
+    ).execute()
+    pictures = sum(
+      "image/png" in o.get("data", {})
+      for c in nb.cells
+      if c.cell_type == "code"
+      for o in c.get("outputs", [])
+    )
+    with open(workdir / "summary.json") as f:
+      return json.load(f), pictures
+
+  return run
