@@ -24,7 +24,7 @@ $(VENV)/.installed-runtime: pyproject.toml | $(PY)
 
 $(VENV)/.installed-test: pyproject.toml | $(PY)
 	$(PIP) install --no-compile -e '.[test,tfds,tensorboard]' $(QUIET)
-	$(PY) -c "import dmad_jax, torch, pytest, xdist, hypothesis, chex, tensorflow_datasets; import importlib.util as u; assert u.find_spec('torchvision')"
+	$(PY) -c "import dmad_jax, torch, pytest, xdist, hypothesis, chex, tensorflow_datasets, skimage, nbclient; import importlib.util as u; assert u.find_spec('torchvision')"
 	touch $@ $(VENV)/.installed-runtime
 
 # The main job on real data that ships with scikit-learn: train DMAD-PDM on odd digits, run the
