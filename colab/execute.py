@@ -2,12 +2,13 @@
 
   .venv/bin/python colab/execute.py                      # every notebook, full settings
   .venv/bin/python colab/execute.py video.ipynb          # one notebook
-  DMAD_NOTEBOOK_SMALL=1 .venv/bin/python colab/execute.py --no-save quickstart.ipynb
+  DMAD_NOTEBOOK_SMALL=1 .venv/bin/python colab/execute.py --out /tmp/nb quickstart.ipynb
 
 The committed notebooks hold the outputs of this command's full run (pictures included); the
-test suite runs the same notebooks with small settings (``DMAD_NOTEBOOK_SMALL=1``) in a temporary
-work directory and asserts on what they compute. Each notebook runs in a fresh kernel whose
-working directory is ``colab/``, as when a user opens it from a checkout.
+test suite runs the same notebooks through this script with small settings
+(``DMAD_NOTEBOOK_SMALL=1``, ``--out``) in a temporary work directory and asserts on what they
+compute. Each notebook runs in a fresh kernel whose working directory is ``colab/``, as when a
+user opens it from a checkout.
 """
 
 import argparse
@@ -35,6 +36,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("notebooks", nargs="*", help="file names in colab/ (default: all)")
   parser.add_argument("--no-save", action="store_true", help="run without storing the outputs")
+  parser.add_argument("--out", help="write the executed notebooks to this folder instead")
   args = parser.parse_args(argv)
   names = args.notebooks or sorted(os.path.basename(p) for p in glob.glob(f"{HERE}/*.ipynb"))
   for name in names:
@@ -42,7 +44,10 @@ def main(argv=None):
     start = time.time()
     print(f"{name}: running ...", flush=True)
     nb = execute(path)
-    if not args.no_save:
+    if args.out:
+      os.makedirs(args.out, exist_ok=True)
+      nbformat.write(nb, os.path.join(args.out, os.path.basename(name)))
+    elif not args.no_save:
       nbformat.write(nb, path)
     print(f"{name}: done in {time.time() - start:.0f} s", flush=True)
 

@@ -190,29 +190,31 @@ def experiment_script():
 
 
 @pytest.fixture
-def run_notebook(tmp_path, monkeypatch):
-  """``run(name) -> (summary, pictures)``: ``colab/<name>`` executed top to bottom in a fresh
-  kernel (cwd ``colab/``, as a user opens it from a checkout) with its small settings
-  (``DMAD_NOTEBOOK_SMALL=1``) and its work directory under ``tmp_path``; ``summary`` is the
-  ``summary.json`` its last cell writes there (what the notebook computed), ``pictures`` the
+def run_notebook(tmp_path):
+  """``run(name) -> (summary, pictures)``: ``colab/<name>`` run top to bottom by
+  ``colab/execute.py`` (a fresh kernel, cwd ``colab/``, as a user runs it) with its small
+  settings (``DMAD_NOTEBOOK_SMALL=1``) and its work directory under ``tmp_path``; ``summary`` is
+  the ``summary.json`` its last cell writes there (what the notebook computed), ``pictures`` the
   number of images its cells displayed."""
   import json
 
   import nbformat
-  from nbclient import NotebookClient
 
   def run(name):
-    workdir = tmp_path / name.removesuffix(".ipynb")
-    monkeypatch.setenv("DMAD_NOTEBOOK_SMALL", "1")
-    monkeypatch.setenv("DMAD_NOTEBOOK_WORKDIR", str(workdir))
-    monkeypatch.delenv("DMAD_REPO", raising=False)  # found from the working directory, colab/
-    nb = nbformat.read(_os.path.join(ROOT, "colab", name), as_version=4)
-    NotebookClient(
-      nb,
-      timeout=600,
-      kernel_name="python3",
-      resources={"metadata": {"path": _os.path.join(ROOT, "colab")}},
-    ).execute()
+    workdir, out = tmp_path / name.removesuffix(".ipynb"), tmp_path / "executed"
+    env = {k: v for k, v in _os.environ.items() if k not in ("DMAD_REPO", "PYTHONPATH")}
+    env.update(DMAD_NOTEBOOK_SMALL="1", DMAD_NOTEBOOK_WORKDIR=str(workdir))
+    script = _os.path.join(ROOT, "colab", "execute.py")
+    proc = _subprocess.run(
+      [_sys.executable, script, "--out", str(out), name],
+      cwd=tmp_path,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=900,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    nb = nbformat.read(out / name, as_version=4)
     pictures = sum(
       "image/png" in o.get("data", {})
       for c in nb.cells
