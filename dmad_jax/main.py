@@ -345,6 +345,11 @@ def main(argv):
 
 def run():
   """Console-script entry point (``dmad``)."""
+  # absl's --help prints the docstring of the __main__ module, and the console script's wrapper
+  # has none (`dmad --help` printed a bare "USAGE: dmad [flags]"): give it the command list.
+  main_module = sys.modules.get("__main__")
+  if main_module is not None and not (main_module.__doc__ or "").strip():
+    main_module.__doc__ = usage() + "\n\n`dmad COMMAND --helpfull` lists every flag."
   app.run(main, argv=sys.argv)
 
 

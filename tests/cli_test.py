@@ -159,6 +159,15 @@ def test_every_config_loads_through_the_installed_script(name, tmp_path):
     assert "ModuleNotFoundError" not in missing.stderr and "ImportError" not in missing.stderr
 
 
+def test_help_lists_the_commands(tmp_path):
+  for args in (("--help",), ("train", "--help")):
+    out = dmad(*args, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout + out.stderr
+    assert "dmad train --config FILE[:ARG] --workdir DIR" in text, text[-2000:]
+    assert "dmad predict" in text and "dmad export" in text and "--helpfull" in text
+
+
 def test_an_eval_setting_that_a_config_docstring_names_is_accepted_on_the_command_line():
   # configs/ped2_pdm.py documents --config.eval.test_selected=True (dmad locks the config, so a
   # key missing from the section was refused with a KeyError).
