@@ -162,8 +162,7 @@ def test_every_config_loads_through_the_installed_script(name, tmp_path):
 def test_help_lists_the_commands(tmp_path):
   for args in (("--help",), ("train", "--help")):
     out = dmad(*args, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-2000:]
-    text = out.stdout + out.stderr
+    text = out.stdout + out.stderr  # (absl's --help exits with status 1)
     assert "dmad train --config FILE[:ARG] --workdir DIR" in text, text[-2000:]
     assert "dmad predict" in text and "dmad export" in text and "--helpfull" in text
 
