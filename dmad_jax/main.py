@@ -349,7 +349,7 @@ def run():
   # has none (`dmad --help` printed a bare "USAGE: dmad [flags]"): give it the command list.
   main_module = sys.modules.get("__main__")
   if main_module is not None and not (main_module.__doc__ or "").strip():
-    main_module.__doc__ = usage() + "\n\n`dmad COMMAND --helpfull` lists every flag."
+    main_module.__doc__ = usage()
   app.run(main, argv=sys.argv)
 
 
