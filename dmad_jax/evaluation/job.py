@@ -66,7 +66,6 @@ from dmad_jax.train.writers import MetricWriter
 
 log = logging.getLogger("dmad_jax")
 
-# config.eval, with its defaults.
 # Every key of config.eval with its default; the configs' eval sections hold all of them
 # (dmad_jax.configs.common.eval_section), so that any one can be set on the command line.
 EVAL_DEFAULTS = common.EVAL_DEFAULTS
