@@ -1,5 +1,9 @@
 """The notebooks of colab/ run top to bottom (small settings) and compute what they show."""
 
+import glob
+import os
+
+import nbformat
 import pytest
 
 
@@ -49,3 +53,17 @@ def test_own_images_notebook(run_notebook):
   assert len(summary["new_scores"]) == 6 and len(summary["new_is_anomalous"]) == 6
   assert summary["export_max_score_difference"] < 1e-5
   assert pictures >= 4  # the data, the heatmaps, the histogram, the new images
+
+
+def test_every_committed_notebook_holds_a_complete_run():
+  """The notebooks are committed with the outputs of a full run (colab/execute.py): every code
+  cell executed in order, no error, the pictures stored."""
+  paths = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "colab", "*.ipynb")))
+  assert len(paths) >= 5
+  for path in paths:
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), path
+    assert not [o for c in code for o in c.outputs if o.output_type == "error"], path
+    pictures = sum("image/png" in o.get("data", {}) for c in code for o in c.outputs)
+    assert pictures >= 2, path
