@@ -35,7 +35,6 @@ def execute(path: str, *, timeout: int = 1800) -> nbformat.NotebookNode:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("notebooks", nargs="*", help="file names in colab/ (default: all)")
-  parser.add_argument("--no-save", action="store_true", help="run without storing the outputs")
   parser.add_argument("--out", help="write the executed notebooks to this folder instead")
   args = parser.parse_args(argv)
   names = args.notebooks or sorted(os.path.basename(p) for p in glob.glob(f"{HERE}/*.ipynb"))
@@ -44,11 +43,11 @@ def main(argv=None):
     start = time.time()
     print(f"{name}: running ...", flush=True)
     nb = execute(path)
-    if args.out:
+    out = path
+    if args.out:  # a copy elsewhere; the committed notebook is left as it is
       os.makedirs(args.out, exist_ok=True)
-      nbformat.write(nb, os.path.join(args.out, os.path.basename(name)))
-    elif not args.no_save:
-      nbformat.write(nb, path)
+      out = os.path.join(args.out, os.path.basename(name))
+    nbformat.write(nb, out)
     print(f"{name}: done in {time.time() - start:.0f} s", flush=True)
 
 
