@@ -29,6 +29,16 @@ def set_duration(c, name: str, *, steps: int | None = None, epochs: float | None
       c[key] = value
 
 
+def set_compute(c, compute_dtype: str = "float32", remat: str = "none") -> None:
+  """The compute keys every config carries: ``c.compute_dtype``, the dtype convolutions,
+  matmuls and activations run in ("float32" or "bfloat16"; parameters, optimizer state,
+  statistics, losses and scores stay float32, see ``dmad_jax.nn.precision``), and ``c.remat``,
+  what the backward pass recomputes instead of keeping ("none" or "conv_outputs", see
+  ``dmad_jax.nn.remat``)."""
+  c.compute_dtype = compute_dtype
+  c.remat = remat
+
+
 # Image configs hold this share of the training images out of training (a folder without
 # validation/, or the digits' train part) and fit the decision threshold on its normal images:
 # the model has fitted its training images, so their scores sit below those of unseen normal

@@ -70,6 +70,7 @@ def paper_config(image_size: int = 256, channels: int = 3) -> ml_collections.Con
   """The paper's MVTec AD recipe for DAAD (apply a variant on top)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
+  common.set_compute(c)
   c.variant = "daad"
   c.model_name = "daad"
   c.data = ml_collections.ConfigDict(

@@ -58,6 +58,7 @@ def recipe(
     raise ValueError(f"unknown IGD variant {variant!r}; known: {', '.join(VARIANTS)}")
   c = ml_collections.ConfigDict()
   c.seed = 0
+  common.set_compute(c)
   c.model_name = "igd"
   c.data = ml_collections.ConfigDict(
     dict(name="folder", root="", image_size=image_size, channels=channels, validate=True)

@@ -21,6 +21,7 @@ def video_base(
   """
   c = ml_collections.ConfigDict()
   c.seed = 0
+  common.set_compute(c)
   c.param_dtype = "float32"
   c.model_name = "mnad"
   c.t_length = 5

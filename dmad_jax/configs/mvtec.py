@@ -72,6 +72,7 @@ def ppdm_base(a: dict, *, model_name: str, epochs: int, batch_size: int, data=No
   size = a["image_size"] or (64 if a["runlocal"] else 256)
   c = ml_collections.ConfigDict()
   c.seed = 111
+  common.set_compute(c)
   c.model_name = model_name
   if data is None:
     data = dict(

@@ -23,6 +23,7 @@ def base(runlocal: bool = False) -> ml_collections.ConfigDict:
   """
   c = ml_collections.ConfigDict()
   c.seed = 0
+  common.set_compute(c)
   # "float64" (with JAX_ENABLE_X64=1) runs the model in double precision, for numerics checks:
   # tests/train/sharding_test.py shows with it that a sharded run computes what one device does.
   c.param_dtype = "float32"

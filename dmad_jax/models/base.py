@@ -23,6 +23,10 @@ in ``batch_stats`` and used by the loss, e.g. IGD's Gaussian centre and width: t
 EM scheme); ``data_init`` (initial parameter values estimated from the training data, e.g.
 PDM's background template).
 
+Precision: ``config.compute_dtype`` ("float32" or "bfloat16") is the dtype modules compute in;
+a detector applies its Flax modules through :meth:`Detector.apply`, which keeps parameters,
+statistics, losses and scores in float32 (``dmad_jax.nn.precision``).
+
 Config: a detector reads only the sections it declares in ``config_sections`` (plus the top-level
 keys in ``config_keys``), each through :func:`dmad_jax.configs.schema.section`, which refuses an
 unknown key with the closest known one.
@@ -33,6 +37,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import difflib
+import functools
 import importlib
 import pkgutil
 from collections.abc import Mapping
@@ -44,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmad_jax.configs import schema
+from dmad_jax.nn import precision, remat
 from dmad_jax.ops import cpu_kernels
 
 __all__ = [
@@ -125,6 +131,9 @@ class Detector(abc.ABC):
   config_keys: ClassVar[tuple[str, ...]] = ()
   figure_rows: tuple[str, ...] = ("input",)
   pixel_map: str | None = None
+  # Top-level parameters that :meth:`apply` keeps in float32 whatever the compute dtype
+  # (parameters that are images, e.g. PDM's background templates).
+  float32_params: ClassVar[tuple[str, ...]] = ()
 
   def __init__(self, config):
     self.config = config
@@ -152,6 +161,32 @@ class Detector(abc.ABC):
     """Scores (and maps, pictures) of a batch, eval-mode."""
 
   # -- helpers -------------------------------------------------------------------------------
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    """The dtype the modules compute in (``config.compute_dtype``; float32 by default)."""
+    return precision.compute_dtype(self.config)
+
+  def apply(self, module, variables: dict, *args, **kwargs):
+    """``module.apply(variables, *args, **kwargs)`` in the compute dtype: the ``params``
+    collection (but :attr:`float32_params`) and the floating array arguments are cast to
+    :attr:`compute_dtype` and every floating output (mutated collections included) is cast
+    back to float32, so what a loss, a score or the optimizer sees is float32 (see
+    ``dmad_jax.nn.precision``). With ``config.remat`` set, the application is a
+    ``jax.checkpoint`` with that policy (``dmad_jax.nn.remat``). In float32 without remat it
+    is ``module.apply`` itself."""
+    dtype = self.compute_dtype
+    policy = remat.policy(self.config)
+    if dtype != jnp.float32:
+      args, kwargs = precision.cast_floating((args, kwargs), dtype)
+      variables = precision.for_compute(variables, dtype, keep=self.float32_params)
+    if policy is None:
+      out = module.apply(variables, *args, **kwargs)
+    else:  # only arrays pass through jax.checkpoint; flags and method names are closed over
+      out = jax.checkpoint(functools.partial(module.apply, **kwargs), policy=policy)(
+        variables, *args
+      )
+    return out if dtype == jnp.float32 else precision.cast_floating(out, jnp.float32)
+
   def compiled_init(self, fn, *args):
     """``fn(*args)`` as one compiled program (jitted once per detector and ``fn``) with the
     classic, not the partitionable, threefry: an ``init`` of many layers otherwise dispatches op

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import optax
 
 from dmad_jax.models import base
+from dmad_jax.nn import precision
 from dmad_jax.nn.fast_conv import FastConv
 from dmad_jax.nn.init import torch_default_bias_init, torch_default_kernel_init
 from dmad_jax.nn.layers import Conv, batch_norm, max_pool2
@@ -207,7 +208,8 @@ class DAAD(nn.Module):
       y = ConvBNReLU(self.channels[i], name=f"dec{i}_2")(y, train)
     y = ConvBNReLU(self.channels[0], name="head_1")(y, train)
     y = ConvBNReLU(self.channels[0], name="head_2")(y, train)
-    y = Conv(self.out_channels, 1, name="head_out")(y)
+    # The output image is computed in float32 whatever the compute dtype (nn.precision).
+    y = Conv(self.out_channels, 1, name="head_out")(precision.at_least_float32(y))
     if self.output_activation == "tanh":
       y = jnp.tanh(y)
     return {"reconstruction": y, "weights": weights}
@@ -393,7 +395,8 @@ class DAADDetector(base.Detector):
   def loss(self, params, batch_stats, batch, rng):
     """Training loss; returns (loss, (terms, new_batch_stats)). ``rng`` draws the flips."""
     x, target = self._inputs(rng, batch)
-    out, upd = self.generator.apply(
+    out, upd = self.apply(
+      self.generator,
       {"params": params["generator"], "batch_stats": batch_stats["generator"]},
       x,
       train=True,
@@ -408,7 +411,7 @@ class DAADDetector(base.Detector):
       "params": variables["params"]["generator"],
       "batch_stats": variables["batch_stats"]["generator"],
     }
-    return self.generator.apply(g_vars, x, train=False)["reconstruction"]
+    return self.apply(self.generator, g_vars, x, train=False)["reconstruction"]
 
   def predict(self, variables, batch) -> base.Prediction:
     """``scores`` {``score`` = ``rec`` = R(x)}, ``maps`` {``rec``: channel-mean squared error
@@ -501,7 +504,8 @@ class DAADPlusDetector(base.TwoPlayer, DAADDetector):
     ``sg`` of D's parameters and of ``f_D(x)``), so one backward pass gives both.
     """
     x, target = self._inputs(rng, batch)
-    out, g_upd = self.generator.apply(
+    out, g_upd = self.apply(
+      self.generator,
       {"params": params["generator"], "batch_stats": batch_stats["generator"]},
       x,
       train=True,
@@ -511,7 +515,7 @@ class DAADPlusDetector(base.TwoPlayer, DAADDetector):
     d_vars = {"params": params["discriminator"], "batch_stats": batch_stats["discriminator"]}
 
     def disc(variables, images):
-      return self.discriminator.apply(variables, images, train=True, mutable=["batch_stats"])
+      return self.apply(self.discriminator, variables, images, train=True, mutable=["batch_stats"])
 
     (logit_real, f_real), upd = disc(d_vars, target)
     (logit_fake, _), upd = disc({**d_vars, **upd}, jax.lax.stop_gradient(x_hat))
@@ -550,8 +554,8 @@ class DAADPlusDetector(base.TwoPlayer, DAADDetector):
       "batch_stats": variables["batch_stats"]["discriminator"],
     }
     (_, f), (_, f_hat) = (
-      self.discriminator.apply(d_vars, target, train=False),
-      self.discriminator.apply(d_vars, x_hat, train=False),
+      self.apply(self.discriminator, d_vars, target, train=False),
+      self.apply(self.discriminator, d_vars, x_hat, train=False),
     )
     ali = alignment_error(f, f_hat, self.score_ali_distance)
     return x_hat, reconstruction_error(target, x_hat), ali

@@ -41,7 +41,7 @@ import numpy as np
 from dmad_jax.models import base
 from dmad_jax.models import teacher as teacher_lib
 from dmad_jax.nn import init as init_lib
-from dmad_jax.nn import resnet
+from dmad_jax.nn import precision, resnet
 from dmad_jax.nn.layers import Conv, batch_norm
 from dmad_jax.ops.augment import random_flips
 from dmad_jax.ops.ssim import ms_ssim, ms_ssim_maps
@@ -132,6 +132,8 @@ class Decoder(nn.Module):
     for i, f in enumerate(self.blocks):
       h = UpBlock(f, name=f"block{i + 1}")(h, train)
     h = nn.relu(batch_norm(train, "bn_out")(h))
+    # The output image is computed in float32 whatever the compute dtype (nn.precision).
+    h = precision.at_least_float32(h)
     if self.kind == "global":
       return Conv(self.out_channels, 5, name="out_conv")(upsample2(h))
     return Conv(self.out_channels, 3, name="out_conv")(h)
@@ -561,17 +563,17 @@ class IGDDetector(base.TwoPlayer, base.Detector):
       v = jax.lax.stop_gradient(batch_stats[f"{branch}_encoder"])
       if branch == "global":
         v = {"params": {"resnet": v["params"]}, "batch_stats": {"resnet": v["batch_stats"]}}
-      return enc.apply(v, s, train=False), batch_stats[f"{branch}_encoder"]
+      return self.apply(enc, v, s, train=False), batch_stats[f"{branch}_encoder"]
     v = {"params": params[f"{branch}_encoder"], "batch_stats": batch_stats[f"{branch}_encoder"]}
     if not train:
-      return enc.apply(v, s, train=False), v["batch_stats"]
-    f, upd = enc.apply(v, s, train=True, mutable=["batch_stats"])
+      return self.apply(enc, v, s, train=False), v["batch_stats"]
+    f, upd = self.apply(enc, v, s, train=True, mutable=["batch_stats"])
     return f, upd["batch_stats"]
 
   def _latent(self, branch, params, batch_stats, s, *, train: bool):
     f, enc_stats = self._features(branch, params, batch_stats, s, train=train)
     gen_vars = {"params": params[f"{branch}_generator"]}
-    return self.generators[branch].apply(gen_vars, f, method=Generator.encode), enc_stats
+    return self.apply(self.generators[branch], gen_vars, f, method=Generator.encode), enc_stats
 
   # -- training ----------------------------------------------------------------------------
   def _branch_objective(self, b, params, batch_stats, x, rng):
@@ -581,11 +583,11 @@ class IGDDetector(base.TwoPlayer, base.Detector):
     z, enc_stats = self._latent(b, params, batch_stats, s, train=True)
     gen = self.generators[b]
     g_vars = {"params": params[f"{b}_generator"], "batch_stats": batch_stats[f"{b}_generator"]}
-    x_hat, upd = gen.apply(g_vars, z, train=True, mutable=["batch_stats"])
+    x_hat, upd = self.apply(gen, g_vars, z, train=True, mutable=["batch_stats"])
     alpha = jax.random.uniform(rng, (z.shape[0], 1), z.dtype, 0.0, float(cfg["alpha_max"]))
     partner = z[::-1] if cfg["partner"] == "flip_batch" else z[:, ::-1]
     z_mix = alpha * z + (1.0 - alpha) * partner
-    x_mix, upd = gen.apply({**g_vars, **upd}, z_mix, train=True, mutable=["batch_stats"])
+    x_mix, upd = self.apply(gen, {**g_vars, **upd}, z_mix, train=True, mutable=["batch_stats"])
 
     ms = ms_ssim(x_hat, s, data_range=L, **self.msssim[b])
     w = float(cfg["ssim_weight"])
@@ -595,13 +597,13 @@ class IGDDetector(base.TwoPlayer, base.Detector):
 
     critic = self.critics[b]
     c_params = params[f"{b}_critic"]
-    adv = jnp.mean(critic.apply({"params": jax.lax.stop_gradient(c_params)}, x_mix) ** 2)
+    adv = jnp.mean(self.apply(critic, {"params": jax.lax.stop_gradient(c_params)}, x_mix) ** 2)
     g_loss = recon + svdd + float(cfg["adv"]) * adv
 
     x_hat_sg, x_mix_sg = jax.lax.stop_gradient(x_hat), jax.lax.stop_gradient(x_mix)
     gamma = float(cfg["acai_gamma"])
-    pred_alpha = critic.apply({"params": c_params}, x_mix_sg)
-    blend = critic.apply({"params": c_params}, x_hat_sg + gamma * (s - x_hat_sg))
+    pred_alpha = self.apply(critic, {"params": c_params}, x_mix_sg)
+    blend = self.apply(critic, {"params": c_params}, x_hat_sg + gamma * (s - x_hat_sg))
     d_loss = jnp.mean((pred_alpha - alpha[:, 0]) ** 2) + jnp.mean(blend**2)
 
     terms = {
@@ -663,7 +665,7 @@ class IGDDetector(base.TwoPlayer, base.Detector):
     s = self._inputs(b, x, train=False)
     z, _ = self._latent(b, params, stats, s, train=False)
     g_vars = {"params": params[f"{b}_generator"], "batch_stats": stats[f"{b}_generator"]}
-    x_hat = self.generators[b].apply(g_vars, z, train=False)
+    x_hat = self.apply(self.generators[b], g_vars, z, train=False)
     g = stats[f"{b}_gsvdd"]
     svdd = gsvdd(z, g["c"], g["sigma"])
     l1 = self.score_cfg["patch_l1"] if b == "local" else "abs"
@@ -803,12 +805,14 @@ class IGDDistillation(base.Detector):
   def _errors(self, params, batch_stats, patches, train: bool):
     t = jax.lax.stop_gradient(batch_stats["teacher"])
     t = {"params": {"resnet": t["params"]}, "batch_stats": {"resnet": t["batch_stats"]}}
-    target = jax.lax.stop_gradient(self.trunk.apply(t, patches, train=False))
+    target = jax.lax.stop_gradient(self.apply(self.trunk, t, patches, train=False))
     v = {"params": params["encoder"], "batch_stats": batch_stats["encoder"]}
     if train:
-      f, upd = self.encoder.apply(v, patches, train=True, mutable=["batch_stats"])
+      f, upd = self.apply(self.encoder, v, patches, train=True, mutable=["batch_stats"])
       return jnp.mean((f - target) ** 2, axis=-1), upd["batch_stats"]
-    return jnp.mean((self.encoder.apply(v, patches, train=False) - target) ** 2, axis=-1), None
+    return jnp.mean(
+      (self.apply(self.encoder, v, patches, train=False) - target) ** 2, axis=-1
+    ), None
 
   def loss(self, params, batch_stats, batch, rng):
     images = random_flips(rng, batch["image"], horizontal=self.hflip, vertical=False)

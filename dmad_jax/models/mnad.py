@@ -309,7 +309,8 @@ class MNADDetector(base.Detector):
     del rng
     x, target = self.split(batch)
     items = batch_stats[MEMORY]["items"]
-    out, updates = self.module.apply(
+    out, updates = self.apply(
+      self.module,
       {"params": params, "batch_stats": self._bn(batch_stats)},
       x,
       items,
@@ -335,7 +336,8 @@ class MNADDetector(base.Detector):
   def _frame(self, variables, items, x, target):
     """Eval-mode outputs of one batch with memory ``items``: (prediction, query per record
     (B, h * w, D), -PSNR (B,), feature distance (B,), point score (B,))."""
-    out = self.module.apply(
+    out = self.apply(
+      self.module,
       {"params": variables["params"], "batch_stats": self._bn(variables["batch_stats"])},
       x,
       items,

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from dmad_jax.models import base
+from dmad_jax.nn import precision
 from dmad_jax.nn.coordconv import CoordConv
 from dmad_jax.nn.layers import Basic, Conv, Head, ResBlock, Upsample, batch_norm, max_pool2
 from dmad_jax.nn.quantize import VectorQuantizer
@@ -262,15 +263,17 @@ class PDM(nn.Module):
       template = jnp.where(is_frozen, jax.lax.stop_gradient(frozen), template)
     bkg = jax.lax.stop_gradient(template)
     if self.template_input:
-      x = jnp.concatenate([x, bkg], -1)
+      x = jnp.concatenate([x, bkg.astype(x.dtype)], -1)
 
     z, skips, mask = self.encoder(x, train)
     q, vq_aux = self.vq(z)
     ref, dec_mask = self.decoder(q, skips, train)
     if mask is None:
       mask = dec_mask
+    # Sampling coordinates are float32 whatever the compute dtype (dmad_jax.nn.precision).
     offsets = [
-      sampling.resize_bilinear(o, size, align_corners=True) for o in self.offset_net(x, train)
+      sampling.resize_bilinear(precision.at_least_float32(o), size, align_corners=True)
+      for o in self.offset_net(x, train)
     ]
 
     if mask is not None and self.aggregation == "additive":
@@ -695,6 +698,7 @@ class PDMDetector(base.Detector):
   figure_rows = ("input", "reference", "coarse", "fine")
   pixel_map = "rec"
   score_names = ("score", "rec", "df")
+  float32_params = ("template", "template_frozen")  # images: kept in float32 (nn.precision)
 
   def __init__(self, config):
     super().__init__(config)
@@ -725,7 +729,8 @@ class PDMDetector(base.Detector):
     """Training loss; returns (loss, (terms, new_batch_stats)). ``rng`` is unused by PDM."""
     del rng
     x, target = self.split(batch)
-    out, updates = self.module.apply(
+    out, updates = self.apply(
+      self.module,
       {"params": params, "batch_stats": batch_stats},
       x,
       train=True,
@@ -746,7 +751,9 @@ class PDMDetector(base.Detector):
       ``dmad_avenue`` / ``dmad_shanghai`` recipes, ``host_maps`` (see :func:`host_maps`).
     """
     x, target = self.split(batch)
-    out = self.module.apply(variables, x, train=False, template_index=batch.get("template_index"))
+    out = self.apply(
+      self.module, variables, x, train=False, template_index=batch.get("template_index")
+    )
     maps = anomaly_maps(out, target, self.distance)
     scores = image_scores(maps, kernel_size=self.kernel_size, alpha=self.alpha, reduce=self.reduce)
     # The prefixes are those of dmad_jax.evaluation.video.ERROR_PREFIX.

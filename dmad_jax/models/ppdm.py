@@ -142,7 +142,7 @@ class PPDM(nn.Module):
     attention: ARD's attention block in RD's OCBE ("none", "se", "eca", "cbam", "sspcab"; see
       ``dmad_jax.nn.rd.OCBE``); only without ``vq``.
     attention_position: where it sits in the OCBE ("fusion" or "embedding").
-    dtype: computation dtype.
+    dtype: computation dtype (the detector passes ``config.compute_dtype``).
   """
 
   arch: str = "wide_resnet50_2"
@@ -526,7 +526,11 @@ class PPDMDetector(base.Detector):
       random=bool(model.pop("random_teacher", False)),
       owner=self.name,
     )
-    self.module = PPDM(**model)
+    if "dtype" in model:
+      raise base.schema.ConfigError(
+        "config.model.dtype is set by config.compute_dtype ('float32' or 'bfloat16'); remove it"
+      )
+    self.module = PPDM(**model, dtype=self.compute_dtype)
     self.arch = self.module.arch
     self.deform = bool(self.module.deform)
     self.weights = LossWeights(**self.section("loss"))
@@ -598,7 +602,8 @@ class PPDMDetector(base.Detector):
     """
     del rng
     x = self.prepare(batch["image"])
-    out, upd = self.module.apply(
+    out, upd = self.apply(
+      self.module,
       {"params": params, "batch_stats": batch_stats["model"]},
       x,
       batch_stats["teacher"],
@@ -611,7 +616,8 @@ class PPDMDetector(base.Detector):
   # -- scores ------------------------------------------------------------------------------
   def outputs(self, variables, images):
     """``PPDM.__call__`` outputs for [-1, 1] images (eval-mode BatchNorm)."""
-    return self.module.apply(
+    return self.apply(
+      self.module,
       self._model_variables(variables),
       self.prepare(images),
       variables["batch_stats"]["teacher"],

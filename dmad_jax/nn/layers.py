@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dmad_jax.nn import precision
 from dmad_jax.nn.coordconv import CoordConv
 from dmad_jax.nn.fast_conv import FastConv, FastConvTranspose
 from dmad_jax.nn.init import torch_default_bias_init, torch_default_kernel_init
@@ -144,7 +145,9 @@ class Head(nn.Module):
     for _ in range(2):
       x = Conv(self.features, 3, use_bias=self.hidden_bias)(x)
       x = nn.relu(batch_norm(train)(x))
-    x = Conv(self.out_channels, 3, use_bias=True)(x)
+    # The output is an image (or a mask multiplying one): its convolution and activation run
+    # in float32 whatever the compute dtype (dmad_jax.nn.precision).
+    x = Conv(self.out_channels, 3, use_bias=True)(precision.at_least_float32(x))
     return jnp.tanh(x) if self.activation == "tanh" else nn.sigmoid(x)
 
 

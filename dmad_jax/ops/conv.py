@@ -25,12 +25,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from dmad_jax.ops import cpu_kernels
 
-__all__ = ["conv_general_dilated", "conv_transpose", "lhs_dilated_conv"]
+__all__ = ["CONV_OUTPUT", "conv_general_dilated", "conv_transpose", "lhs_dilated_conv"]
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
+# The name every convolution output here carries (``jax.ad_checkpoint.checkpoint_name``): a
+# rematerialisation policy that saves only these recomputes the cheap elementwise layers between
+# convolutions in the backward pass (``dmad_jax.nn.remat``). Without a policy it is the identity.
+CONV_OUTPUT = "conv_output"
 
 
 def conv_general_dilated(
@@ -51,7 +56,7 @@ def conv_general_dilated(
   rest = (feature_group_count, batch_group_count, precision, preferred_element_type)
   pads = _kernel_case(*args, *rest)
   if pads is None:
-    return lax.conv_general_dilated(*args, *rest)
+    return checkpoint_name(lax.conv_general_dilated(*args, *rest), CONV_OUTPUT)
   strides = tuple(int(s) for s in window_strides)
 
   def plain(x, w):
@@ -64,7 +69,7 @@ def conv_general_dilated(
       return plain(x, w)
     return _conv(x, w, strides, pads, precision)
 
-  return cpu_kernels.by_platform(cpu, plain, lhs, rhs)
+  return checkpoint_name(cpu_kernels.by_platform(cpu, plain, lhs, rhs), CONV_OUTPUT)
 
 
 def _kernel_case(lhs, rhs, strides, padding, lhs_dil, rhs_dil, dn, groups, batch_groups, _,
@@ -224,7 +229,7 @@ def conv_transpose(x, kernel, strides: Sequence[int], pads, precision=None):
       x, kernel, strides, pads, dimension_numbers=_NHWC, transpose_kernel=True, precision=precision
     )
 
-  return cpu_kernels.by_platform(phases, plain, x, kernel)
+  return checkpoint_name(cpu_kernels.by_platform(phases, plain, x, kernel), CONV_OUTPUT)
 
 
 def _input_grad(x_shape, w, strides, pads, precision, g):

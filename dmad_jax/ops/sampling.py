@@ -220,14 +220,22 @@ def _cpu_kernel_fwd(mode, padding_mode, align_corners, x, grid):
 def _xla_fwd(mode, padding_mode, align_corners, x, grid):
   """The samples in pure XLA: one gather per corner, fused into the weighted sum."""
   n, h, w, c = x.shape
-  rows, weights, _ = _corners(x.shape, grid, mode, padding_mode, align_corners)
+  acc = _accumulation_dtype(x, grid)
+  rows, weights, _ = _corners(x.shape, grid.astype(acc), mode, padding_mode, align_corners)
   flat = x.reshape(n, h * w, c)
   # One gather per corner (N, M, C), each fused into the weighted sum; rows outside the image
   # read as zeros.
   out = sum(
-    wk[..., None].astype(x.dtype) * _gather(flat, r) for r, wk in zip(rows, weights, strict=True)
+    wk[..., None].astype(acc) * _gather(flat, r).astype(acc)
+    for r, wk in zip(rows, weights, strict=True)
   )
-  return out.reshape(n, grid.shape[1], grid.shape[2], c)
+  return out.astype(x.dtype).reshape(n, grid.shape[1], grid.shape[2], c)
+
+
+def _accumulation_dtype(x, grid):
+  """Coordinates, weights and sums in at least float32 (a bfloat16 grid cannot address the
+  pixels of a 256-pixel row, and bfloat16 sums of four corners or of C channels lose digits)."""
+  return jnp.promote_types(jnp.promote_types(x.dtype, grid.dtype), jnp.float32)
 
 
 # Per image (H*W, C) rows; vmapped so the batch is a batching dimension of the gather/scatter.
@@ -261,21 +269,22 @@ def _cpu_kernel_bwd(mode, padding_mode, align_corners, x, grid, g):
 def _xla_bwd(mode, padding_mode, align_corners, x, grid, g):
   """Both gradients in pure XLA: scatter-adds for the image, fused gathers for the grid."""
   n, h, w, c = x.shape
-  rows, weights, terms = _corners(x.shape, grid, mode, padding_mode, align_corners)
-  g = g.reshape(n, -1, c)
+  acc = _accumulation_dtype(x, grid)
+  rows, weights, terms = _corners(x.shape, grid.astype(acc), mode, padding_mode, align_corners)
+  g = g.reshape(n, -1, c).astype(acc)
   # d out / d x: each output row is spread onto its source rows with the forward weights; one
   # scatter-add per corner into the same buffer (out-of-image rows are dropped).
-  gx = jnp.zeros((n, h * w, c), g.dtype)
+  gx = jnp.zeros((n, h * w, c), acc)
   for r, wk in zip(rows, weights, strict=True):
-    gx = _scatter_add(gx, r, wk[..., None].astype(g.dtype) * g)
-  gx = gx.reshape(x.shape)
+    gx = _scatter_add(gx, r, wk[..., None].astype(acc) * g)
+  gx = gx.astype(x.dtype).reshape(x.shape)
   if mode == "nearest":
     return gx, jnp.zeros_like(grid)
   tx, ty, mx, my = terms
   # d out / d(ix, iy) from the corner values (nw, ne, sw, se), then the chain rule through
   # unnormalisation, clipping and reflection (mx, my).
   flat = x.reshape(n, h * w, c)
-  v00, v01, v10, v11 = (jnp.sum(_gather(flat, r) * g, axis=-1) for r in rows)
+  v00, v01, v10, v11 = (jnp.sum(_gather(flat, r).astype(acc) * g, axis=-1) for r in rows)
   d_ix = (v01 - v00) * (1 - ty) + (v11 - v10) * ty
   d_iy = (v10 - v00) * (1 - tx) + (v11 - v01) * tx
   ggrid = jnp.stack([d_ix * mx, d_iy * my], -1).reshape(grid.shape).astype(grid.dtype)
@@ -305,6 +314,10 @@ def grid_sample(
       with respect to the grid is zero).
     padding_mode: "zeros", "border" or "reflection".
     align_corners: torch's ``align_corners``. DMAD uses True (the default here, unlike torch).
+
+  Precision: any floating ``x`` and ``grid``; coordinates, bilinear weights, the four-corner
+  sums and both gradients' accumulations are computed in at least float32 and the results are
+  returned in the inputs' dtypes (a bfloat16 image gives bfloat16 samples).
 
   Returns:
     (N, Ho, Wo, C) samples, with gradients with respect to ``x`` and ``grid`` equal to torch's.
@@ -394,9 +407,11 @@ def offsets_to_grid(
     clamp: clamp the grid to [-1, 1] (DMAD always does, so zero padding is never sampled).
 
   Returns:
-    (N, H, W, 2) grid = identity + offsets.
+    (N, H, W, 2) grid = identity + offsets, in at least float32 (bfloat16 offsets are promoted:
+    a bfloat16 coordinate near 1 is only 2^-8 precise, a pixel of a 256-pixel row).
   """
   offsets = jnp.asarray(offsets)
+  offsets = offsets.astype(jnp.promote_types(offsets.dtype, jnp.float32))
   if size is not None:
     offsets = resize_bilinear(offsets, size, align_corners=True)
   n, h, w, _ = offsets.shape

@@ -19,6 +19,7 @@ run by ``jax.eval_shape`` before compiling) and a checkpoint of another model
 from __future__ import annotations
 
 from dmad_jax.configs.schema import ConfigError, check_keys
+from dmad_jax.nn import precision, remat
 from dmad_jax.train import durations
 
 NONFINITE_MODES = ("stop", "skip")
@@ -27,6 +28,8 @@ PARAM_DTYPES = ("float32", "float64")
 TRAINER_KEYS = (
   "seed",
   "param_dtype",
+  "compute_dtype",
+  "remat",
   "model_name",
   "data",
   "optimizer",
@@ -94,6 +97,14 @@ def check_config(config, detector) -> None:
     problems.append(
       "config.param_dtype 'float64' needs 64-bit JAX: run with JAX_ENABLE_X64=1 in the environment"
     )
+  compute = config.get("compute_dtype", "float32")
+  if compute not in precision.DTYPES:
+    problems.append(
+      f"config.compute_dtype must be one of {tuple(precision.DTYPES)}, got {compute!r}"
+    )
+  policy = config.get("remat", "none")
+  if policy not in remat.POLICIES:
+    problems.append(f"config.remat must be one of {tuple(remat.POLICIES)}, got {policy!r}")
   data, model = config.get("data", None), config.get("model", None)
   if data is None:
     problems.append("config.data is missing")

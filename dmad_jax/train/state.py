@@ -24,6 +24,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
+from dmad_jax.nn import precision
 from dmad_jax.train import checkpoint, optim, sharding
 
 
@@ -52,11 +53,7 @@ def cast_floating(tree, dtype):
       "param_dtype float64 needs 64-bit JAX: set JAX_ENABLE_X64=1 in the environment (or "
       "jax.config.update('jax_enable_x64', True) before any array is created)"
     )
-
-  def cast(a):
-    return a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
-
-  return jax.tree.map(cast, tree)
+  return precision.cast_floating(tree, dtype)
 
 
 def variables_of(state) -> dict:

@@ -171,7 +171,13 @@ def test_unknown_data_key_is_named(folder_run, folder_data):
 
 def test_impossible_values_are_all_listed(digits_run):
   config = _digits(
-    batch_size=0, seed=-1, nonfinite="ignore", param_dtype="float16", **{"data.image_size": 64}
+    batch_size=0,
+    seed=-1,
+    nonfinite="ignore",
+    param_dtype="float16",
+    compute_dtype="float16",
+    remat="everything",
+    **{"data.image_size": 64},
   )
   with pytest.raises(preflight.ConfigError) as info:
     trainer.train_and_evaluate(config, digits_run.workdir)
@@ -181,6 +187,8 @@ def test_impossible_values_are_all_listed(digits_run):
     "config.seed must be an int in [0, 2**32), got -1",
     "config.nonfinite must be one of ('stop', 'skip'), got 'ignore'",
     "config.param_dtype must be one of ('float32', 'float64'), got 'float16'",
+    "config.compute_dtype must be one of ('float32', 'bfloat16'), got 'float16'",
+    "config.remat must be one of ('none', 'conv_outputs'), got 'everything'",
     "config.data.image_size (64) and config.model.image_size (32) differ",
   ):
     assert part in msg
