@@ -21,10 +21,17 @@ For each model at its paper configuration and batch size:
   ``t_lo / (t_lo + t_ar)`` at n = 8 (the fastest step and no overlap of communication with
   compute: the least favourable case for scaling under this model).
 
-Precision: every program here computes in float32 (bfloat16 compute is not built yet). ``P`` is
-the rate JAX's default precision runs float32 matrix products at: TF32 tensor cores on A100 and
-H100, single-pass bfloat16 MXU passes on TPU, i.e. their published bf16 peak. Projections assume
-peak rates and ignore kernel launch and input-pipeline costs, so real steps are slower.
+Precision: each program is costed twice, computing in float32 and with
+``config.compute_dtype = "bfloat16"`` (convolutions, matmuls and activations in bfloat16;
+parameters, optimizer state, statistics, losses and scores in float32: ``dmad_jax.nn.precision``).
+The FLOPs do not change; the pre-fusion bytes shrink less than the activations' halving
+suggests, since they count every operand of every operation, casts included. ``P`` is the same
+for both: the rate JAX's default
+precision runs float32 matrix products at is TF32 tensor cores on A100 and H100 and single-pass
+bfloat16 MXU passes on TPU, i.e. their published bf16 peak, so what bfloat16 compute buys in this
+model is the memory-bound upper end ``B / M`` (and the memory held). The gradients stay float32,
+so the all-reduce is the same. Projections assume peak rates and ignore kernel launch and
+input-pipeline costs, so real steps are slower.
 
 Writes ``experiments/results/roofline.json`` (with ``--json``) and prints a Markdown table.
 """
@@ -59,6 +66,7 @@ CHIPS = {
   "A100": {"flops": 156e12, "hbm": 2.039e12, "link": 300e9},
 }
 SCALE_TO = 8
+DTYPES = ("float32", "bfloat16")
 
 # Model name -> (config file, arg at the paper configuration, arg of the smallest config).
 # "{frames}" is a frame-dump skeleton this script makes (ShanghaiTech counts its scenes).
@@ -76,6 +84,7 @@ MODELS = {
   "daad_plus": ("mvtec_daad.py", "root=/d;category=bottle", "root=/d;category=bottle;runlocal"),
   "daad_video": ("ped2_daad.py", "root=/d", "root=/d;runlocal"),
   "igd": ("mvtec_igd.py", "root=/d;category=bottle", "root=/d;category=bottle;runlocal"),
+  "igd_kd": ("mvtec_igd_kd.py", "root=/d;category=bottle", "root=/d;category=bottle;runlocal"),
   "ard": ("dagm_ard.py", "root=/d;class=1", "root=/d;class=1;runlocal"),
   "mnad_ped2": ("ped2_mnad.py", "root=/d", "root=/d;runlocal"),
 }
@@ -119,22 +128,31 @@ def measure(name: str, smallest: bool, frames: str) -> dict:
   from dmad_jax.train.optim import learning_rate_schedule
   from dmad_jax.train.trainer import train_step
 
-  config = _config(name, smallest, frames)
-  detector = get_detector(config)
-  spec = data_lib.element_spec(config.data)
-  shapes = state_lib.abstract_variables(config, detector, spec)
-  tx = state_lib.optimizer(config, detector, spec, 100, shapes["params"])
-  state = state_lib.abstract(config, detector, spec, tx, variables=shapes)
-  batch_size = int(config.batch_size)
-  batch = {k: jax.ShapeDtypeStruct((batch_size, *s.shape), s.dtype) for k, s in spec.items()}
-  step = jax.jit(
-    functools.partial(
-      train_step, detector=detector, lr_schedule=learning_rate_schedule(config.optimizer, 100)
+  costs = {}
+  for dtype in DTYPES:
+    config = _config(name, smallest, frames)
+    config.compute_dtype = dtype
+    detector = get_detector(config)
+    spec = data_lib.element_spec(config.data)
+    shapes = state_lib.abstract_variables(config, detector, spec)
+    tx = state_lib.optimizer(config, detector, spec, 100, shapes["params"])
+    state = state_lib.abstract(config, detector, spec, tx, variables=shapes)
+    batch_size = int(config.batch_size)
+    batch = {k: jax.ShapeDtypeStruct((batch_size, *s.shape), s.dtype) for k, s in spec.items()}
+    step = jax.jit(
+      functools.partial(
+        train_step, detector=detector, lr_schedule=learning_rate_schedule(config.optimizer, 100)
+      )
     )
-  )
-  with cpu_kernels.lowering_for(("cuda",)):
-    train_flops, train_bytes = _cost(step.lower(state, batch))
-    predict_flops, predict_bytes = _cost(jax.jit(detector.predict).lower(shapes, batch))
+    with cpu_kernels.lowering_for(("cuda",)):
+      train_flops, train_bytes = _cost(step.lower(state, batch))
+      predict_flops, predict_bytes = _cost(jax.jit(detector.predict).lower(shapes, batch))
+    costs[dtype] = {
+      "train_flops": train_flops,
+      "train_bytes": train_bytes,
+      "predict_flops": predict_flops,
+      "predict_bytes": predict_bytes,
+    }
   params = sum(math.prod(p.shape) for p in jax.tree.leaves(shapes["params"]))
   return {
     "model": name,
@@ -143,11 +161,9 @@ def measure(name: str, smallest: bool, frames: str) -> dict:
     "batch_size": batch_size,
     "image_size": int(config.data.image_size),
     "parameters": int(params),
-    "train_flops": train_flops,
-    "train_bytes": train_bytes,
-    "predict_flops": predict_flops,
-    "predict_bytes": predict_bytes,
-    "gradient_bytes": 4 * int(params),
+    **costs["float32"],
+    "bfloat16": costs["bfloat16"],
+    "gradient_bytes": 4 * int(params),  # float32 gradients in either compute dtype
   }
 
 
@@ -168,8 +184,8 @@ def project(row: dict, chip: dict, n: int = SCALE_TO) -> dict:
 
 def table(rows: list[dict]) -> str:
   lines = [
-    "| model | batch | params | train GFLOP | train GB | predict GFLOP | grad MB | "
-    + " | ".join(f"{c} train ms (eff. x{SCALE_TO})" for c in CHIPS)
+    "| model | batch | params | train GFLOP | train GB f32 / bf16 | predict GFLOP | grad MB | "
+    + " | ".join(f"{c} train ms f32 / bf16 (eff. x{SCALE_TO})" for c in CHIPS)
     + " |",
     "|---" * (7 + len(CHIPS)) + "|",
   ]
@@ -179,14 +195,15 @@ def table(rows: list[dict]) -> str:
       str(r["batch_size"]),
       f"{r['parameters'] / 1e6:.2f}M",
       f"{r['train_flops'] / 1e9:.1f}",
-      f"{r['train_bytes'] / 1e9:.2f}",
+      f"{r['train_bytes'] / 1e9:.2f} / {r['bfloat16']['train_bytes'] / 1e9:.2f}",
       f"{r['predict_flops'] / 1e9:.1f}",
       f"{r['gradient_bytes'] / 1e6:.1f}",
     ]
     for chip in CHIPS:
-      p = r["projection"][chip]
+      p, p16 = r["projection"][chip], r["bfloat16"]["projection"][chip]
       lo, hi = p["train_step_s_lo"] * 1e3, p["train_step_s_hi"] * 1e3
-      cells.append(f"{lo:.1f}-{hi:.0f} ({p['efficiency']:.0%})")
+      lo16, hi16 = p16["train_step_s_lo"] * 1e3, p16["train_step_s_hi"] * 1e3
+      cells.append(f"{lo:.1f}-{hi:.0f} / {lo16:.1f}-{hi16:.0f} ({p['efficiency']:.0%})")
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -204,6 +221,8 @@ def main(argv=None) -> dict:
     for name in args.models.split(","):
       row = measure(name, args.smallest, frames)
       row["projection"] = {chip: project(row, spec) for chip, spec in CHIPS.items()}
+      bf16 = {**row["bfloat16"], "gradient_bytes": row["gradient_bytes"]}
+      row["bfloat16"]["projection"] = {chip: project(bf16, spec) for chip, spec in CHIPS.items()}
       rows.append(row)
       gflop, gb = row["train_flops"] / 1e9, row["train_bytes"] / 1e9
       print(f"{name}: train step {gflop:.2f} GFLOP, {gb:.3f} GB", file=sys.stderr)

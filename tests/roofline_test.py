@@ -25,6 +25,12 @@ def test_roofline_on_the_smallest_configs(capsys, experiment_script):
     assert r["train_flops"] > r["predict_flops"] > 0, name
     assert r["train_bytes"] > 0 and r["predict_bytes"] > 0, name
     assert r["gradient_bytes"] == 4 * r["parameters"] > 0, name
+    # bfloat16 compute: about the same FLOPs, and fewer bytes in training (activations are
+    # half as wide; the pre-fusion count also counts every cast, so predict steps of these tiny
+    # configs need not show it).
+    b = r["bfloat16"]
+    assert b["train_flops"] == pytest.approx(r["train_flops"], rel=0.1), name
+    assert b["train_bytes"] < r["train_bytes"], name
     for chip, spec in script.CHIPS.items():
       p = r["projection"][chip]
       lo = r["train_flops"] / spec["flops"]
@@ -44,3 +50,6 @@ def test_stored_table_covers_every_model_at_its_paper_configuration(experiment_s
   assert {r["model"] for r in stored["rows"]} == set(script.MODELS)
   ped2 = next(r for r in stored["rows"] if r["model"] == "pdm_ped2")
   assert (ped2["batch_size"], ped2["image_size"]) == (8, 256)
+  for r in stored["rows"]:  # both precisions, projected on every chip
+    assert r["bfloat16"]["train_bytes"] < r["train_bytes"], r["model"]
+    assert set(r["bfloat16"]["projection"]) == set(r["projection"]) == set(script.CHIPS)
