@@ -350,6 +350,10 @@ def run():
   main_module = sys.modules.get("__main__")
   if main_module is not None and not (main_module.__doc__ or "").strip():
     main_module.__doc__ = usage()
+  # The CPU compiler's memory-minimising scheduler, set before JAX starts (train/host_memory.py).
+  from dmad_jax.train import host_memory
+
+  host_memory.use_memory_scheduler()
   app.run(main, argv=sys.argv)
 
 

@@ -97,7 +97,7 @@ def initialize(
   )
 
 
-def compiled_everywhere(jitted, *args, name: str):
+def compiled_everywhere(jitted, *args, name: str, always: bool = False):
   """``jitted`` compiled for ``args`` (arrays or ``jax.ShapeDtypeStruct``), once every process
   has compiled it.
 
@@ -106,11 +106,13 @@ def compiled_everywhere(jitted, *args, name: str):
   between hosts, all the more with a persistent compilation cache that some hosts hit and others
   miss, so each process compiles first and all meet at a barrier of the coordination service
   (which waits as long as needed) before the program runs. With one process this is
-  ``jitted`` itself, compiled on its first call.
+  ``jitted`` itself, compiled on its first call, unless ``always`` (then it is compiled here).
   """
-  if jax.process_count() == 1:
+  if jax.process_count() == 1 and not always:
     return jitted
   compiled = jitted.lower(*args).compile()
+  if jax.process_count() == 1:
+    return compiled
   from orbax.checkpoint import multihost
 
   # A barrier of the coordination service's key-value store, not a collective.

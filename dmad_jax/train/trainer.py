@@ -27,7 +27,7 @@ from dmad_jax.evaluation.inference import Runner
 from dmad_jax.models import base as models_base
 from dmad_jax.models import get_detector
 from dmad_jax.ops import cpu_kernels
-from dmad_jax.train import checkpoint, distributed, durations, preflight, sharding
+from dmad_jax.train import checkpoint, distributed, durations, host_memory, preflight, sharding
 from dmad_jax.train import state as state_lib
 from dmad_jax.train.optim import learning_rate_schedule
 from dmad_jax.train.state import TrainState, variables_of
@@ -312,6 +312,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   if is_main:
     _write_config(config, workdir)
     durations.save(workdir, plan)
+  host_memory.release()  # what building the state left behind (init traces, restore buffers)
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
   log.info("model %s: %s trainable parameters", config.model_name, f"{n_params:,}")
   if is_main and latest is None:
@@ -368,7 +369,12 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         state = fitter(state)
       batch = sharding.global_batch(next(it), data_sh)
       if step == start + 1:
-        step_fn = distributed.compiled_everywhere(step_fn, state, batch, name="train_step")
+        # Compiled ahead, so that what compiling freed is returned before the first step runs
+        # (dmad_jax.train.host_memory).
+        step_fn = distributed.compiled_everywhere(
+          step_fn, state, batch, name="train_step", always=True
+        )
+        host_memory.release()
       state, metrics = step_fn(state, batch)
       loss, finite = jax.device_get((metrics["loss"], metrics["finite"]))
       if not finite:
