@@ -1,8 +1,10 @@
 """DMAD-PDM at Ped2 size (256x256, 12 -> 3 channels, 200 codes): train and eval step speed.
 
-  python experiments/bench_train.py [--repeats 5] [--rounds 3] [--no-torch] [--json]
+  python experiments/bench_train.py [--repeats 5] [--rounds 3] [--no-torch] [--cases A,B]
+                                    [--json [--out FILE]]
 
-``--json`` prints the result as JSON and stores it in experiments/results/bench_train.json.
+``--json`` prints the result as JSON and stores it in experiments/results/bench_train.json (or
+``--out``).
 
 Cases: train step at batch 1 and 4 (AdamW, donated state, the official Ped2 loss), eval step
 (forward + anomaly maps + scores) at batch 1, each set up as ``dmad train`` does: the state
@@ -271,6 +273,10 @@ def main():
   parser.add_argument("--json", action="store_true")
   parser.add_argument("--rounds", type=int, default=3, help="runs of each case per framework")
   parser.add_argument("--no-torch", dest="torch", action="store_false")
+  parser.add_argument("--cases", default=",".join(CASES), help="comma-separated subset")
+  parser.add_argument(
+    "--out", default=os.path.join(HERE, "results", "bench_train.json"), help="with --json"
+  )
   parser.add_argument("--case", choices=sorted(CASES), help=argparse.SUPPRESS)
   parser.add_argument(
     "--framework", choices=("jax", "torch", "flops"), default="jax", help=argparse.SUPPRESS
@@ -288,23 +294,26 @@ def main():
     print(json.dumps(run(args.case, args.repeats)))
     return
   peak = _matmul_peak_gflops()
-  rows = []
-  for name in CASES:
-    # Rounds alternate which framework goes first, and each framework's time is the median over
-    # rounds of its per-round medians: the machine's speed drifts over minutes.
-    runs = {"jax": [], "torch": []}
-    for r in range(args.rounds):
+  names = args.cases.split(",")
+  # Rounds are the outer loop, so that every case meets the machine's drift over minutes alike;
+  # within a round the frameworks alternate which goes first, and each time reported is the
+  # median over rounds of the per-round medians.
+  runs = {name: {"jax": [], "torch": []} for name in names}
+  for r in range(args.rounds):
+    for name in names:
       order = ("jax", "torch") if r % 2 == 0 else ("torch", "jax")
       for framework in order:
         if framework == "jax" or (args.torch and name in TWIN_CASES):
-          runs[framework].append(_child(name, args.repeats, framework))
+          runs[name][framework].append(_child(name, args.repeats, framework))
+  rows = []
+  for name in names:
     gflop = _flops_child(name) / 1e9
-    for run in runs["jax"]:
+    for run in runs[name]["jax"]:
       run["gflop_per_step"] = gflop
-    row = _summary(runs["jax"])
+    row = _summary(runs[name]["jax"])
     row["fraction_of_matmul_peak"] = row["gflops_per_s"] / peak
-    if runs["torch"]:
-      row["torch_twin"] = _summary(runs["torch"])
+    if runs[name]["torch"]:
+      row["torch_twin"] = _summary(runs[name]["torch"])
       row["speedup_vs_torch_twin"] = row["torch_twin"]["median_s"] / row["median_s"]
     if name in TORCH_REFERENCE_S:
       row["torch_reference_s"] = TORCH_REFERENCE_S[name]
@@ -316,9 +325,9 @@ def main():
     "matmul_peak_gflops_after": _matmul_peak_gflops(),
     "results": rows,
   }
+  result["command"] = "python experiments/bench_train.py " + " ".join(sys.argv[1:])
   if args.json:
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_train.json")
-    with open(path, "w") as f:
+    with open(args.out, "w") as f:
       json.dump(result, f, indent=2)
     print(json.dumps(result))
     return
