@@ -35,11 +35,8 @@ def test_many_devices_notebook(run_notebook):
   assert summary["device0_rows_alone"]["batch_stats_max_abs_diff"] > 100 * sharded
   assert 1.0 <= one_perplexity <= 8  # the runlocal code book has 8 codes
 
-  # bfloat16 compute runs once the package has config.compute_dtype (not yet).
-  if summary["compute_dtype_available"]:
-    assert summary["bfloat16"]["loss_rel_diff_to_float32"] < 0.1
-  else:
-    assert summary["bfloat16"] is None
+  # The same step in bfloat16 compute: its loss within bfloat16's precision of float32's.
+  assert 0 < summary["bfloat16"]["loss_rel_diff_to_float32"] < 1e-2
   train = summary["train"]
   assert train["steps"] == 2 and [r["step"] for r in train["log"]] == [1, 2]
   # train_and_evaluate's first step is the step above: same batch, same state.
