@@ -79,3 +79,19 @@ def test_exported_predictor_round_trip_on_the_accelerator(tmp_path):
   want = predictor.predict_inputs(images)
   got = loaded.predict_inputs(images)
   np.testing.assert_allclose(got["scores"]["score"], want["scores"]["score"], rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_train_step_on_the_accelerator(tmp_path):
+  """A 3-step run computing in bfloat16 on the accelerator (where bfloat16 is native): finite
+  losses within 5% of the float32 run's from the same seed, and a float32 checkpoint."""
+  f32, b16 = str(tmp_path / "f32"), str(tmp_path / "b16")
+  trainer.train_and_evaluate(_config(), f32)
+  trainer.train_and_evaluate(_config(compute_dtype="bfloat16"), b16)
+  losses16 = _losses(b16)
+  assert np.all(np.isfinite(losses16))
+  np.testing.assert_allclose(losses16, _losses(f32), rtol=0.05)
+  from dmad_jax.train import state as state_lib
+
+  state = state_lib.state_at(_config(compute_dtype="bfloat16"), b16)
+  kinds = {a.dtype for a in jax.tree.leaves(state.params)}
+  assert kinds == {np.dtype(np.float32)}
