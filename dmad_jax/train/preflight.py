@@ -97,14 +97,11 @@ def check_config(config, detector) -> None:
     problems.append(
       "config.param_dtype 'float64' needs 64-bit JAX: run with JAX_ENABLE_X64=1 in the environment"
     )
-  compute = config.get("compute_dtype", "float32")
-  if compute not in precision.DTYPES:
-    problems.append(
-      f"config.compute_dtype must be one of {tuple(precision.DTYPES)}, got {compute!r}"
-    )
-  policy = config.get("remat", "none")
-  if policy not in remat.POLICIES:
-    problems.append(f"config.remat must be one of {tuple(remat.POLICIES)}, got {policy!r}")
+  for read in (precision.compute_dtype, remat.policy):  # the rules live with what reads them
+    try:
+      read(config)
+    except ValueError as e:
+      problems.append(str(e))
   data, model = config.get("data", None), config.get("model", None)
   if data is None:
     problems.append("config.data is missing")

@@ -187,8 +187,8 @@ def test_impossible_values_are_all_listed(digits_run):
     "config.seed must be an int in [0, 2**32), got -1",
     "config.nonfinite must be one of ('stop', 'skip'), got 'ignore'",
     "config.param_dtype must be one of ('float32', 'float64'), got 'float16'",
-    "config.compute_dtype must be one of ('float32', 'bfloat16'), got 'float16'",
-    "config.remat must be one of ('none', 'conv_outputs'), got 'everything'",
+    "config.compute_dtype must be one of float32, bfloat16, got 'float16'",
+    "config.remat must be one of none, conv_outputs, got 'everything'",
     "config.data.image_size (64) and config.model.image_size (32) differ",
   ):
     assert part in msg
