@@ -40,6 +40,19 @@ OUT = os.path.join(HERE, "results", "digits_selection.json")
 # Candidate name -> config overrides (dotted keys). "base" is configs/digits_pdm.py as it is.
 # The 2x2 code adds an encoder level (CoordConv blocks of 2 then divide every level's size).
 _CODE_2X2 = {"model.channels": (16, 32, 64, 64, 32), "model.coord_blocks": 2}
+# One code per image (2x2 deepest level averaged, global coordinates): the decoder can only
+# produce num_codes references.
+_CODE_1X1 = {
+  "model.channels": (16, 32, 64, 64, 32),
+  "model.coord_blocks": 2,
+  "model.global_code": True,
+}
+_PROTO = {
+  **_CODE_1X1,
+  "model.num_codes": 32,
+  "model.mask_source": "none",
+  "model.offset_input": "input_reference",
+}
 CANDIDATES = {
   "base": {},
   "codes8": {"model.num_codes": 8},
@@ -55,8 +68,40 @@ CANDIDATES = {
   "code2x2": _CODE_2X2,
   "code2x2_codes8": {**_CODE_2X2, "model.num_codes": 8},
   "code2x2_wide_offsets": {**_CODE_2X2, "model.max_offsets": (4.0, 6.0)},
+  "code1x1_codes32": {**_CODE_1X1, "model.num_codes": 32},
+  "code1x1_nomask": {**_CODE_1X1, "model.num_codes": 32, "model.mask_source": "none"},
+  "code1x1_nomask_refoffsets": {
+    **_CODE_1X1,
+    "model.num_codes": 32,
+    "model.mask_source": "none",
+    "model.offset_input": "input_reference",
+  },
+  "narrow_code_nomask": {"model.mask_source": "none"},
+  "proto": _PROTO,
+  "proto_small_offsets": {**_PROTO, "model.max_offsets": (1.0, 1.5)},
+  "proto_codes64_dim8": {
+    **_PROTO,
+    "model.channels": (16, 32, 64, 64, 8),
+    "model.num_codes": 64,
+  },
+  "proto_offset_loss1": {**_PROTO, "loss.offset": 1.0},
+  "proto_ref_loss": {**_PROTO, "loss.reference": 1.0},
+  "proto_ref_loss_codes64": {**_PROTO, "loss.reference": 1.0, "model.num_codes": 64},
+  "proto_ref_loss_codes64_small_offsets": {
+    **_PROTO,
+    "loss.reference": 1.0,
+    "model.num_codes": 64,
+    "model.max_offsets": (1.0, 1.5),
+  },
 }
 ALPHAS = (0.0, 0.1, 0.3, 1.0)
+# Score variants tried with every alpha: the distance of the reconstruction error and which
+# deformation stage it reads (-1 the final one, 0 the coarse one).
+SCORES = {
+  "l1": {"score.distance": "l1"},
+  "l1_coarse": {"score.distance": "l1", "score.stage": 0},
+  "dis": {"score.distance": "dis"},
+}
 
 
 def _config(overrides: dict, **extra):
@@ -92,8 +137,10 @@ def run_candidate(name: str, overrides: dict, workroot: str, reuse: bool = False
     with open(record, "w") as f:
       json.dump(out, f)
   validation = {}
-  for i, alpha in enumerate(ALPHAS):
-    config = _config(overrides, **{"eval.split": "validation", "score.alpha": alpha})
+  for i, (score, alpha) in enumerate((s, a) for s in SCORES for a in ALPHAS):
+    config = _config(
+      overrides, **{"eval.split": "validation", "score.alpha": alpha, **SCORES[score]}
+    )
     config.eval.baselines = i == 0  # once: they do not depend on the model
     result = job.evaluate(config, workdir)
     if i == 0:
@@ -102,7 +149,8 @@ def run_candidate(name: str, overrides: dict, workroot: str, reuse: bool = False
         num_normal=result["num_normal"],
         num_anomalous=result["num_anomalous"],
       )
-    validation[f"image_AUROC_alpha_{alpha}"] = result["image_AUROC"]
+    validation[f"image_AUROC_{score}_alpha_{alpha}"] = result["image_AUROC"]
+    validation[f"image_AUROC_{score}_rec"] = result["image_AUROC_rec"]
   out["validation"] = validation
   return out
 
@@ -132,22 +180,29 @@ def main() -> None:
     runs[name] = run_candidate(name, CANDIDATES[name], a.workroot, a.reuse)
     print(name, json.dumps(runs[name]["validation"]), flush=True)
   choices = [
-    (r["validation"][f"image_AUROC_alpha_{alpha}"], name, alpha)
+    (r["validation"][f"image_AUROC_{score}_alpha_{alpha}"], name, score, alpha)
     for name, r in runs.items()
+    for score in SCORES
     for alpha in ALPHAS
   ]
-  best, name, alpha = max(choices)
+  best, name, score, alpha = max(choices)
   # The chosen run on the test split, reported once.
-  config = _config(CANDIDATES[name], **{"score.alpha": alpha})
+  config = _config(CANDIDATES[name], **{"score.alpha": alpha, **SCORES[score]})
   test = job.evaluate(config, os.path.join(a.workroot, name))
   result = {
     "command": " ".join(["python", "experiments/select_digits_defaults.py", *sys.argv[1:]]),
     "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
     "protocol": str(config.data.protocol),
-    "selection": "highest validation image AUROC over candidates x score.alpha",
+    "selection": "highest validation image AUROC over candidates x score variants x score.alpha",
     "alphas": list(ALPHAS),
+    "scores": SCORES,
     "candidates": runs,
-    "chosen": {"candidate": name, "score.alpha": alpha, "validation_image_AUROC": best},
+    "chosen": {
+      "candidate": name,
+      "score": SCORES[score],
+      "score.alpha": alpha,
+      "validation_image_AUROC": best,
+    },
     "test": {**_auroc_keys(test), "num_normal": test["num_normal"], "step": test["step"]},
   }
   print(json.dumps(result["chosen"]), json.dumps(result["test"]), sep="\n")

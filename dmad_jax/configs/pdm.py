@@ -74,7 +74,7 @@ def base(runlocal: bool = False) -> ml_collections.ConfigDict:
   c.score = ml_collections.ConfigDict(
     # Whole-digit anomalies: the mean of the L1 map (the official reconstruction error) plus a
     # small deformation term (the official Ped2 recipe also weights deformation least).
-    dict(distance="l1", kernel_size=(3, 3), alpha=0.1, reduce="mean")
+    dict(distance="l1", kernel_size=(3, 3), alpha=0.1, reduce="mean", stage=-1)
   )
   c.template_init = "median"
   c.template_median_items = 2000
@@ -142,7 +142,7 @@ def video_base(
   # the released code uses instead): alpha = 0.2, the paper's Sec. 4.1 value for video (the
   # released scripts have no Eq. 14 to follow). Before this was settled it was 1.0.
   c.score = ml_collections.ConfigDict(
-    dict(distance="dis", kernel_size=(3, 3), alpha=0.2, reduce="max")
+    dict(distance="dis", kernel_size=(3, 3), alpha=0.2, reduce="max", stage=-1)
   )
   c.eval.batch_size = 8
   return c

@@ -13,6 +13,13 @@ Methods (``config.calibration``; the section is optional, defaults in :data:`DEF
 * ``normal_quantile`` (default): the threshold is the ``quantile`` (default 0.99, linear
   interpolation as ``np.quantile``) of the image scores of the split's *normal* images; no labels
   of anomalies are needed. About ``1 - quantile`` of unseen normal images score above it.
+* ``lognormal``: the one-sided ``quantile`` *prediction bound* of a normal distribution fitted
+  to the logarithms of the normal images' scores, ``exp(mean + t * std * sqrt(1 + 1/n))`` with
+  ``t`` Student's t quantile at ``n - 1`` degrees of freedom (``std`` with ``ddof=1``). When
+  log-scores are normal, an unseen normal image scores above it with probability exactly
+  ``1 - quantile``, whatever ``n``; the empirical quantile of few images is near their maximum,
+  which unseen normals exceed with probability about ``1 / (n + 1)`` (9% for 10 held-out
+  images, however small ``1 - quantile`` is). Needs positive scores and at least 3 normal images.
 * ``f1``: the threshold that maximises the F1 score (anomalous = positive) on a *labelled* split;
   candidates lie half-way between consecutive distinct scores, so a score that moves by rounding
   does not change its label; ties go to the highest threshold.
@@ -69,7 +76,9 @@ from dmad_jax.train import state as state_lib
 log = logging.getLogger("dmad_jax")
 
 CALIBRATION_FILE = "calibration.json"
-METHODS = ("normal_quantile", "f1")
+METHODS = ("normal_quantile", "lognormal", "f1")
+# The methods that fit normal images only; ``quantile`` is one of their settings.
+QUANTILE_METHODS = ("normal_quantile", "lognormal")
 SPLITS = ("train", "validation", "test")
 DEFAULTS = {"method": "normal_quantile", "split": "validation", "quantile": 0.99}
 # Settings whose change makes a stored calibration stale.
@@ -204,22 +213,43 @@ def threshold_report(scores, labels, threshold: float, prefix: str = "threshold_
   }
 
 
+def lognormal_threshold(normal_scores, quantile: float) -> float:
+  """The ``lognormal`` threshold (see the module docstring) of the normal images' scores."""
+  from scipy import stats
+
+  normal = np.asarray(normal_scores, np.float64).reshape(-1)
+  if normal.size < 3:
+    raise ValueError(
+      f"method 'lognormal' needs at least 3 normal images to fit, the split has {normal.size}"
+    )
+  if np.any(normal <= 0):
+    raise ValueError(
+      f"method 'lognormal' needs positive scores; {int(np.sum(normal <= 0))} of the split's "
+      f"normal images score <= 0 (use method 'normal_quantile')"
+    )
+  logs = np.log(normal)
+  n = logs.size
+  bound = stats.t.ppf(quantile, n - 1) * logs.std(ddof=1) * np.sqrt(1.0 + 1.0 / n)
+  return float(np.exp(logs.mean() + bound))
+
+
 def fit(scores, labels, *, method: str, quantile: float = DEFAULTS["quantile"]) -> dict:
   """Threshold and score statistics of a split's image scores.
 
   Args:
     scores: ``(N,)`` image scores (higher = more anomalous).
     labels: ``(N,)`` labels, 1 = anomalous (all 0 for a normal-only split).
-    method: ``"normal_quantile"`` or ``"f1"``.
-    quantile: for ``normal_quantile``.
+    method: ``"normal_quantile"``, ``"lognormal"`` or ``"f1"``.
+    quantile: for ``normal_quantile`` and ``lognormal``.
 
   Returns:
     ``{"threshold", "score_min", "score_max", "score_mean", "score_std"}`` plus, for ``f1``,
     the split's ``"split_precision"``, ``"split_recall"``, ``"split_F1"`` at the threshold.
 
   Raises:
-    ValueError: for non-finite scores, a split without normal images (``normal_quantile``) or
-      without both classes (``f1``), or an unknown method.
+    ValueError: for non-finite scores, a split without normal images (``normal_quantile``),
+      with fewer than 3 or non-positive ones (``lognormal``), without both classes (``f1``),
+      or an unknown method.
   """
   scores = np.asarray(scores, np.float64).reshape(-1)
   labels = np.asarray(labels).reshape(-1)
@@ -231,6 +261,8 @@ def fit(scores, labels, *, method: str, quantile: float = DEFAULTS["quantile"]) 
     if not normal.size:
       raise ValueError("method 'normal_quantile' needs normal images; the split has none")
     out["threshold"] = float(np.quantile(normal, quantile))
+  elif method == "lognormal":
+    out["threshold"] = lognormal_threshold(scores[labels == 0], quantile)
   elif method == "f1":
     out["threshold"], at = f1_threshold(scores, labels)
     out.update({f"split_{k}": v for k, v in at.items()})
@@ -326,7 +358,7 @@ def fit_split(config, step: int, collected: Mapping, *, pixel_key: str) -> dict:
   record = {
     "method": s["method"],
     "split": s["split"],
-    "quantile": s["quantile"] if s["method"] == "normal_quantile" else None,
+    "quantile": s["quantile"] if s["method"] in QUANTILE_METHODS else None,
     "optimistic": s["split"] == "test",
     "step": int(step),
     "model_name": str(config.model_name),
@@ -358,7 +390,7 @@ def is_current(stored: Mapping | None, config) -> bool:
   if not stored:
     return False
   want = settings(config)
-  if want["method"] != "normal_quantile":
+  if want["method"] not in QUANTILE_METHODS:
     want = {**want, "quantile": None}
   return all(stored.get(k) == want[k] for k in _SETTING_KEYS)
 
@@ -407,9 +439,9 @@ def for_eval(config, workdir: str, step: int, test_scores, test_labels, **model)
     ``{}`` when there is no calibration to report (no section and none stored, or fitting
     failed: logged as a warning, the evaluation itself goes on); otherwise ``threshold``,
     ``threshold_method``, ``threshold_split``, ``threshold_num_normal`` (the normal images it
-    was fitted on), ``threshold_nominal_FPR`` (``1 - quantile``, for ``normal_quantile``) and
-    the ``threshold_*`` metrics on the test split (``threshold_FPR``: the share of its normal
-    images flagged).
+    was fitted on), ``threshold_nominal_FPR`` (``1 - quantile``, for ``normal_quantile`` and
+    ``lognormal``) and the ``threshold_*`` metrics on the test split (``threshold_FPR``: the
+    share of its normal images flagged).
   """
   stored = load(workdir, step)
   if config.get("calibration", None) is not None and not is_current(stored, config):
@@ -425,7 +457,7 @@ def for_eval(config, workdir: str, step: int, test_scores, test_labels, **model)
     "threshold_split": stored["split"],
     "threshold_num_normal": int(stored.get("num_normal", 0)),
   }
-  if stored["method"] == "normal_quantile":
+  if stored["method"] in QUANTILE_METHODS:
     # About this share of unseen normal images should score above a quantile threshold; the
     # test normals' threshold_FPR says whether they do.
     out["threshold_nominal_FPR"] = 1.0 - float(stored["quantile"])

@@ -150,6 +150,9 @@ class OffsetNet(nn.Module):
     return offsets
 
 
+OFFSET_INPUTS = ("input", "input_reference")
+
+
 class PDM(nn.Module):
   """DMAD-PDM. See the module docstring; attribute names follow the config keys.
 
@@ -180,6 +183,13 @@ class PDM(nn.Module):
     warp_mask: warp the mask with the same fields as the reference (the released code: m_k =
       warp(m_{k-1}, O_k)); False is paper Eq. 9, where every stage uses the unwarped mask
       f_m(x): x_k = t_k * m + (1 - m) * bkg.
+    global_code: average the deepest encoder feature over space before quantising and give
+      the decoder that one code at every position (its CoordConvs supply where): the decoder
+      can then produce at most ``num_codes`` references, a bank of prototypes (image mode on
+      small images; the released models quantise every position, False).
+    offset_input: what the OffsetNet sees: "input" (the released code) or "input_reference"
+      (the input and the decoded reference side by side, so that the fields can depend on
+      which prototype they warp).
   """
 
   image_size: int = 256
@@ -200,6 +210,8 @@ class PDM(nn.Module):
   frozen_templates: int = 0
   template_input: bool = False
   warp_mask: bool = True
+  global_code: bool = False
+  offset_input: str = "input"
 
   def setup(self):
     depth = len(self.channels)
@@ -217,6 +229,10 @@ class PDM(nn.Module):
       raise ValueError(f"PDM: mask_source must be encoder|decoder|none, got {self.mask_source!r}")
     if self.aggregation not in ("masked", "additive"):
       raise ValueError(f"PDM: aggregation must be masked|additive, got {self.aggregation!r}")
+    if self.offset_input not in OFFSET_INPUTS:
+      raise ValueError(
+        f"PDM: offset_input must be one of {OFFSET_INPUTS}, got {self.offset_input!r}"
+      )
     coord = self.coord_blocks or max(1, self.image_size // 8)
     mask_ch = self.out_channels if self.mask_source == "encoder" else 0
     self.encoder = Encoder(self.channels, self.skip_channels, mask_ch)
@@ -266,14 +282,19 @@ class PDM(nn.Module):
       x = jnp.concatenate([x, bkg.astype(x.dtype)], -1)
 
     z, skips, mask = self.encoder(x, train)
-    q, vq_aux = self.vq(z)
+    if self.global_code:
+      q, vq_aux = self.vq(jnp.mean(z, axis=(1, 2), keepdims=True))
+      q = jnp.broadcast_to(q, z.shape)
+    else:
+      q, vq_aux = self.vq(z)
     ref, dec_mask = self.decoder(q, skips, train)
     if mask is None:
       mask = dec_mask
+    offset_in = x if self.offset_input == "input" else jnp.concatenate([x, ref], -1)
     # Sampling coordinates are float32 whatever the compute dtype (dmad_jax.nn.precision).
     offsets = [
       sampling.resize_bilinear(precision.at_least_float32(o), size, align_corners=True)
-      for o in self.offset_net(x, train)
+      for o in self.offset_net(offset_in, train)
     ]
 
     if mask is not None and self.aggregation == "additive":
@@ -318,7 +339,8 @@ class LossWeights:
       + offset * (sum_k norm[k] mean||O_k|| + sum_k S_{smooth_sizes[k]}(O_k))
       + template MSE(bkg, x)
       + mask (-mean(m log m) + mask_area relu(mean(m) - mask_target))
-      + template_masked sum((1 - sg(m_K)) (bkg - x)^2) / sum(1 - sg(m_K)).
+      + template_masked sum((1 - sg(m_K)) (bkg - x)^2) / sum(1 - sg(m_K))
+      + reference MSE(t_0, x).
 
   With ``foreground > 0`` (ShanghaiTech) the pixel MSEs, gradient losses, offset norms and
   smoothness maps are weighted means with per-pixel weights
@@ -351,6 +373,9 @@ class LossWeights:
     template_distance: the template term: "mse" (the released MSE(bkg, x)) or "l2_norm"
       (supplementary Eq. 24, ||x - x_bg||: the Euclidean norm of each sample's difference,
       averaged over the batch).
+    reference: weight of the MSE between the decoded reference t_0 (before any warp) and the
+      target: it asks the reference itself to be the closest prototype, so that the fields only
+      refine it (image mode; the released code has no such term, 0).
   """
 
   recon: Sequence[float] = (1.0, 1.0)
@@ -369,6 +394,7 @@ class LossWeights:
   template_masked: float = 0.0
   deformation: str = "code"
   template_distance: str = "mse"
+  reference: float = 0.0
 
 
 DEFORMATION_TERMS = ("code", "paper_eq8")
@@ -477,6 +503,8 @@ def pdm_loss(
     terms["template_masked"] = (
       weights.template_masked * jnp.sum(keep * sq) / jnp.maximum(jnp.sum(keep), 1e-8)
     )
+  if weights.reference:
+    terms["reference"] = weights.reference * jnp.mean((outputs["reference"] - target) ** 2)
   total = sum(terms.values())
   terms["perplexity"] = vq.perplexity
   terms["mse_final"] = jnp.mean((stages[-1] - target) ** 2)
@@ -487,7 +515,7 @@ def pdm_loss(
 # Test-time maps and scores.
 # ---------------------------------------------------------------------------------------------
 def anomaly_maps(
-  outputs: dict[str, Any], target: jax.Array, distance: str = "dis"
+  outputs: dict[str, Any], target: jax.Array, distance: str = "dis", stage: int = -1
 ) -> dict[str, jax.Array]:
   """Per-pixel maps of the paper: Eq. 12 A_rec = Dis(x, x_K) and Eq. 13 A_df = sum_k ||O_k||.
 
@@ -497,11 +525,13 @@ def anomaly_maps(
     distance: "dis" (the training distance: channel-mean squared error plus the gradient
       difference, Eq. 10) or "l1" (channel-mean absolute error, the official per-frame
       reconstruction error).
+    stage: which reconstruction x_k ``rec`` compares with the target: -1 is x_K (the paper);
+      0 is the coarse stage, before the finer fields could fit what the prototype lacks.
 
   Returns:
     dict with ``rec`` and ``df``, each (B, H, W).
   """
-  pred = outputs["prediction"]
+  pred = outputs["stages"][stage]
   if distance == "dis":
     rec = jnp.mean((pred - target) ** 2, -1) + filters.gradient_difference(target, pred)[..., 0]
   elif distance == "l1":
@@ -668,7 +698,13 @@ def set_template(params: dict, image: jax.Array) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Detector: what the trainer and the eval job call.
 # ---------------------------------------------------------------------------------------------
-SCORE_DEFAULTS = {"distance": "dis", "kernel_size": (3, 3), "alpha": 1.0, "reduce": "max"}
+SCORE_DEFAULTS = {
+  "distance": "dis",
+  "kernel_size": (3, 3),
+  "alpha": 1.0,
+  "reduce": "max",
+  "stage": -1,
+}
 
 
 @base.register("pdm")
@@ -709,6 +745,12 @@ class PDMDetector(base.Detector):
     self.alpha = float(score["alpha"])
     self.reduce = score["reduce"]
     self.distance = score["distance"]
+    self.stage = int(score["stage"])
+    if not -len(self.module.head_strides) <= self.stage < len(self.module.head_strides):
+      raise ValueError(
+        f"config.score.stage must index one of the {len(self.module.head_strides)} "
+        f"deformation stages, got {self.stage}"
+      )
     self.t_length = int(config.get("t_length", 1))
     self.recipe = config.get("eval", {}).get("recipe", "none")
 
@@ -754,7 +796,7 @@ class PDMDetector(base.Detector):
     out = self.apply(
       self.module, variables, x, train=False, template_index=batch.get("template_index")
     )
-    maps = anomaly_maps(out, target, self.distance)
+    maps = anomaly_maps(out, target, self.distance, self.stage)
     scores = image_scores(maps, kernel_size=self.kernel_size, alpha=self.alpha, reduce=self.reduce)
     # The prefixes are those of dmad_jax.evaluation.video.ERROR_PREFIX.
     errors = {f"ped2_{k}": v for k, v in frame_errors(out, target).items()}

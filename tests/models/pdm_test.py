@@ -181,3 +181,64 @@ def test_paper_equation_options_change_exactly_their_terms():
     np.testing.assert_array_equal(mk, m)
     np.testing.assert_allclose(stage, np.asarray(t) * m + (1 - m) * bkg, rtol=1e-6, atol=1e-6)
   assert float(jnp.abs(out["masks"][-1] - out["mask"]).max()) > 0  # the default warps it
+
+
+def test_global_code_gives_at_most_num_codes_references():
+  """One code per image: images that pick the same code get the same reference, whatever
+  else differs between them, so the decoder holds a bank of at most num_codes prototypes."""
+  model = _small(channels=(8, 8, 16, 16, 8), skip_channels=(), coord_blocks=2, global_code=True,
+                 num_codes=3, mask_source="none")  # fmt: skip
+  x = jax.random.uniform(jax.random.key(0), (16, 32, 32, 1), minval=-1, maxval=1)
+  variables = model.init(jax.random.key(1), x, train=False)
+  out = model.apply(variables, x, train=False)
+  idx = np.asarray(out["vq"].indices).reshape(16)
+  refs = np.asarray(out["reference"]).reshape(16, -1)
+  for code in np.unique(idx):
+    same = refs[idx == code]
+    np.testing.assert_allclose(same, np.broadcast_to(same[0], same.shape), atol=1e-6)
+  assert len({r.tobytes() for r in refs}) == len(np.unique(idx)) <= 3
+  # Without it, every 2x2 position is quantised on its own.
+  local = _small(channels=(8, 8, 16, 16, 8), skip_channels=(), coord_blocks=2, num_codes=3)
+  v = local.init(jax.random.key(1), x, train=False)
+  assert local.apply(v, x, train=False)["vq"].indices.size == 16 * 4
+
+
+def test_offset_input_reference_lets_the_fields_see_the_prototype():
+  x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 1), minval=-1, maxval=1)
+  model = _small(offset_input="input_reference")
+  variables = model.init(jax.random.key(1), x, train=False)
+  # The OffsetNet's first CoordConv reads input + reference (+ 4 coordinate channels).
+  kernel = variables["params"]["offset_net"]["CoordConv_0"]["conv"]["kernel"]
+  assert kernel.shape[2] == 1 + 1 + 4
+
+  def coarse_offsets(params):
+    out = model.apply({**variables, "params": params}, x, train=False)
+    return jnp.sum(out["offsets"][0] ** 2)
+
+  # The fields depend on the decoder (through the reference), which the released OffsetNet
+  # (input only) never does.
+  g = jax.grad(coarse_offsets)(variables["params"])
+  assert sum(float(jnp.abs(a).sum()) for a in jax.tree.leaves(g["decoder"])) > 0
+  with pytest.raises(ValueError, match="offset_input must be one of"):
+    _small(offset_input="reference").init(jax.random.key(0), x, train=False)
+
+
+def test_score_stage_reads_the_coarse_reconstruction():
+  model = _small()
+  x = jax.random.uniform(jax.random.key(0), (3, 32, 32, 1), minval=-1, maxval=1)
+  out = model.apply(model.init(jax.random.key(1), x, train=False), x, train=False)
+  coarse = pdm.anomaly_maps(out, x, "l1", stage=0)["rec"]
+  np.testing.assert_allclose(coarse, jnp.mean(jnp.abs(out["stages"][0] - x), -1), rtol=1e-6)
+  assert not np.allclose(coarse, pdm.anomaly_maps(out, x, "l1")["rec"])
+
+
+def test_reference_loss_asks_the_unwarped_reference_to_match():
+  model = _small()
+  x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 1), minval=-1, maxval=1)
+  out = model.apply(model.init(jax.random.key(1), x, train=False), x, train=False)
+  total0, terms0 = pdm.pdm_loss(out, x, pdm.LossWeights())
+  assert "reference" not in terms0  # the released loss: no such term
+  total, terms = pdm.pdm_loss(out, x, pdm.LossWeights(reference=0.5))
+  expected = 0.5 * float(jnp.mean((out["reference"] - x) ** 2))
+  np.testing.assert_allclose(float(terms["reference"]), expected, rtol=1e-6)
+  np.testing.assert_allclose(float(total), float(total0) + expected, rtol=1e-6)
