@@ -50,8 +50,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     channels=a["channels"],
   )
   c.data.root = a["root"]
-  # The threshold `dmad predict` uses: the 0.99 quantile of the scores of normal images held out
-  # of training (<root>/validation/good/*, else 20% of train/good).
+  # The threshold `dmad predict` uses: the 0.99 prediction bound of a lognormal fitted to the
+  # scores of normal images held out of training (<root>/validation/good/*, else 20% of
+  # train/good).
   common.set_held_out_threshold(c)
   if a["runlocal"]:
     igd.shrink_for_tests(c)

@@ -46,9 +46,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
   pdm.set_image_size(c, size, in_channels=ch, out_channels=ch)
   # The decision threshold `dmad predict` uses, fitted by the eval job (or `dmad calibrate`) and
-  # stored with the checkpoint (dmad_jax.evaluation.calibration): the 0.99 quantile of the
-  # scores of normal images the model did not train on, <root>/validation/good/* when the folder
-  # has it, else 20% of train/good held out of training (--config.data.validation_fraction).
+  # stored with the checkpoint (dmad_jax.evaluation.calibration): the 0.99 prediction bound of a
+  # lognormal fitted to the scores of normal images the model did not train on,
+  # <root>/validation/good/* when the folder has it, else 20% of train/good held out of training
+  # (--config.data.validation_fraction).
   common.set_held_out_threshold(c)
   if not a["runlocal"]:
     # The official Ped2 widths, with a 3-channel image in and out.

@@ -53,6 +53,13 @@ _PROTO = {
   "model.mask_source": "none",
   "model.offset_input": "input_reference",
 }
+_EMA_REF = {
+  **_PROTO,
+  "model.num_codes": 64,
+  "model.vq_update": "ema",
+  "model.vq_dead_threshold": 0.1,
+  "loss.reference": 1.0,
+}
 CANDIDATES = {
   "base": {},
   "codes8": {"model.num_codes": 8},
@@ -86,6 +93,36 @@ CANDIDATES = {
   },
   "proto_offset_loss1": {**_PROTO, "loss.offset": 1.0},
   "proto_ref_loss": {**_PROTO, "loss.reference": 1.0},
+  "proto_ema64": {**_PROTO, "model.num_codes": 64, "model.vq_update": "ema"},
+  "proto_ema64_ref": {
+    **_PROTO,
+    "model.num_codes": 64,
+    "model.vq_update": "ema",
+    "model.vq_dead_threshold": 0.1,
+    "loss.reference": 1.0,
+  },
+  "ema128_ref": {**_EMA_REF, "model.num_codes": 128},
+  "ema64_ref_small_offsets": {**_EMA_REF, "model.max_offsets": (1.0, 1.5)},
+  "ema64_ref3": {**_EMA_REF, "loss.reference": 3.0},
+  "proto_cos64": {**_PROTO, "model.num_codes": 64, "model.vq_normalize": True},
+  "proto_cos64_dim8": {
+    **_PROTO,
+    "model.channels": (16, 32, 64, 64, 8),
+    "model.num_codes": 64,
+    "model.vq_normalize": True,
+  },
+  "nomask_2x2_ref": {
+    **_CODE_2X2,
+    "model.channels": (16, 32, 64, 64, 16),
+    "model.mask_source": "none",
+    "model.offset_input": "input_reference",
+    "loss.reference": 1.0,
+  },
+  "narrow_code_nomask_ref": {
+    "model.mask_source": "none",
+    "model.offset_input": "input_reference",
+    "loss.reference": 1.0,
+  },
   "proto_ref_loss_codes64": {**_PROTO, "loss.reference": 1.0, "model.num_codes": 64},
   "proto_ref_loss_codes64_small_offsets": {
     **_PROTO,
@@ -94,13 +131,13 @@ CANDIDATES = {
     "model.max_offsets": (1.0, 1.5),
   },
 }
-ALPHAS = (0.0, 0.1, 0.3, 1.0)
+ALPHAS = (0.0, 0.03, 0.1, 0.3, 1.0)
 # Score variants tried with every alpha: the distance of the reconstruction error and which
 # deformation stage it reads (-1 the final one, 0 the coarse one).
 SCORES = {
   "l1": {"score.distance": "l1"},
-  "l1_coarse": {"score.distance": "l1", "score.stage": 0},
-  "dis": {"score.distance": "dis"},
+  "l2": {"score.distance": "l2"},
+  "l2_coarse": {"score.distance": "l2", "score.stage": 0},
 }
 
 

@@ -164,6 +164,12 @@ class PDM(nn.Module):
     skip_channels: compressed stop-gradient skips of the deepest levels.
     num_codes: codebook size K of the vector quantiser (its dimension is ``channels[-1]``).
     vq_beta: commitment weight.
+    vq_normalize: quantise L2-normalised features with L2-normalised codes (see
+      ``dmad_jax.nn.quantize.VectorQuantizer``; the released code: False).
+    vq_update: "loss" (a codebook parameter trained by the codebook loss, the released code) or
+      "ema" (a moving average of the assigned features in ``batch_stats``, with codes that fall
+      out of use restarted at the worst-quantised features).
+    vq_decay, vq_dead_threshold: the "ema" codebook's decay and restart threshold.
     gen_features: width of the generator head (None: ``channels[0]``).
     offset_features: OffsetNet width.
     head_strides: strides of each deformation head, coarse first (K = len(head_strides)).
@@ -199,6 +205,10 @@ class PDM(nn.Module):
   skip_channels: Sequence[int] = (32, 32)
   num_codes: int = 200
   vq_beta: float = 0.25
+  vq_normalize: bool = False
+  vq_update: str = "loss"
+  vq_decay: float = 0.99
+  vq_dead_threshold: float = 0.01
   gen_features: int | None = None
   offset_features: int = 64
   head_strides: Sequence[Sequence[int]] = ((1, 2, 2), (1, 1))
@@ -236,7 +246,15 @@ class PDM(nn.Module):
     coord = self.coord_blocks or max(1, self.image_size // 8)
     mask_ch = self.out_channels if self.mask_source == "encoder" else 0
     self.encoder = Encoder(self.channels, self.skip_channels, mask_ch)
-    self.vq = VectorQuantizer(self.num_codes, self.channels[-1], beta=self.vq_beta)
+    self.vq = VectorQuantizer(
+      self.num_codes,
+      self.channels[-1],
+      beta=self.vq_beta,
+      normalize=self.vq_normalize,
+      update=self.vq_update,
+      decay=self.vq_decay,
+      dead_threshold=self.vq_dead_threshold,
+    )
     self.decoder = Decoder(
       self.channels,
       self.out_channels,
@@ -283,10 +301,10 @@ class PDM(nn.Module):
 
     z, skips, mask = self.encoder(x, train)
     if self.global_code:
-      q, vq_aux = self.vq(jnp.mean(z, axis=(1, 2), keepdims=True))
+      q, vq_aux = self.vq(jnp.mean(z, axis=(1, 2), keepdims=True), train)
       q = jnp.broadcast_to(q, z.shape)
     else:
-      q, vq_aux = self.vq(z)
+      q, vq_aux = self.vq(z, train)
     ref, dec_mask = self.decoder(q, skips, train)
     if mask is None:
       mask = dec_mask
@@ -523,8 +541,8 @@ def anomaly_maps(
     outputs: ``PDM.__call__`` outputs.
     target: (B, H, W, C).
     distance: "dis" (the training distance: channel-mean squared error plus the gradient
-      difference, Eq. 10) or "l1" (channel-mean absolute error, the official per-frame
-      reconstruction error).
+      difference, Eq. 10), "l1" (channel-mean absolute error, the official per-frame
+      reconstruction error) or "l2" (channel-mean squared error, the training loss's pixel term).
     stage: which reconstruction x_k ``rec`` compares with the target: -1 is x_K (the paper);
       0 is the coarse stage, before the finer fields could fit what the prototype lacks.
 
@@ -536,8 +554,10 @@ def anomaly_maps(
     rec = jnp.mean((pred - target) ** 2, -1) + filters.gradient_difference(target, pred)[..., 0]
   elif distance == "l1":
     rec = jnp.mean(jnp.abs(pred - target), -1)
+  elif distance == "l2":
+    rec = jnp.mean((pred - target) ** 2, -1)
   else:
-    raise ValueError(f"anomaly_maps: distance must be 'dis' or 'l1', got {distance!r}")
+    raise ValueError(f"anomaly_maps: distance must be 'dis', 'l1' or 'l2', got {distance!r}")
   df = sum(_safe_norm(o) for o in outputs["offsets"])
   return {"rec": rec, "df": df}
 

@@ -191,6 +191,52 @@ def vector_quantize(
   return z_q_st, aux
 
 
+def ema_codebook_update(
+  cluster_size: jax.Array,
+  embed_sum: jax.Array,
+  z: jax.Array,
+  indices: jax.Array,
+  *,
+  decay: float,
+  dead_threshold: float,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One step of the exponential-moving-average codebook (VQ-VAE's appendix) with restarts.
+
+  Each code is ``embed_sum / cluster_size``: the running average of the inputs assigned to it.
+  ``cluster_size <- decay cluster_size + (1 - decay) counts`` and ``embed_sum <- decay embed_sum
+  + (1 - decay) sums``. A code whose ``cluster_size`` then falls below ``dead_threshold`` is
+  restarted at an input row (its ``cluster_size`` set to 1): the dead codes take, in code order,
+  the rows farthest from their current code (the worst-quantised ones), deterministically, so no
+  random key is needed and a resumed run restarts the same codes.
+
+  Args:
+    cluster_size: ``(K,)`` running counts.
+    embed_sum: ``(K, D)`` running sums.
+    z: ``(..., D)`` the inputs of this step (no gradient flows through the update).
+    indices: the code of each row of ``z`` (``z.shape[:-1]``).
+    decay: the moving average's decay in [0, 1).
+    dead_threshold: codes with a smaller running count are restarted.
+
+  Returns:
+    ``(cluster_size, embed_sum, num_restarted)``.
+  """
+  num_codes, dim = _check_codebook(embed_sum, z.shape[-1])
+  z_flat = jax.lax.stop_gradient(z).reshape(-1, dim).astype(embed_sum.dtype)
+  idx = indices.reshape(-1)
+  onehot = jax.nn.one_hot(idx, num_codes, dtype=embed_sum.dtype)
+  cluster_size = decay * cluster_size + (1.0 - decay) * jnp.sum(onehot, 0)
+  embed_sum = decay * embed_sum + (1.0 - decay) * (onehot.T @ z_flat)
+  codes = embed_sum / jnp.maximum(cluster_size, 1e-12)[:, None]
+  error = jnp.sum(jnp.square(z_flat - codes[idx]), -1)
+  order = jnp.argsort(-error)
+  dead = cluster_size < dead_threshold
+  rank = jnp.cumsum(dead) - 1
+  rows = z_flat[order[jnp.mod(rank, z_flat.shape[0])]]
+  embed_sum = jnp.where(dead[:, None], rows, embed_sum)
+  cluster_size = jnp.where(dead, 1.0, cluster_size)
+  return cluster_size, embed_sum, jnp.sum(dead, dtype=jnp.int32)
+
+
 def uniform_codebook_init(
   key: jax.Array, num_codes: int, dim: int, dtype: jnp.dtype = jnp.float32
 ) -> jax.Array:

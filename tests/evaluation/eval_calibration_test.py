@@ -37,7 +37,7 @@ def test_image_configs_fit_the_threshold_on_images_held_out_of_training():
     assert c.data.validation_fraction == common.VALIDATION_FRACTION, name
     assert c.data.seed == 0, name  # which images are held out: a key users can set
     assert calibration.settings(c) == {
-      "method": "normal_quantile",
+      "method": "lognormal",
       "split": "validation",
       "quantile": common.THRESHOLD_QUANTILE,
     }, name

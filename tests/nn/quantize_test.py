@@ -34,3 +34,37 @@ def test_wrong_width_raises():
   module = VectorQuantizer(num_codes=8, dim=3)
   with pytest.raises(ValueError, match="D=3"):
     module.init(jax.random.key(0), jnp.zeros((2, 5)))
+
+
+def test_normalize_quantises_directions_by_cosine_similarity():
+  module = VectorQuantizer(num_codes=16, dim=4, normalize=True)
+  z = jax.random.normal(jax.random.key(1), (64, 4))
+  params = module.init(jax.random.key(0), z)
+  z_q, aux = module.apply(params, 3.0 * z)  # the scale of the input does not matter
+  codes = params["params"]["codebook"]
+  unit = codes / jnp.linalg.norm(codes, axis=-1, keepdims=True)
+  cosine = (z / jnp.linalg.norm(z, axis=-1, keepdims=True)) @ unit.T
+  np.testing.assert_array_equal(aux.indices, jnp.argmax(cosine, -1))
+  np.testing.assert_allclose(z_q, unit[aux.indices], atol=1e-6)
+  assert aux.codebook_loss >= 0 and aux.perplexity > 1
+
+
+def test_ema_codebook_starts_on_the_data_and_learns_without_a_parameter():
+  module = VectorQuantizer(num_codes=4, dim=2, update="ema", decay=0.5, dead_threshold=0.3)
+  z = jnp.asarray([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]] * 4)
+  variables = module.init(jax.random.key(0), z)
+  assert "params" not in variables  # nothing for the optimizer
+  # Inference (train=False) and a frozen collection leave the codebook as it is.
+  _, aux = module.apply(variables, z)
+  assert set(variables["batch_stats"]) == {"cluster_size", "embed_sum"}
+  stats = variables["batch_stats"]
+  for _ in range(12):
+    (_, aux), upd = module.apply({"batch_stats": stats}, z, True, mutable=["batch_stats"])
+    stats = upd["batch_stats"]
+  # Codes that restarted on the same point fall out of use and restart elsewhere until every
+  # code sits on one of the four clusters: all in use.
+  _, aux = module.apply({"batch_stats": stats}, z)
+  assert float(aux.perplexity) == pytest.approx(4.0, rel=1e-5)
+  np.testing.assert_allclose(aux.quantized, z, atol=0.05)  # the average closes in at decay^t
+  with pytest.raises(ValueError, match="update must be one of"):
+    VectorQuantizer(num_codes=4, dim=2, update="kmeans").init(jax.random.key(0), z)

@@ -249,3 +249,27 @@ def test_jit_vmap_grad_compile_once():
       single = vq.vector_quantize(z[i], codebook)[1]
       np.testing.assert_allclose(per_example.codebook_loss[i], single.codebook_loss, rtol=1e-6)
       np.testing.assert_array_equal(per_example.usage[i], single.usage)
+
+
+def test_ema_codebook_update_is_the_moving_average_and_restarts_dead_codes():
+  rng = np.random.default_rng(0)
+  z = rng.normal(size=(6, 2)).astype(np.float32)
+  cluster = np.array([2.0, 1.0, 0.05, 0.5], np.float32)
+  embed = rng.normal(size=(4, 2)).astype(np.float32)
+  idx = np.array([0, 0, 1, 1, 1, 3])
+  new_c, new_e, restarted = vq.ema_codebook_update(
+    jnp.asarray(cluster), jnp.asarray(embed), jnp.asarray(z), jnp.asarray(idx),
+    decay=0.9, dead_threshold=0.1,
+  )  # fmt: skip
+  counts = np.bincount(idx, minlength=4)
+  sums = np.stack([z[idx == k].sum(0) for k in range(4)])
+  want_c = 0.9 * cluster + 0.1 * counts
+  want_e = 0.9 * embed + 0.1 * sums
+  alive = np.array([True, True, False, True])  # code 2: 0.045 < 0.1, unused, restarts
+  np.testing.assert_allclose(np.asarray(new_c)[alive], want_c[alive], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(new_e)[alive], want_e[alive], rtol=1e-6)
+  assert int(restarted) == 1 and float(new_c[2]) == 1.0
+  # It restarts at the row worst quantised by the updated codes.
+  codes = want_e / want_c[:, None]
+  worst = np.argmax(np.sum((z - codes[idx]) ** 2, -1))
+  np.testing.assert_allclose(np.asarray(new_e)[2], z[worst], rtol=1e-6)
