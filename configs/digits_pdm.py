@@ -8,7 +8,8 @@ Normal = odd digits, anomalous = even digits by default; ``one_class=k`` trains 
   dmad train --config configs/digits_pdm.py:runlocal --workdir /tmp/t   # seconds, for tests
 
 Arg keys: protocol (``one_class=K`` or ``normal=A,B,...``; default normal=1,3,5,7,9), runlocal.
-The recipe (model, loss, score, optimizer, run length) is ``dmad_jax.configs.pdm.base``.
+The recipe is ``dmad_jax.configs.pdm.base`` (optimizer, run length) with the image-mode model,
+loss and score of ``dmad_jax.configs.pdm.prototype_bank``.
 """
 
 import ml_collections
@@ -29,22 +30,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
   )
   # A stratified 20% of the train part is the labelled validation split: never trained on, it
-  # holds the normal images the decision threshold is fitted on (the 0.99 quantile of their
-  # scores) and is where settings are compared; the test split is only reported.
+  # holds the normal images the decision threshold is fitted on (a lognormal bound at 0.99 of
+  # their scores) and is where settings are compared; the test split is only reported.
   common.set_held_out_threshold(c)
+  # Image mode as DMAD means it (dmad_jax.configs.pdm.prototype_bank): one code per image from
+  # a bank of 64 kept in use by an EMA codebook with restarts, no skips and no encoder mask, the
+  # unwarped reference trained to match, fields that see the reference, and the squared error
+  # left after the coarse deformation as the score. Chosen on the validation split by
+  # experiments/select_digits_defaults.py (experiments/results/digits_selection.json) among
+  # eleven candidates x three scores x five weights of the deformation term; see README.
+  pdm.prototype_bank(c)
   if not a["runlocal"]:
-    # Chosen on that validation split by experiments/select_digits_defaults.py (stored in
-    # experiments/results/digits_selection.json): of ten candidates (code book size, code
-    # width and resolution, training length, deformation range) x score weight alpha in
-    # {0, 0.1, 0.3, 1}, a 16-dimensional code at 4x4 trained 1200 steps scored by the
-    # reconstruction alone (alpha = 0) had the highest validation image AUROC (0.9761 against
-    # 0.9501 for the earlier 32-dimensional code at 600 steps and alpha 0.1). The deformation
-    # term did not help at any weight; with a 2x2 code it carried more signal than the
-    # reconstruction (deformation alone 0.72-0.78) but the reference was too coarse (0.63).
-    c.model.channels = (16, 32, 64, 16)
+    # Five levels: the code is the average of a 2x2 map, CoordConv blocks of 2 divide them all.
+    c.model.channels = (16, 32, 64, 64, 32)
+    c.model.coord_blocks = 2
     c.total_steps = 1200
     c.checkpoint_every_steps = 600
-    c.score.alpha = 0.0
   # The eval job also reports classical detectors (KDE, k-NN, PCA, one-class SVM, isolation
   # forest) fitted on the same training images (dmad_jax.evaluation.baselines).
   c.eval.baselines = not a["runlocal"]

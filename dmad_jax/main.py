@@ -331,6 +331,13 @@ def main(argv):
     or k in ("step", *_THRESHOLD_SUMMARY)
   }
   print(json.dumps(summary, indent=2))
+  baselines = {k[len("baseline_image_AUROC_") :]: v for k, v in summary.items() if "baseline" in k}
+  if "image_AUROC" in result and baselines:
+    best = max(baselines, key=baselines.get)
+    df = result.get("image_AUROC_df")
+    line = f"image AUROC {result['image_AUROC']:.4f} against the best classical detector of "
+    line += f"this run ({best}) {baselines[best]:.4f}"
+    print(line + (f"; deformation alone {df:.4f}" if df is not None else ""))
   if "threshold_FPR" in result:
     nominal = result.get("threshold_nominal_FPR")
     print(

@@ -199,11 +199,16 @@ def test_train_eval_predict_of_folder_pdm_through_the_installed_script(tmp_path)
     f"--config={cfg}",
     "--workdir=run",
     "--config.total_steps=3",
+    "--config.eval.baselines=True",
     cwd=elsewhere,
     user_flags=True,
   )
   assert ev.returncode == 0, ev.stderr[-3000:]
   assert "metrics:" in ev.stdout and "figures:" in ev.stdout
+  # The model against the classical detectors of the same run, and the deformation alone.
+  line = next(x for x in ev.stdout.splitlines() if x.startswith("image AUROC"))
+  assert "against the best classical detector of this run (" in line
+  assert "deformation alone" in line
   with open(elsewhere / "run" / "eval" / "metrics.json") as f:
     m = json.load(f)
   assert (m["step"], m["num_normal"], m["num_anomalous"]) == (3, 6, 5)

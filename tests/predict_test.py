@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import stats
 from sklearn.metrics import f1_score
 
 from dmad_jax import data as data_lib
@@ -128,23 +129,22 @@ def test_predictor_reproduces_the_eval_job_scores(run, predictor):
   # The eval job reports this threshold's test metrics.
   metrics = run["metrics"]
   assert metrics["threshold"] == threshold
-  assert (metrics["threshold_method"], metrics["threshold_split"]) == (
-    "normal_quantile",
-    "validation",
-  )
+  assert (metrics["threshold_method"], metrics["threshold_split"]) == ("lognormal", "validation")
   pred = (saved["score"] > threshold).astype(int)
   assert metrics["threshold_F1"] == pytest.approx(f1_score(saved["labels"], pred, zero_division=0))
 
 
-def test_threshold_is_the_quantile_of_the_validation_normal_scores(run, predictor):
+def test_threshold_is_the_lognormal_bound_of_the_validation_normal_scores(run, predictor):
   stored = calibration.load(run["workdir"], EVAL_STEP)
   validation = FolderSource(run["data"], "validation", image_size=SIZE)
   scores = predictor.predict_files(validation.paths)["score"].astype(np.float64)
-  assert stored["threshold"] == pytest.approx(np.quantile(scores, QUANTILE), abs=1e-6)
+  logs = np.log(scores)
+  bound = stats.t.ppf(QUANTILE, 4) * logs.std(ddof=1) * np.sqrt(1 + 1 / 5)
+  assert stored["threshold"] == pytest.approx(np.exp(logs.mean() + bound), rel=1e-5)
   assert stored["score_min"] == pytest.approx(scores.min(), abs=1e-6)
   assert stored["score_max"] == pytest.approx(scores.max(), abs=1e-6)
   assert (stored["method"], stored["split"], stored["quantile"]) == (
-    "normal_quantile",
+    "lognormal",
     "validation",
     QUANTILE,
   )

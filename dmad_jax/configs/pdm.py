@@ -54,6 +54,13 @@ def base(runlocal: bool = False) -> ml_collections.ConfigDict:
       num_templates=1,
       # The released code warps the mask with the reference; False is paper Eq. 9 (unwarped).
       warp_mask=True,
+      # The released code's quantiser and OffsetNet input (prototype_bank changes them).
+      global_code=False,
+      offset_input="input",
+      vq_update="loss",
+      vq_decay=0.99,
+      vq_dead_threshold=0.01,
+      vq_normalize=False,
     )
   )
   c.loss = ml_collections.ConfigDict(
@@ -69,6 +76,7 @@ def base(runlocal: bool = False) -> ml_collections.ConfigDict:
       # The released terms; "paper_eq8" and "l2_norm" are the paper's Eq. 8 and Supp. Eq. 24.
       deformation="code",
       template_distance="mse",
+      reference=0.0,  # no such term in the released code (prototype_bank: 1)
     )
   )
   c.score = ml_collections.ConfigDict(
@@ -114,6 +122,45 @@ def base(runlocal: bool = False) -> ml_collections.ConfigDict:
     c.eval.batch_size = 64
     c.eval.figure_samples = 2
   return c
+
+
+# The image-mode recipe, chosen on the digits' validation split (experiments/
+# select_digits_defaults.py, experiments/results/digits_selection.json); see prototype_bank.
+PROTOTYPE_BANK = {
+  "model.mask_source": "none",
+  "model.skip_channels": (),
+  "model.global_code": True,
+  "model.offset_input": "input_reference",
+  "model.num_codes": 64,
+  "model.vq_update": "ema",
+  "model.vq_dead_threshold": 0.1,
+  "loss.reference": 1.0,
+  "score.distance": "l2",
+  "score.stage": 0,
+  "score.alpha": 0.0,
+}
+
+
+def prototype_bank(c: ml_collections.ConfigDict) -> None:
+  """Image mode as DMAD means it: the decoder draws one of a bank of normal prototypes and the
+  deformation pyramid warps it onto the input (``PROTOTYPE_BANK``).
+
+  * ``global_code``: one code per image (the deepest feature averaged over space), so the
+    decoder can produce at most ``num_codes`` references; no skips and no encoder mask (at
+    full resolution the mask carries the input's shape past the code: the reference was then
+    a blob and the warped mask drew the digit).
+  * ``vq_update="ema"`` with restarts: the codebook follows the features assigned to each code
+    and unused codes restart at the worst-quantised features; with the codebook loss only 7-15
+    of 32-64 codes stayed in use and the prototypes were few and blurred.
+  * ``loss.reference``: the unwarped reference itself is asked to match, so that it is the
+    nearest prototype and the fields only refine it; ``offset_input="input_reference"``: the
+    fields see which prototype they warp.
+  * the score: the squared error left after the coarse deformation (``score.stage = 0``), which
+    the fine field has not yet fitted.
+  """
+  for key, value in PROTOTYPE_BANK.items():
+    section, name = key.split(".")
+    c[section][name] = value
 
 
 def set_image_size(c: ml_collections.ConfigDict, size: int, *, in_channels: int, out_channels: int):

@@ -76,10 +76,16 @@ def test_eval_job_reports_pixel_metrics_of_the_saved_maps(tmp_path):
     "pixel_AUROC": pixel_auroc(maps, masks),
     "pixel_AUROC_per_image": pixel_auroc_per_image(maps, masks),
     "pixel_AUPRO": aupro(maps, masks, 0.3),
-    "pixel_AUPRO_rd4ad": aupro_rd4ad(maps, masks, 0.3),
   }
+  try:
+    expected["pixel_AUPRO_rd4ad"] = aupro_rd4ad(maps, masks, 0.3)
+  except ValueError:
+    # RD4AD's variant is undefined on an image whose map keeps too few thresholds (an
+    # untrained model's squared error can): the job leaves it out with a warning, not fails.
+    assert "pixel_AUPRO_rd4ad" not in written and "pixel_AUPRO_rd4ad" not in result
+  assert 0.0 < written["pixel_AUROC"] < 1.0  # an untrained model: neither perfect nor nothing
   for key, value in expected.items():
-    assert 0.0 < written[key] < 1.0
+    assert 0.0 <= written[key] <= 1.0
     assert written[key] == pytest.approx(value, abs=1e-12) == result[key]
   assert os.path.getsize(os.path.join(out, "heatmaps_2.png")) > 0
   assert result["heatmaps"] == os.path.join(out, "heatmaps_2.png")

@@ -226,8 +226,9 @@ def test_checkpoint_of_another_model_names_the_differences(tmp_path):
     trainer.train_and_evaluate(_digits(), other.workdir)
   msg = str(info.value)
   assert f"the workdir {other.workdir} belongs to another model" in msg
-  assert "params/vq/codebook: checkpoint (4, 16), this config (8, 16)" in msg
-  assert "model.num_codes: 4 in the workdir's config, 8 now" in msg
+  # The digits recipe's codebook is a moving average kept with the statistics.
+  assert "batch_stats/vq/embed_sum: checkpoint (4, 16), this config (64, 16)" in msg
+  assert "model.num_codes: 4 in the workdir's config, 64 now" in msg
   other.assert_intact()  # config.json included: it still describes the checkpoint's model
 
 
