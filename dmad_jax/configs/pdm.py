@@ -60,7 +60,6 @@ def base(runlocal: bool = False) -> ml_collections.ConfigDict:
       vq_update="loss",
       vq_decay=0.99,
       vq_dead_threshold=0.01,
-      vq_normalize=False,
     )
   )
   c.loss = ml_collections.ConfigDict(

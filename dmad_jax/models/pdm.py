@@ -164,8 +164,6 @@ class PDM(nn.Module):
     skip_channels: compressed stop-gradient skips of the deepest levels.
     num_codes: codebook size K of the vector quantiser (its dimension is ``channels[-1]``).
     vq_beta: commitment weight.
-    vq_normalize: quantise L2-normalised features with L2-normalised codes (see
-      ``dmad_jax.nn.quantize.VectorQuantizer``; the released code: False).
     vq_update: "loss" (a codebook parameter trained by the codebook loss, the released code) or
       "ema" (a moving average of the assigned features in ``batch_stats``, with codes that fall
       out of use restarted at the worst-quantised features).
@@ -205,7 +203,6 @@ class PDM(nn.Module):
   skip_channels: Sequence[int] = (32, 32)
   num_codes: int = 200
   vq_beta: float = 0.25
-  vq_normalize: bool = False
   vq_update: str = "loss"
   vq_decay: float = 0.99
   vq_dead_threshold: float = 0.01
@@ -250,7 +247,6 @@ class PDM(nn.Module):
       self.num_codes,
       self.channels[-1],
       beta=self.vq_beta,
-      normalize=self.vq_normalize,
       update=self.vq_update,
       decay=self.vq_decay,
       dead_threshold=self.vq_dead_threshold,

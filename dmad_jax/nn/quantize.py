@@ -8,13 +8,6 @@ import jax.numpy as jnp
 
 from dmad_jax.ops import quantize as quantize_ops
 
-
-def _unit(x: jax.Array) -> jax.Array:
-  """``x`` divided by its L2 norm over the last axis (a zero vector stays zero)."""
-  sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
-  return x * jax.lax.rsqrt(jnp.maximum(sq, 1e-12))
-
-
 UPDATES = ("loss", "ema")
 
 
@@ -29,9 +22,6 @@ class VectorQuantizer(nn.Module):
     dim: D, the code width; must equal the last axis of the input.
     beta: commitment weight, already applied in ``aux.commitment_loss``.
     chunk_size: rows per distance chunk; ``None`` picks about 4 MiB of distances.
-    normalize: quantise unit vectors: the inputs and the codes are divided by their L2 norms
-      first (a code is then a direction, chosen by cosine similarity; ViT-VQGAN's
-      l2-normalised codes; the released DMAD code quantises raw vectors, False).
     update: how the codes learn: "loss" (the ``codebook`` parameter, trained by the codebook
       loss; the released code) or "ema" (no parameter: ``batch_stats`` keep a moving average
       of the inputs assigned to each code, :func:`dmad_jax.ops.quantize.ema_codebook_update`,
@@ -45,7 +35,6 @@ class VectorQuantizer(nn.Module):
   dim: int
   beta: float = 0.25
   chunk_size: int | None = None
-  normalize: bool = False
   update: str = "loss"
   decay: float = 0.99
   dead_threshold: float = 0.01
@@ -69,13 +58,9 @@ class VectorQuantizer(nn.Module):
     if self.update == "ema":
       return self._ema(z, train)
     codebook = self.param("codebook", quantize_ops.uniform_codebook_init, self.num_codes, self.dim)
-    if self.normalize:
-      z, codebook = _unit(z), _unit(codebook)
     return quantize_ops.vector_quantize(z, codebook, beta=self.beta, chunk_size=self.chunk_size)
 
   def _ema(self, z, train):
-    if self.normalize:
-      z = _unit(z)
     # Zero counts: every code is dead at the first training step and restarts at an input row,
     # so the codebook starts on the data.
     cluster = self.variable(
@@ -88,8 +73,6 @@ class VectorQuantizer(nn.Module):
     )
     codebook = embed.value / jnp.maximum(cluster.value, 1e-12)[:, None]
     codebook = jnp.where((cluster.value > 0)[:, None], codebook, embed.value)
-    if self.normalize:
-      codebook = _unit(codebook)
     z_q, aux = quantize_ops.vector_quantize(
       z, jax.lax.stop_gradient(codebook), beta=self.beta, chunk_size=self.chunk_size
     )
