@@ -103,6 +103,8 @@ CANDIDATES = {
   "ema64_ref_coarse4": {**_EMA, "model.max_offsets": (4.0, 3.0)},
 }
 ALPHAS = (0.0, 0.03, 0.1, 0.3, 1.0)
+# The validation AUROC of the deformation alone a candidate needs to be chosen (chance is 0.5).
+MIN_DEFORMATION = 0.75
 # Score variants tried with every alpha: the distance of the reconstruction error and which
 # deformation stage it reads (-1 the final one, 0 the coarse one).
 SCORES = {
@@ -138,12 +140,23 @@ def run_candidate(name: str, overrides: dict, workroot: str, reuse: bool = False
   if done is not None and done["overrides"] == out["overrides"]:
     out["train_seconds"] = done["train_seconds"]  # trained by an earlier run of this script
   else:
+    done = None
     shutil.rmtree(workdir, ignore_errors=True)
     t0 = time.time()
     train_and_evaluate(_config(overrides), workdir)
     out["train_seconds"] = round(time.time() - t0, 1)
-    with open(record, "w") as f:
-      json.dump(out, f)
+  scored = {"scores": SCORES, "alphas": list(ALPHAS)}
+  if done is not None and done.get("validation_of") == scored:
+    out["validation"] = done["validation"]  # scored by an earlier run with the same variants
+  else:
+    out["validation"] = score_validation(overrides, workdir)
+  with open(record, "w") as f:
+    json.dump({**out, "validation_of": scored}, f)
+  return out
+
+
+def score_validation(overrides: dict, workdir: str) -> dict:
+  """The validation AUROCs of a trained candidate for every score variant and alpha."""
   validation = {}
   for i, (score, alpha) in enumerate((s, a) for s in SCORES for a in ALPHAS):
     config = _config(
@@ -159,8 +172,29 @@ def run_candidate(name: str, overrides: dict, workroot: str, reuse: bool = False
       )
     validation[f"image_AUROC_{score}_alpha_{alpha}"] = result["image_AUROC"]
     validation[f"image_AUROC_{score}_rec"] = result["image_AUROC_rec"]
-  out["validation"] = validation
-  return out
+  return validation
+
+
+def best_choice(runs: dict, *, min_deformation: float = 0.0) -> dict:
+  """The candidate, score variant and alpha with the highest validation image AUROC among the
+  candidates whose deformation alone reaches ``min_deformation`` on validation."""
+  best, name, score, alpha = max(
+    (r["validation"][f"image_AUROC_{score}_alpha_{alpha}"], name, score, alpha)
+    for name, r in runs.items()
+    if r["validation"]["image_AUROC_df"] >= min_deformation
+    for score in SCORES
+    for alpha in ALPHAS
+  )
+  return {"candidate": name, "score": SCORES[score], "score.alpha": alpha,
+          "validation_image_AUROC": best}  # fmt: skip
+
+
+def metrics_on_test(choice: dict, workroot: str) -> dict:
+  config = _config(
+    CANDIDATES[choice["candidate"]], **{"score.alpha": choice["score.alpha"], **choice["score"]}
+  )
+  test = job.evaluate(config, os.path.join(workroot, choice["candidate"]))
+  return {**_auroc_keys(test), "num_normal": test["num_normal"], "step": test["step"]}
 
 
 def main() -> None:
@@ -187,31 +221,26 @@ def main() -> None:
   for name in names:
     runs[name] = run_candidate(name, CANDIDATES[name], a.workroot, a.reuse)
     print(name, json.dumps(runs[name]["validation"]), flush=True)
-  choices = [
-    (r["validation"][f"image_AUROC_{score}_alpha_{alpha}"], name, score, alpha)
-    for name, r in runs.items()
-    for score in SCORES
-    for alpha in ALPHAS
-  ]
-  best, name, score, alpha = max(choices)
-  # The chosen run on the test split, reported once.
-  config = _config(CANDIDATES[name], **{"score.alpha": alpha, **SCORES[score]})
-  test = job.evaluate(config, os.path.join(a.workroot, name))
+  # The acceptance lines ask for DMAD's mechanism as well as the score: the deformation alone
+  # must tell anomalies apart (MIN_DEFORMATION on validation), so only such candidates are
+  # chosen from; the unconstrained best is recorded next to it.
+  chosen = best_choice(runs, min_deformation=MIN_DEFORMATION)
+  unconstrained = best_choice(runs)
   result = {
     "command": " ".join(["python", "experiments/select_digits_defaults.py", *sys.argv[1:]]),
     "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
-    "protocol": str(config.data.protocol),
-    "selection": "highest validation image AUROC over candidates x score variants x score.alpha",
+    "protocol": str(load(os.path.join(ROOT, "configs", "digits_pdm.py")).data.protocol),
+    "selection": (
+      "highest validation image AUROC over candidates x score variants x score.alpha, among "
+      f"the candidates whose deformation alone reaches {MIN_DEFORMATION} on validation"
+    ),
     "alphas": list(ALPHAS),
     "scores": SCORES,
+    "min_deformation_AUROC": MIN_DEFORMATION,
     "candidates": runs,
-    "chosen": {
-      "candidate": name,
-      "score": SCORES[score],
-      "score.alpha": alpha,
-      "validation_image_AUROC": best,
-    },
-    "test": {**_auroc_keys(test), "num_normal": test["num_normal"], "step": test["step"]},
+    "chosen": chosen,
+    "test": metrics_on_test(chosen, a.workroot),
+    "unconstrained_best": {**unconstrained, "test": metrics_on_test(unconstrained, a.workroot)},
   }
   print(json.dumps(result["chosen"]), json.dumps(result["test"]), sep="\n")
   if a.json:
