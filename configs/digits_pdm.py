@@ -38,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # unwarped reference trained to match, fields that see the reference, and the squared error
   # left after the coarse deformation as the score. Chosen on the validation split by
   # experiments/select_digits_defaults.py (experiments/results/digits_selection.json) among
-  # eleven candidates x three scores x five weights of the deformation term; see README.
+  # ten candidates x three scores x five weights of the deformation term; see README.
   pdm.prototype_bank(c)
   if not a["runlocal"]:
     # Five levels: the code is the average of a 2x2 map, CoordConv blocks of 2 divide them all.

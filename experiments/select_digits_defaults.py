@@ -145,6 +145,11 @@ def run_candidate(name: str, overrides: dict, workroot: str, reuse: bool = False
     t0 = time.time()
     train_and_evaluate(_config(overrides), workdir)
     out["train_seconds"] = round(time.time() - t0, 1)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    logged = [json.loads(line)["perplexity"] for line in f if '"perplexity"' in line]
+  # How many codes a training batch used (exp of the entropy of its code usage), averaged over
+  # the last four logged steps (every 50th).
+  out["batch_perplexity_at_end"] = round(sum(logged[-4:]) / 4, 2)
   scored = {"scores": SCORES, "alphas": list(ALPHAS)}
   if done is not None and done.get("validation_of") == scored:
     out["validation"] = done["validation"]  # scored by an earlier run with the same variants

@@ -304,7 +304,11 @@ class PDM(nn.Module):
     ref, dec_mask = self.decoder(q, skips, train)
     if mask is None:
       mask = dec_mask
-    offset_in = x if self.offset_input == "input" else jnp.concatenate([x, ref], -1)
+    # The reference is an image output, kept float32 (dmad_jax.nn.precision); the OffsetNet
+    # computes in the input's dtype.
+    offset_in = x
+    if self.offset_input == "input_reference":
+      offset_in = jnp.concatenate([x, ref.astype(x.dtype)], -1)
     # Sampling coordinates are float32 whatever the compute dtype (dmad_jax.nn.precision).
     offsets = [
       sampling.resize_bilinear(precision.at_least_float32(o), size, align_corners=True)

@@ -108,18 +108,19 @@ def test_eight_devices_match_one_device(tmp_path):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
   # Later steps differ by float32 summation order only (the cross-device reductions add in
   # another order; the float64 test below shows the computations are otherwise the same). The
-  # loss barely moves (measured by experiments/data_parallel_drift.py: up to 2.8e-7 relative for
-  # steps 2-4 and 6.2e-6 at step 5; 1.9e-5 before the phase-wise transposed convolutions), but
-  # Adam's normalised update g / (|g| + eps) turns roundoff-level gradients of some weights (~1e-9,
-  # against eps 1e-8) into lr-sized steps: after 5 steps parameters differ by up to 1.6e-4
-  # (experiments/results/data_parallel_drift.json lists the entries).
+  # loss barely moves (measured by experiments/data_parallel_drift.py with the digits
+  # image-mode recipe: up to 4.2e-7 relative for steps 2-4 and 8.6e-6 at step 5), but Adam's
+  # normalised update g / (|g| + eps) turns roundoff-level gradients of some weights (~1e-8,
+  # against eps 1e-8) into lr-sized steps: after 5 steps parameters differ by up to 9.5e-4
+  # (experiments/results/data_parallel_drift.json lists the entries), and the EMA codebook in
+  # the statistics follows the encoder's features.
   np.testing.assert_allclose(run["losses"][:4], one["losses"][:4], rtol=1e-5)
   np.testing.assert_allclose(run["losses"], one["losses"], rtol=5e-5)
   diffs = [
     np.max(np.abs(np.asarray(a) - np.asarray(b)), initial=0.0)
     for a, b in zip(run["state5"], one["state5"], strict=True)
   ]
-  assert max(diffs) < 1e-3, max(diffs)
+  assert max(diffs) < 2e-3, max(diffs)
   # Eval: the same checkpoint scored on 8 devices and on 1 gives the same scores and AUROC.
   np.testing.assert_allclose(res["eval_eight"]["scores"], res["eval_one"]["scores"], rtol=1e-5)
   assert res["eval_eight"]["auroc"] == res["eval_one"]["auroc"]
