@@ -79,6 +79,13 @@ def main() -> None:
     "(a seeded permutation: train and test normals are exchangeable) or 'ordered' (the data "
     "set's order: the first ones train, the next ones test, as this script did before)",
   )
+  parser.add_argument(
+    "--recipe",
+    default="released",
+    choices=("released", "prototype_bank"),
+    help="configs/folder_pdm.py's recipe arg; results of prototype_bank go to "
+    "folder_own_data_prototype_bank.json",
+  )
   parser.add_argument("--json", action="store_true", help=f"store the result in {OUT}")
   parser.add_argument(
     "--draws", type=int, default=3, help="'shuffled' folders drawn (seeds 0..draws-1)"
@@ -88,28 +95,31 @@ def main() -> None:
   for order in a.order.split(","):
     for seed in range(a.draws) if order == "shuffled" else (0,):
       name = f"shuffled, draw {seed}" if order == "shuffled" else order
-      runs[name] = one_run(a.train, order, seed)
+      runs[name] = one_run(a.train, order, seed, a.recipe)
       print(name, json.dumps(runs[name]["threshold"]), flush=True)
   result = {
     "command": "python experiments/folder_own_data.py"
     + (f" --train {a.train}" if a.train != 50 else "")
     + (f" --order {a.order}" if a.order != "shuffled,ordered" else "")
-    + (f" --draws {a.draws}" if a.draws != 3 else ""),
+    + (f" --draws {a.draws}" if a.draws != 3 else "")
+    + (f" --recipe {a.recipe}" if a.recipe != "released" else ""),
     "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
     "runs": runs,
   }
   print(json.dumps(result, indent=2))
   if a.json:
-    with open(OUT, "w") as f:
+    out = OUT if a.recipe == "released" else OUT.replace(".json", f"_{a.recipe}.json")
+    with open(out, "w") as f:
       json.dump(result, f, indent=2)
       f.write("\n")
 
 
-def one_run(n_train: int, order: str, seed: int) -> dict:
+def one_run(n_train: int, order: str, seed: int, recipe: str = "released") -> dict:
   work = tempfile.mkdtemp(prefix="dmad_folder_")
   try:
     counts = write_folder(os.path.join(work, "data"), n_train, order, seed)
     config = f"{ROOT}/configs/folder_pdm.py:root={work}/data,image_size=32,channels=1"
+    config += f",recipe={recipe}"
     train_s, log = run(["train", f"--config={config}", "--workdir=run"], work)
     plan = re.search(r"training plan: (.*)", log).group(1)
     eval_s, _ = run(["eval", f"--config={config}", "--workdir=run"], work)

@@ -89,10 +89,13 @@ def test_digits_defaults_are_the_candidate_chosen_on_validation():
   assert stored["candidates"]["previous_defaults"]["overrides"] == {}
 
 
-def test_held_out_threshold_holds_on_test_built_folders():
-  result = _load("folder_own_data.json")
-  for name, run in result["runs"].items():
+@pytest.mark.parametrize(
+  "name", ["folder_own_data.json", "folder_own_data_prototype_bank.json"]
+)  # configs/folder_pdm.py's two recipes
+def test_held_out_threshold_holds_on_test_built_folders(name):
+  result = _load(name)
+  for draw, run in result["runs"].items():
     default = run["threshold"]["validation, lognormal bound (default)"]
-    assert default["normal_images"] == 10, name
-    if name.startswith("shuffled"):  # unseen normals drawn like the held-out ones
-      assert abs(default["test_normal_FPR"] - default["nominal_FPR"]) <= FPR_TOLERANCE, name
+    assert default["normal_images"] == 10, draw
+    if draw.startswith("shuffled"):  # unseen normals drawn like the held-out ones
+      assert abs(default["test_normal_FPR"] - default["nominal_FPR"]) <= FPR_TOLERANCE, draw
