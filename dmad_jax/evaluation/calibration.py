@@ -19,7 +19,8 @@ Methods (``config.calibration``; the section is optional, defaults in :data:`DEF
   log-scores are normal, an unseen normal image scores above it with probability exactly
   ``1 - quantile``, whatever ``n``; the empirical quantile of few images is near their maximum,
   which unseen normals exceed with probability about ``1 / (n + 1)`` (9% for 10 held-out
-  images, however small ``1 - quantile`` is). Needs positive scores and at least 3 normal images.
+  images, however small ``1 - quantile`` is). Needs positive scores and at least 2 normal
+  images (with 2, t has 1 degree of freedom and the bound is far above them).
 * ``f1``: the threshold that maximises the F1 score (anomalous = positive) on a *labelled* split;
   candidates lie half-way between consecutive distinct scores, so a score that moves by rounding
   does not change its label; ties go to the highest threshold.
@@ -218,9 +219,9 @@ def lognormal_threshold(normal_scores, quantile: float) -> float:
   from scipy import stats
 
   normal = np.asarray(normal_scores, np.float64).reshape(-1)
-  if normal.size < 3:
+  if normal.size < 2:
     raise ValueError(
-      f"method 'lognormal' needs at least 3 normal images to fit, the split has {normal.size}"
+      f"method 'lognormal' needs at least 2 normal images to fit, the split has {normal.size}"
     )
   if np.any(normal <= 0):
     raise ValueError(
@@ -248,7 +249,7 @@ def fit(scores, labels, *, method: str, quantile: float = DEFAULTS["quantile"]) 
 
   Raises:
     ValueError: for non-finite scores, a split without normal images (``normal_quantile``),
-      with fewer than 3 or non-positive ones (``lognormal``), without both classes (``f1``),
+      with fewer than 2 or non-positive ones (``lognormal``), without both classes (``f1``),
       or an unknown method.
   """
   scores = np.asarray(scores, np.float64).reshape(-1)

@@ -118,8 +118,11 @@ def test_lognormal_threshold_holds_its_nominal_rate_with_ten_held_out_images():
 
 
 def test_lognormal_threshold_names_what_it_cannot_fit():
-  with pytest.raises(ValueError, match="at least 3 normal images.*has 2"):
-    calibration.fit([0.1, 0.2, 5.0], [0, 0, 1], method="lognormal")
+  with pytest.raises(ValueError, match="at least 2 normal images.*has 1"):
+    calibration.fit([0.1, 5.0], [0, 1], method="lognormal")
+  # Two are enough: Student's t with one degree of freedom, a bound far above both.
+  two = calibration.fit([0.1, 0.2, 5.0], [0, 0, 1], method="lognormal")["threshold"]
+  assert two > 1.0
   with pytest.raises(ValueError, match="positive scores; 1 of .*normal_quantile"):
     calibration.fit([0.1, -0.2, 0.3], [0, 0, 0], method="lognormal")
   c = ml_collections.ConfigDict(dict(calibration=dict(method="lognormal", quantile=0.95)))
