@@ -2,8 +2,10 @@
 
 This is the VQ layer shared by DMAD-PDM and DMAD-PPDM (spec section 0): a codebook of K codes of
 width D, squared-L2 nearest-code assignment, a straight-through estimator and the two VQ-VAE
-losses. The released DMAD code restarts no dead codes; :func:`reseed_dead_codes` does it as a
-separate pure function, so that a model can opt into it without touching this path.
+losses. The released DMAD code restarts no dead codes. Two pure functions do, each for one way
+the codes learn: :func:`reseed_dead_codes` (random rows, for a codebook parameter trained by the
+loss; no model uses it yet) and :func:`ema_codebook_update` (the moving-average codebook, which
+restarts dead codes at the worst-quantised rows without a key; PDM's ``vq_update="ema"``).
 
 Shapes: ``z`` is ``(..., D)`` with any leading shape (typically NHWC with D = channels); all
 leading axes are flattened into ``N`` rows for the assignment. The codebook is ``(K, D)``.
