@@ -36,9 +36,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Image mode as DMAD means it (dmad_jax.configs.pdm.prototype_bank): one code per image from
   # a bank of 64 kept in use by an EMA codebook with restarts, no skips and no encoder mask, the
   # unwarped reference trained to match, fields that see the reference, and the squared error
-  # left after the coarse deformation as the score. Chosen on the validation split by
+  # left after the coarse deformation against the best fitting of the image's 32 nearest
+  # prototypes as the score. Chosen on the validation split by
   # experiments/select_digits_defaults.py (experiments/results/digits_selection.json) among
-  # ten candidates x three scores x five weights of the deformation term; see README.
+  # fourteen candidates x five scores x five weights of the deformation term; see README.
   pdm.prototype_bank(c)
   if not a["runlocal"]:
     # Five levels: the code is the average of a 2x2 map, CoordConv blocks of 2 divide them all.

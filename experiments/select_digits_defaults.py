@@ -7,13 +7,14 @@ The digits protocol (odd digits normal) holds a stratified 20% of its train part
 as a labelled validation split (``config.data.validation_fraction``). Each candidate below (a
 named set of config overrides on :data:`PREVIOUS`: code resolution and book size, how the
 codebook learns, the encoder mask, what the fields see, the reference loss, the deformation
-range) is trained from scratch, then scored on the validation split by the eval job
-(``--config.eval.split=validation``) with each score of :data:`SCORES` (the distance of the
-reconstruction error and the stage it reads) and each weight ``score.alpha`` of :data:`ALPHAS`
-(the fused score is that error plus alpha times the deformation error; alpha = 0 is the
-reconstruction alone). The classical baselines are scored on the same validation images. The
-candidate, score and alpha with the highest validation image AUROC are chosen, and only that one
-is evaluated on the test split.
+range, the training length; one of them again from another seed) is trained from scratch, then
+scored on the validation split by the eval job (``--config.eval.split=validation``) with each
+score of :data:`SCORES` (the distance of the reconstruction error, the stage it reads and, for
+one code per image, how many of the image's nearest prototypes it is scored against) and each
+weight ``score.alpha`` of :data:`ALPHAS` (the fused score is that error plus alpha times the
+deformation error; alpha = 0 is the reconstruction alone). The classical baselines are scored on
+the same validation images. The candidate, score and alpha with the highest validation image
+AUROC are chosen, and only that one is evaluated on the test split.
 
 Writes ``experiments/results/digits_selection.json`` with ``--json``: every candidate's
 overrides, wall time, validation AUROCs (fused for each score and alpha, reconstruction only,
@@ -101,6 +102,18 @@ CANDIDATES = {
   "ema128_ref": {**_EMA, "model.num_codes": 128},
   "ema64_ref_small_offsets": {**_EMA, "model.max_offsets": (1.0, 1.5)},
   "ema64_ref_coarse4": {**_EMA, "model.max_offsets": (4.0, 3.0)},
+  # Training length and batch: twice the steps at batch 32, and at batch 16 (the same epochs).
+  "ema64_ref_steps2400": {**_EMA, "total_steps": 2400, "checkpoint_every_steps": 1200},
+  "ema64_ref_batch16_steps2400": {
+    **_EMA,
+    "batch_size": 16,
+    "total_steps": 2400,
+    "checkpoint_every_steps": 1200,
+  },
+  # Half the steps; and the chosen recipe from another initialisation (how much of a
+  # difference between candidates the seed alone makes).
+  "ema64_ref_steps600": {**_EMA, "total_steps": 600, "checkpoint_every_steps": 300},
+  "ema64_ref_seed1": {**_EMA, "seed": 1},
 }
 ALPHAS = (0.0, 0.03, 0.1, 0.3, 1.0)
 # The validation AUROC of the deformation alone a candidate needs to be chosen (chance is 0.5).
@@ -111,6 +124,9 @@ SCORES = {
   "l1": {"score.distance": "l1"},
   "l2": {"score.distance": "l2"},
   "l2_coarse": {"score.distance": "l2", "score.stage": 0},
+  # The same, each image scored against the best fitting of its 8 or 32 nearest prototypes.
+  "l2_coarse_p8": {"score.distance": "l2", "score.stage": 0, "score.prototypes": 8},
+  "l2_coarse_p32": {"score.distance": "l2", "score.stage": 0, "score.prototypes": 32},
 }
 
 
@@ -150,26 +166,40 @@ def run_candidate(name: str, overrides: dict, workroot: str, reuse: bool = False
   # How many codes a training batch used (exp of the entropy of its code usage), averaged over
   # the last four logged steps (every 50th).
   out["batch_perplexity_at_end"] = round(sum(logged[-4:]) / 4, 2)
-  scored = {"scores": SCORES, "alphas": list(ALPHAS)}
-  if done is not None and done.get("validation_of") == scored:
-    out["validation"] = done["validation"]  # scored by an earlier run with the same variants
-  else:
-    out["validation"] = score_validation(overrides, workdir)
+  # Variants scored by an earlier run of the same trained candidate are kept (their settings
+  # are recorded by name in validation_of); only new ones are scored.
+  known = {}
+  if done is not None:
+    was = done.get("validation_of", {})
+    changed = [k for k, v in was.get("scores", {}).items() if SCORES.get(k) != v]
+    if was.get("alphas") == list(ALPHAS):
+      known = {
+        k: v
+        for k, v in done["validation"].items()
+        if not any(k.startswith(f"image_AUROC_{c}_") for c in changed)
+      }
+  out["validation"] = score_validation(overrides, workdir, known)
   with open(record, "w") as f:
-    json.dump({**out, "validation_of": scored}, f)
+    json.dump({**out, "validation_of": {"scores": SCORES, "alphas": list(ALPHAS)}}, f)
   return out
 
 
-def score_validation(overrides: dict, workdir: str) -> dict:
-  """The validation AUROCs of a trained candidate for every score variant and alpha."""
-  validation = {}
-  for i, (score, alpha) in enumerate((s, a) for s in SCORES for a in ALPHAS):
+def score_validation(overrides: dict, workdir: str, known: dict | None = None) -> dict:
+  """The validation AUROCs of a trained candidate for every score variant and alpha (those in
+  ``known``, from an earlier run of the same candidate, are not scored again)."""
+  validation = dict(known or {})
+  for score, alpha in ((s, a) for s in SCORES for a in ALPHAS):
+    if f"image_AUROC_{score}_alpha_{alpha}" in validation:
+      continue
     config = _config(
       overrides, **{"eval.split": "validation", "score.alpha": alpha, **SCORES[score]}
     )
-    config.eval.baselines = i == 0  # once: they do not depend on the model
+    if config.score.prototypes > 1 and not config.model.global_code:
+      continue  # more than one prototype per image needs one code per image
+    first = "image_AUROC_df" not in validation
+    config.eval.baselines = first  # once: they do not depend on the model
     result = job.evaluate(config, workdir)
-    if i == 0:
+    if first:
       validation.update(
         {k: v for k, v in _auroc_keys(result).items() if k != "image_AUROC"},
         num_normal=result["num_normal"],
@@ -189,6 +219,7 @@ def best_choice(runs: dict, *, min_deformation: float = 0.0) -> dict:
     if r["validation"]["image_AUROC_df"] >= min_deformation
     for score in SCORES
     for alpha in ALPHAS
+    if f"image_AUROC_{score}_alpha_{alpha}" in r["validation"]
   )
   return {"candidate": name, "score": SCORES[score], "score.alpha": alpha,
           "validation_image_AUROC": best}  # fmt: skip

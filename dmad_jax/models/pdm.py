@@ -265,7 +265,7 @@ class PDM(nn.Module):
       shape = (self.frozen_templates, *shape[1:])
       self.template_frozen = self.param("template_frozen", nn.initializers.zeros, shape)
 
-  def __call__(self, x, *, train: bool, template_index=None) -> dict[str, Any]:
+  def __call__(self, x, *, train: bool, template_index=None, code_rank=None) -> dict[str, Any]:
     """Runs the model.
 
     Args:
@@ -273,6 +273,9 @@ class PDM(nn.Module):
       train: BatchNorm mode.
       template_index: (B,) int index into the template bank (None: template 0); indices from
         ``num_templates`` on select the frozen templates.
+      code_rank: with ``global_code``, decode the ``code_rank``-th nearest code (an int or a
+        traced int32; 0 is the nearest) instead of quantising as in training, i.e. the image's
+        next prototypes (inference only). None: the nearest, as in training.
 
     Returns:
       A dict: ``reference`` (B,H,W,C) decoded prototype; ``mask`` (B,H,W,Cm) or None;
@@ -295,9 +298,11 @@ class PDM(nn.Module):
     if self.template_input:
       x = jnp.concatenate([x, bkg.astype(x.dtype)], -1)
 
+    if code_rank is not None and not self.global_code:
+      raise ValueError(f"PDM: code_rank {code_rank} needs global_code=True (one code per image)")
     z, skips, mask = self.encoder(x, train)
     if self.global_code:
-      q, vq_aux = self.vq(jnp.mean(z, axis=(1, 2), keepdims=True), train)
+      q, vq_aux = self.vq(jnp.mean(z, axis=(1, 2), keepdims=True), train, rank=code_rank)
       q = jnp.broadcast_to(q, z.shape)
     else:
       q, vq_aux = self.vq(z, train)
@@ -724,6 +729,7 @@ SCORE_DEFAULTS = {
   "alpha": 1.0,
   "reduce": "max",
   "stage": -1,
+  "prototypes": 1,
 }
 
 
@@ -735,8 +741,10 @@ class PDMDetector(base.Detector):
   ``batch["frames"]`` stacks t_length frames on the channel axis, oldest first; the model sees
   the first t_length - 1 and predicts the last.
 
-  Config: ``model`` (PDM attributes), ``loss`` (LossWeights fields), ``score`` (``distance``:
-  see ``anomaly_maps``; ``kernel_size``, ``alpha``, ``reduce``: see ``image_scores``),
+  Config: ``model`` (PDM attributes), ``loss`` (LossWeights fields), ``score`` (``distance``,
+  ``stage``: see ``anomaly_maps``; ``kernel_size``, ``alpha``, ``reduce``: see
+  ``image_scores``; ``prototypes``: with ``global_code``, how many of an image's nearest codes
+  are decoded and warped, the image being scored against the one that fits it best),
   ``t_length``, ``template_init`` ("zeros", "median" of ``template_median_items`` training
   images, "bank" of per-template estimates with ``template_method`` / ``template_max_frames``,
   or an image file) and ``eval.recipe`` (which official frame errors ``predict`` adds). Batches
@@ -766,6 +774,17 @@ class PDMDetector(base.Detector):
     self.reduce = score["reduce"]
     self.distance = score["distance"]
     self.stage = int(score["stage"])
+    self.prototypes = int(score["prototypes"])
+    if self.prototypes > 1 and not self.module.global_code:
+      raise ValueError(
+        f"config.score.prototypes = {self.prototypes} needs config.model.global_code = True "
+        "(one code, hence one prototype, per image)"
+      )
+    if not 1 <= self.prototypes <= self.module.num_codes:
+      raise ValueError(
+        f"config.score.prototypes must be in [1, num_codes = {self.module.num_codes}], "
+        f"got {self.prototypes}"
+      )
     if not -len(self.module.head_strides) <= self.stage < len(self.module.head_strides):
       raise ValueError(
         f"config.score.stage must index one of the {len(self.module.head_strides)} "
@@ -813,11 +832,39 @@ class PDMDetector(base.Detector):
       ``dmad_avenue`` / ``dmad_shanghai`` recipes, ``host_maps`` (see :func:`host_maps`).
     """
     x, target = self.split(batch)
-    out = self.apply(
-      self.module, variables, x, train=False, template_index=batch.get("template_index")
-    )
-    maps = anomaly_maps(out, target, self.distance, self.stage)
-    scores = image_scores(maps, kernel_size=self.kernel_size, alpha=self.alpha, reduce=self.reduce)
+
+    def scored(rank):
+      out = self.apply(
+        self.module,
+        variables,
+        x,
+        train=False,
+        template_index=batch.get("template_index"),
+        code_rank=rank,
+      )
+      maps = anomaly_maps(out, target, self.distance, self.stage)
+      scores = image_scores(
+        maps, kernel_size=self.kernel_size, alpha=self.alpha, reduce=self.reduce
+      )
+      # The quantiser's record (losses, usage) is not per image and is not used here.
+      return {k: v for k, v in out.items() if k != "vq"}, maps, scores
+
+    out, maps, scores = scored(None)
+    if self.prototypes > 1:
+      # Each image is explained by whichever of its nearest prototypes fits it best: its
+      # outputs, maps and scores all come from that one (the lowest rank on a tie). A loop
+      # over the ranks, compiled once, keeps the best so far (memory of one prototype).
+      def keep_better(best, rank):
+        new = scored(rank)
+        better = new[2]["score"] < best[2]["score"]
+
+        def pick(b, n):
+          return jnp.where(better.reshape(-1, *(1,) * (n.ndim - 1)), n, b)
+
+        return jax.tree.map(pick, best, new), None
+
+      ranks = jnp.arange(1, self.prototypes, dtype=jnp.int32)
+      (out, maps, scores), _ = jax.lax.scan(keep_better, (out, maps, scores), ranks)
     # The prefixes are those of dmad_jax.evaluation.video.ERROR_PREFIX.
     errors = {f"ped2_{k}": v for k, v in frame_errors(out, target).items()}
     if self.recipe == "dmad_shanghai":

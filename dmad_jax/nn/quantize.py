@@ -40,11 +40,17 @@ class VectorQuantizer(nn.Module):
   dead_threshold: float = 0.01
 
   @nn.compact
-  def __call__(self, z: jax.Array, train: bool = False) -> tuple[jax.Array, quantize_ops.VQAux]:
+  def __call__(
+    self, z: jax.Array, train: bool = False, rank: int | jax.Array | None = None
+  ) -> tuple[jax.Array, quantize_ops.VQAux]:
     """Quantises ``z``.
 
     Args:
       z: ``(..., D)`` inputs, e.g. NHWC features with ``D = dim`` channels.
+      train: update the "ema" codebook (when ``batch_stats`` is mutable).
+      rank: None quantises to the nearest code; an int or traced int32 ``r`` returns the r-th
+        nearest instead (0: the nearest; no gradient; inference only, e.g. to decode more than
+        one prototype per image), with ``aux.indices`` and ``aux.quantized`` those of that code.
 
     Returns:
       ``(z_q_st, aux)`` as returned by :func:`dmad_jax.ops.quantize.vector_quantize`:
@@ -55,10 +61,22 @@ class VectorQuantizer(nn.Module):
     """
     if self.update not in UPDATES:
       raise ValueError(f"VectorQuantizer: update must be one of {UPDATES}, got {self.update!r}")
+    if rank is not None and train:
+      raise ValueError(f"VectorQuantizer: rank {rank} is for inference, not with train=True")
     if self.update == "ema":
-      return self._ema(z, train)
-    codebook = self.param("codebook", quantize_ops.uniform_codebook_init, self.num_codes, self.dim)
-    return quantize_ops.vector_quantize(z, codebook, beta=self.beta, chunk_size=self.chunk_size)
+      z_q, aux, codebook = self._ema(z, train)
+    else:
+      codebook = self.param(
+        "codebook", quantize_ops.uniform_codebook_init, self.num_codes, self.dim
+      )
+      z_q, aux = quantize_ops.vector_quantize(
+        z, codebook, beta=self.beta, chunk_size=self.chunk_size
+      )
+    if rank is None:
+      return z_q, aux
+    index = quantize_ops.ranked_code_indices(z.reshape(-1, self.dim), codebook, rank)
+    q = jax.lax.stop_gradient(jnp.take(codebook, index, axis=0).reshape(z.shape).astype(z.dtype))
+    return q, aux._replace(indices=index.reshape(z.shape[:-1]), quantized=q)
 
   def _ema(self, z, train):
     # Zero counts: every code is dead at the first training step and restarts at an input row,
@@ -85,4 +103,4 @@ class VectorQuantizer(nn.Module):
         decay=self.decay,
         dead_threshold=self.dead_threshold,
       )
-    return z_q, aux
+    return z_q, aux, codebook

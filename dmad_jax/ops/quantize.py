@@ -138,6 +138,43 @@ def _perplexity(usage: jax.Array, num_rows: int) -> jax.Array:
   return jnp.exp(-jnp.sum(plogp))
 
 
+def ranked_code_indices(z_flat: jax.Array, codebook: jax.Array, rank: int) -> jax.Array:
+  """Index of the ``rank``-th nearest code of each ``(N, D)`` row (rank 0: the nearest).
+
+  The whole ``(N, K)`` distance matrix is formed (inference on a few rows, such as one global
+  code per image); ties go to the lower index, so rank 0 equals :func:`nearest_code_indices`.
+
+  Args:
+    z_flat: ``(N, D)`` rows.
+    codebook: ``(K, D)`` codes.
+    rank: 0 <= rank < K; an int or a traced int32 scalar (e.g. the index of a loop over
+      ranks, compiled once).
+
+  Returns:
+    ``(N,)`` int32 indices.
+
+  Raises:
+    ValueError: if the shapes do not match or a concrete ``rank`` is outside ``[0, K)``.
+  """
+  if z_flat.ndim != 2:
+    raise ValueError(f"z_flat must have shape (N, D), got shape {z_flat.shape}")
+  num_codes, _ = _check_codebook(codebook, z_flat.shape[-1])
+  if isinstance(rank, int) and not 0 <= rank < num_codes:
+    raise ValueError(f"rank must be in [0, {num_codes}) for a codebook of {num_codes}, got {rank}")
+  dtype = jnp.promote_types(jnp.result_type(z_flat, codebook), jnp.float32)
+  z_flat = jax.lax.stop_gradient(z_flat).astype(dtype)
+  codebook = jax.lax.stop_gradient(codebook).astype(dtype)
+  code_sq = jnp.sum(codebook * codebook, axis=-1)
+  dist = (
+    jnp.sum(z_flat * z_flat, axis=-1, keepdims=True)
+    + code_sq[None, :]
+    - 2.0 * jnp.matmul(z_flat, codebook.T, precision=jax.lax.Precision.HIGHEST)
+  )
+  # A stable sort keeps equal distances in index order, as argmin does.
+  order = jnp.argsort(dist, axis=-1, stable=True)
+  return jax.lax.dynamic_index_in_dim(order, rank, axis=1, keepdims=False).astype(jnp.int32)
+
+
 def vector_quantize(
   z: jax.Array,
   codebook: jax.Array,

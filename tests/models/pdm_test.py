@@ -1,11 +1,13 @@
 """DMAD-PDM: parameter count of the official Ped2 model, shapes, sizes and losses."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dmad_jax.models import pdm
+from dmad_jax.models import get_detector, pdm
 from dmad_jax.nn.layers import count_params
 
 
@@ -242,3 +244,50 @@ def test_reference_loss_asks_the_unwarped_reference_to_match():
   expected = 0.5 * float(jnp.mean((out["reference"] - x) ** 2))
   np.testing.assert_allclose(float(terms["reference"]), expected, rtol=1e-6)
   np.testing.assert_allclose(float(total), float(total0) + expected, rtol=1e-6)
+
+
+def test_prototypes_score_each_image_against_its_best_fitting_prototype():
+  """score.prototypes = P decodes an image's P nearest codes and keeps, per image, the one
+  whose score is lowest: the outputs and the score all come from that prototype."""
+  from dmad_jax.configs import load
+
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  config = load(os.path.join(root, "configs", "digits_pdm.py"), "runlocal")
+  config.model.num_codes = 4
+  config.score.prototypes = 1
+  detector = get_detector(config)
+  x = jax.random.uniform(jax.random.key(0), (6, 32, 32, 1), minval=-1, maxval=1)
+  batch = {"image": x, "label": jnp.zeros((6,), jnp.int32)}
+  variables = detector.init(jax.random.key(1), batch)
+  # A codebook of four distinct codes, all in use.
+  stats = variables["batch_stats"]["vq"]
+  book = jax.random.normal(jax.random.key(2), stats["embed_sum"].shape)
+  variables["batch_stats"]["vq"] = {"cluster_size": jnp.ones((4,)), "embed_sum": book}
+  per_rank = []
+  for rank in range(3):
+    out = detector.module.apply(variables, x, train=False, code_rank=rank)
+    maps = pdm.anomaly_maps(out, x, detector.distance, detector.stage)
+    scores = pdm.image_scores(maps, alpha=detector.alpha, reduce=detector.reduce)
+    per_rank.append((scores["score"], out["reference"]))
+  config.score.prototypes = 3
+  pred = get_detector(config).predict(variables, batch)
+  scores = np.stack([np.asarray(s) for s, _ in per_rank])
+  np.testing.assert_allclose(pred.scores["score"], scores.min(0), rtol=1e-6)
+  best = scores.argmin(0)
+  assert len(set(best.tolist())) > 1  # the test means something: several ranks win
+  refs = np.stack([np.asarray(r) for _, r in per_rank])[best, np.arange(6)]
+  np.testing.assert_allclose(pred.images["reference"], refs, rtol=1e-6)
+  config.score.prototypes = 1
+  np.testing.assert_allclose(
+    get_detector(config).predict(variables, batch).scores["score"], scores[0], rtol=1e-6
+  )
+  for bad, match in ((5, r"prototypes must be in \[1, num_codes = 4\]"), (0, "must be in")):
+    config.score.prototypes = bad
+    with pytest.raises(ValueError, match=match):
+      get_detector(config)
+  config.score.prototypes = 2
+  config.model.global_code = False
+  with pytest.raises(ValueError, match="needs config.model.global_code = True"):
+    get_detector(config)
+  with pytest.raises(ValueError, match="code_rank 1 needs global_code"):
+    _small().init(jax.random.key(0), x, train=False, code_rank=1)

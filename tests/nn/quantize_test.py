@@ -55,3 +55,29 @@ def test_ema_codebook_starts_on_the_data_and_learns_without_a_parameter():
   np.testing.assert_allclose(aux.quantized, z, atol=0.05)  # the average closes in at decay^t
   with pytest.raises(ValueError, match="update must be one of"):
     VectorQuantizer(num_codes=4, dim=2, update="kmeans").init(jax.random.key(0), z)
+
+
+@pytest.mark.parametrize("update", ["loss", "ema"])
+def test_rank_returns_the_next_nearest_codes_without_gradient(update):
+  module = VectorQuantizer(num_codes=5, dim=3, update=update)
+  z = jax.random.normal(jax.random.key(1), (4, 1, 1, 3))
+  variables = module.init(jax.random.key(0), z)
+  if update == "ema":  # a codebook with distinct, used codes
+    book = jax.random.normal(jax.random.key(2), (5, 3))
+    variables = {"batch_stats": {"cluster_size": jnp.ones((5,)), "embed_sum": book}}
+  else:
+    book = variables["params"]["codebook"]
+  for rank in range(5):
+    q, aux = module.apply(variables, z, rank=rank)
+    index = vq.ranked_code_indices(z.reshape(-1, 3), book, rank)
+    np.testing.assert_array_equal(aux.indices.reshape(-1), index)
+    np.testing.assert_allclose(q.reshape(-1, 3), book[index], rtol=1e-6)
+  # A traced rank (the index of a loop over ranks) selects the same codes.
+  traced = jax.jit(lambda r: module.apply(variables, z, rank=r)[1].indices)
+  np.testing.assert_array_equal(
+    traced(jnp.int32(3)).reshape(-1), vq.ranked_code_indices(z.reshape(-1, 3), book, 3)
+  )
+  grad = jax.grad(lambda z: jnp.sum(module.apply(variables, z, rank=2)[0]))(z)
+  assert not np.any(np.asarray(grad))
+  with pytest.raises(ValueError, match="rank 1 is for inference"):
+    module.apply(variables, z, True, rank=1, mutable=["batch_stats"])

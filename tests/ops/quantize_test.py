@@ -273,3 +273,20 @@ def test_ema_codebook_update_is_the_moving_average_and_restarts_dead_codes():
   codes = want_e / want_c[:, None]
   worst = np.argmax(np.sum((z - codes[idx]) ** 2, -1))
   np.testing.assert_allclose(np.asarray(new_e)[2], z[worst], rtol=1e-6)
+
+
+def test_ranked_code_indices_follow_the_sorted_distances():
+  rng = np.random.default_rng(3)
+  z = rng.normal(size=(9, 4)).astype(np.float32)
+  codebook = rng.normal(size=(6, 4)).astype(np.float32)
+  order = np.argsort(((z[:, None] - codebook[None]) ** 2).sum(-1), axis=1, kind="stable")
+  for rank in range(6):
+    np.testing.assert_array_equal(vq.ranked_code_indices(z, codebook, rank), order[:, rank])
+  np.testing.assert_array_equal(
+    vq.ranked_code_indices(z, codebook, 0), vq.nearest_code_indices(z, codebook)
+  )
+  # Equal distances go to the lower index, as argmin's do.
+  tied = np.asarray([[1.0, 0.0], [-1.0, 0.0], [5.0, 5.0]], np.float32)
+  np.testing.assert_array_equal(vq.ranked_code_indices(np.zeros((1, 2)), tied, 1), [1])
+  with pytest.raises(ValueError, match=r"rank must be in \[0, 6\)"):
+    vq.ranked_code_indices(z, codebook, 6)
