@@ -100,3 +100,42 @@ def test_held_out_threshold_holds_on_test_built_folders(name):
     assert default["normal_images"] == 10, draw
     if draw.startswith("shuffled"):  # unseen normals drawn like the held-out ones
       assert abs(default["test_normal_FPR"] - default["nominal_FPR"]) <= FPR_TOLERANCE, draw
+
+
+def _experiment(name):
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  try:
+    return __import__(name)
+  finally:
+    sys.path.pop(0)
+
+
+def test_folder_default_is_the_recipe_chosen_on_validation_folders():
+  select = _experiment("select_folder_defaults")
+  stored = _load("folder_selection.json")
+  runs = {name: c["draws"] for name, c in stored["candidates"].items()}
+  assert stored["chosen"] == select.choose(runs)  # the rule, applied to the stored numbers
+  assert set(runs) == set(select.CANDIDATES) and all(len(d) >= 2 for d in runs.values())
+  for name, c in stored["candidates"].items():
+    assert [c["arg"], c["overrides"]] == list(select.CANDIDATES[name]), name
+  # configs/folder_pdm.py's default recipe is the chosen candidate's.
+  chosen_arg, chosen_overrides = select.CANDIDATES[stored["chosen"]["candidate"]]
+  folder_pdm = load(os.path.join(ROOT, "configs", "folder_pdm.py"), "root=/d,image_size=32")
+  wanted = load(
+    os.path.join(ROOT, "configs", "folder_pdm.py"), f"root=/d,image_size=32,{chosen_arg}"
+  )
+  assert folder_pdm.to_dict() == wanted.to_dict() and not chosen_overrides
+
+
+def test_folder_selection_validation_images_are_neither_trained_nor_tested(tmp_path):
+  select = _experiment("select_folder_defaults")
+  counts = select.write_folder(str(tmp_path), seed=1)
+  assert counts == {"train/good": 50, "test/good": 100, "test/other_digit": 100,
+                    "validation/good": 32, "validation/other_digit": 32}  # fmt: skip
+  files = {
+    part: set(os.listdir(tmp_path / part / folder))
+    for part, folder in (("train", "good"), ("test", "good"), ("validation", "good"))
+  }
+  others = {p: set(os.listdir(tmp_path / p / "other_digit")) for p in ("test", "validation")}
+  assert not files["validation"] & (files["train"] | files["test"])
+  assert not others["validation"] & others["test"]
