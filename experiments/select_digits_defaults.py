@@ -114,6 +114,8 @@ CANDIDATES = {
   # difference between candidates the seed alone makes).
   "ema64_ref_steps600": {**_EMA, "total_steps": 600, "checkpoint_every_steps": 300},
   "ema64_ref_seed1": {**_EMA, "seed": 1},
+  # The EMA codebook without the reference loss (the fields alone fit the prototype).
+  "ema64_noref": {**_EMA, "loss.reference": 0.0},
 }
 ALPHAS = (0.0, 0.03, 0.1, 0.3, 1.0)
 # The validation AUROC of the deformation alone a candidate needs to be chosen (chance is 0.5).
