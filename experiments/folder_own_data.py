@@ -53,6 +53,12 @@ def write_folder(root: str, n_train: int, order: str, seed: int = 0) -> dict:
     ("test", "good"): ones[n_train : n_train + N_TEST],
     ("test", "other_digit"): others[:N_TEST],
   }
+  return save_split(root, images, split)
+
+
+def save_split(root: str, images: np.ndarray, split: dict) -> dict:
+  """Writes ``images[i]`` as ``<root>/<part>/<folder>/<i>.png`` (32x32) for every index of each
+  ``(part, folder)`` of ``split``; returns the image count of each folder."""
   for (part, folder), idx in split.items():
     os.makedirs(os.path.join(root, part, folder))
     for i in idx:

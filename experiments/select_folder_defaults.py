@@ -29,7 +29,7 @@ import time
 
 import jax
 import numpy as np
-from PIL import Image
+from folder_own_data import save_split  # this folder: the same PNG layout
 from sklearn.datasets import load_digits
 
 from dmad_jax.configs import load
@@ -67,12 +67,7 @@ def write_folder(root: str, seed: int) -> dict:
     ("validation", "good"): ones[N_TRAIN + N_TEST : N_TRAIN + N_TEST + N_VALIDATION],
     ("validation", "other_digit"): others[N_TEST : N_TEST + N_VALIDATION],
   }
-  for (part, folder), idx in split.items():
-    os.makedirs(os.path.join(root, part, folder))
-    for i in idx:
-      img = Image.fromarray(images[i]).resize((32, 32), Image.BILINEAR)
-      img.save(os.path.join(root, part, folder, f"{i:04d}.png"))
-  return {f"{p}/{f}": len(idx) for (p, f), idx in split.items()}
+  return save_split(root, images, split)
 
 
 def _config(root: str, name: str, **extra):
