@@ -40,7 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # prototypes as the score. Chosen on the validation split by
   # experiments/select_digits_defaults.py (experiments/results/digits_selection.json) among
   # fourteen candidates x five scores x five weights of the deformation term; see README.
-  pdm.prototype_bank(c)
+  pdm.prototype_bank(c, a["runlocal"])
   if not a["runlocal"]:
     # Five levels: the code is the average of a 2x2 map, CoordConv blocks of 2 divide them all.
     c.model.channels = (16, 32, 64, 64, 32)

@@ -69,7 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # score; five levels whatever the size (the code averages the deepest map), widths twice
     # the digits'. Not the default: on folders of 50 digit scans it reached image AUROC
     # 0.91-0.99 against 0.97-1.00 for the released recipe (experiments/folder_own_data.py).
-    pdm.prototype_bank(c)
+    pdm.prototype_bank(c, a["runlocal"])
     if not a["runlocal"]:
       c.model.channels = (32, 64, 128, 128, 32)
       c.model.coord_blocks = size // 16

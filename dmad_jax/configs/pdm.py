@@ -141,7 +141,12 @@ PROTOTYPE_BANK = {
 }
 
 
-def prototype_bank(c: ml_collections.ConfigDict) -> None:
+# With runlocal (the tiny two-step runs of the tests) an image is scored against 4 of its
+# prototypes: with 32 the float64 multi-process test took 677 s at -O0 (its evals dominate).
+RUNLOCAL_PROTOTYPES = 4
+
+
+def prototype_bank(c: ml_collections.ConfigDict, runlocal: bool = False) -> None:
   """Image mode as DMAD means it: the decoder draws one of a bank of normal prototypes and the
   deformation pyramid warps it onto the input (``PROTOTYPE_BANK``).
 
@@ -164,6 +169,8 @@ def prototype_bank(c: ml_collections.ConfigDict) -> None:
   for key, value in PROTOTYPE_BANK.items():
     section, name = key.split(".")
     c[section][name] = value
+  if runlocal:
+    c.score.prototypes = RUNLOCAL_PROTOTYPES
 
 
 def set_image_size(c: ml_collections.ConfigDict, size: int, *, in_channels: int, out_channels: int):
