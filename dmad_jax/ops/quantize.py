@@ -72,16 +72,20 @@ def default_chunk_size(num_codes: int) -> int:
   return max(1, _DEFAULT_CHUNK_FLOATS // max(1, num_codes))
 
 
-def _nearest_code(rows: jax.Array, codebook: jax.Array, code_sq: jax.Array) -> jax.Array:
-  """Index of the nearest code for each row of ``rows`` (R, D); returns (R,) int32."""
+def _distances(rows: jax.Array, codebook: jax.Array, code_sq: jax.Array) -> jax.Array:
+  """(R, K) squared distances of the rows of ``rows`` (R, D) to every code."""
   # Matmul form of ||z - e||^2, as in the official code. The ||z||^2 term does not change the
   # argmin but is kept so that distances (and hence tie-breaking) follow the reference exactly.
-  dist = (
+  return (
     jnp.sum(rows * rows, axis=-1, keepdims=True)
     + code_sq[None, :]
     - 2.0 * jnp.matmul(rows, codebook.T, precision=jax.lax.Precision.HIGHEST)
   )
-  return jnp.argmin(dist, axis=-1).astype(jnp.int32)
+
+
+def _nearest_code(rows: jax.Array, codebook: jax.Array, code_sq: jax.Array) -> jax.Array:
+  """Index of the nearest code for each row of ``rows`` (R, D); returns (R,) int32."""
+  return jnp.argmin(_distances(rows, codebook, code_sq), axis=-1).astype(jnp.int32)
 
 
 def nearest_code_indices(
@@ -164,12 +168,7 @@ def ranked_code_indices(z_flat: jax.Array, codebook: jax.Array, rank: int) -> ja
   dtype = jnp.promote_types(jnp.result_type(z_flat, codebook), jnp.float32)
   z_flat = jax.lax.stop_gradient(z_flat).astype(dtype)
   codebook = jax.lax.stop_gradient(codebook).astype(dtype)
-  code_sq = jnp.sum(codebook * codebook, axis=-1)
-  dist = (
-    jnp.sum(z_flat * z_flat, axis=-1, keepdims=True)
-    + code_sq[None, :]
-    - 2.0 * jnp.matmul(z_flat, codebook.T, precision=jax.lax.Precision.HIGHEST)
-  )
+  dist = _distances(z_flat, codebook, jnp.sum(codebook * codebook, axis=-1))
   # A stable sort keeps equal distances in index order, as argmin does.
   order = jnp.argsort(dist, axis=-1, stable=True)
   return jax.lax.dynamic_index_in_dim(order, rank, axis=1, keepdims=False).astype(jnp.int32)
