@@ -347,7 +347,8 @@ def main(argv):
       + (f" (nominal {100 * nominal:.1f}%)" if nominal is not None else "")
     )
   print(f"metrics: {os.path.join(job.output_dir(workdir, result['split']), 'metrics.json')}")
-  print(f"figures: {result.get('panel')}\n         {result.get('histogram')}")
+  figures = [result[k] for k in ("panel", "heatmaps", "histogram") if result.get(k)]
+  print("figures: " + "\n         ".join(figures))
 
 
 def run():

@@ -89,6 +89,11 @@ def settings(config) -> dict:
       "config.eval.test_selected reports the authors' test-informed protocols, which need "
       f"config.eval.split='test' (got {out['split']!r})"
     )
+  if int(out["figure_samples"]) < 0:
+    raise schema.ConfigError(
+      f"config.eval.figure_samples is the number of records per class drawn in the panel "
+      f"(0: no panel or heatmaps), got {out['figure_samples']!r}"
+    )
   return out
 
 
@@ -351,7 +356,22 @@ class Evaluator:
       step, {k: v for k, v in result.items() if k != "step" and not isinstance(v, str)}
     )
     writer.close()
+    result["histogram"] = figures.score_histogram(
+      os.path.join(outdir, f"histogram_{step}.png"),
+      scored.scores["score"],
+      scored.labels,
+      title=f"step {step}",
+    )
+    if scored.masks is not None and self.settings["save_pixel_maps"]:
+      np.savez_compressed(
+        os.path.join(outdir, f"pixel_maps_{step}.npz"),
+        maps=scored.pixel_maps,
+        masks=scored.masks,
+        index=scored.indices,
+      )
     labels, scores, groups = scored.rows.picked()
+    if not len(labels):
+      return result  # config.eval.figure_samples = 0: no per-record pictures
     name = self.config.model_name
     images = {k: groups["images"][k] for k in self.detector.figure_rows if k in groups["images"]}
     maps_ = {f"anomaly map ({k})": v for k, v in groups.get("maps", {}).items()}
@@ -365,13 +385,6 @@ class Evaluator:
     )
     if scored.masks is not None:
       pixel_key = self.detector.pixel_map
-      if self.settings["save_pixel_maps"]:
-        np.savez_compressed(
-          os.path.join(outdir, f"pixel_maps_{step}.npz"),
-          maps=scored.pixel_maps,
-          masks=scored.masks,
-          index=scored.indices,
-        )
       pixel = f", pixel AUROC {result['pixel_AUROC']:.4f}" if "pixel_AUROC" in result else ""
       result["heatmaps"] = figures.heatmap_overlays(
         os.path.join(outdir, f"heatmaps_{step}.png"),
@@ -382,12 +395,6 @@ class Evaluator:
         scores=scores,
         title=f"{name} step {step}: map {pixel_key!r}{pixel}",
       )
-    result["histogram"] = figures.score_histogram(
-      os.path.join(outdir, f"histogram_{step}.png"),
-      scored.scores["score"],
-      scored.labels,
-      title=f"step {step}",
-    )
     return result
 
   def evaluate(self, step: int | None = None) -> dict:

@@ -55,6 +55,19 @@ def test_watch_compiles_the_predict_program_once_for_three_checkpoints(tmp_path)
   with pytest.raises(ConfigError, match="test_selected.*eval.split='test'"):
     job.Evaluator(config, workdir)
 
+  # figure_samples = 0 draws no per-record pictures (the metrics and the histogram stay).
+  config.eval.test_selected = False
+  config.eval.figure_samples = 0
+  quiet = job.evaluate(config, workdir, 2)
+  outdir = os.path.join(workdir, "eval_validation")
+  assert "panel" not in quiet and os.path.exists(quiet["histogram"])
+  assert not os.path.exists(os.path.join(outdir, "panel_2.png"))
+  assert os.path.exists(os.path.join(outdir, "panel_3.png"))
+  assert quiet["num_test"] == len(source)
+  config.eval.figure_samples = -1
+  with pytest.raises(ConfigError, match="figure_samples.*got -1"):
+    job.Evaluator(config, workdir)
+
 
 def _write_folder(root, n_train=8):
   rng = np.random.default_rng(0)
