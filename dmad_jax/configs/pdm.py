@@ -83,6 +83,8 @@ def base(runlocal: bool = False) -> ml_collections.ConfigDict:
     # small deformation term (the official Ped2 recipe also weights deformation least).
     dict(distance="l1", kernel_size=(3, 3), alpha=0.1, reduce="mean", stage=-1, prototypes=1)
   )
+  # Training-time augmentation (PDMDetector's augment section): none in the released code.
+  c.augment = ml_collections.ConfigDict(dict(shift=0))
   c.template_init = "median"
   c.template_median_items = 2000
 

@@ -34,6 +34,7 @@ from dmad_jax.nn.coordconv import CoordConv
 from dmad_jax.nn.layers import Basic, Conv, Head, ResBlock, Upsample, batch_norm, max_pool2
 from dmad_jax.nn.quantize import VectorQuantizer
 from dmad_jax.ops import filters, sampling
+from dmad_jax.ops.augment import random_shifts
 
 
 class Encoder(nn.Module):
@@ -731,6 +732,9 @@ SCORE_DEFAULTS = {
   "stage": -1,
   "prototypes": 1,
 }
+# Training-time augmentation (none in the released code): ``shift`` translates every training
+# image (and, in video mode, its whole clip) by up to this many pixels along each axis.
+AUGMENT_DEFAULTS = {"shift": 0}
 
 
 @base.register("pdm")
@@ -745,13 +749,19 @@ class PDMDetector(base.Detector):
   ``stage``: see ``anomaly_maps``; ``kernel_size``, ``alpha``, ``reduce``: see
   ``image_scores``; ``prototypes``: with ``global_code``, how many of an image's nearest codes
   are decoded and warped, the image being scored against the one that fits it best),
+  ``augment`` (``shift``: random translations of the training images, ``AUGMENT_DEFAULTS``),
   ``t_length``, ``template_init`` ("zeros", "median" of ``template_median_items`` training
   images, "bank" of per-template estimates with ``template_method`` / ``template_max_frames``,
   or an image file) and ``eval.recipe`` (which official frame errors ``predict`` adds). Batches
   may carry ``template_index`` (video sources do), the background template of each sample.
   """
 
-  config_sections = {"model": PDM, "loss": LossWeights, "score": SCORE_DEFAULTS}
+  config_sections = {
+    "model": PDM,
+    "loss": LossWeights,
+    "score": SCORE_DEFAULTS,
+    "augment": AUGMENT_DEFAULTS,
+  }
   config_keys = (
     "t_length",
     "template_init",
@@ -792,6 +802,12 @@ class PDMDetector(base.Detector):
       )
     self.t_length = int(config.get("t_length", 1))
     self.recipe = config.get("eval", {}).get("recipe", "none")
+    self.shift = int(self.section("augment")["shift"])
+    if self.shift < 0 or 2 * self.shift >= self.module.image_size:
+      raise ValueError(
+        f"config.augment.shift must be in [0, image_size / 2 = {self.module.image_size // 2}), "
+        f"got {self.shift}"
+      )
 
   def split(self, batch):
     """(model input, target) of a batch."""
@@ -807,9 +823,13 @@ class PDMDetector(base.Detector):
     return self.module.init(rng, x, train=False, template_index=batch.get("template_index"))
 
   def loss(self, params, batch_stats, batch, rng):
-    """Training loss; returns (loss, (terms, new_batch_stats)). ``rng`` is unused by PDM."""
-    del rng
+    """Training loss; returns (loss, (terms, new_batch_stats)). ``rng`` draws the shifts of
+    ``augment.shift`` (unused without)."""
     x, target = self.split(batch)
+    if self.shift:
+      # Input and target move together (one clip, one offset).
+      both = random_shifts(rng, jnp.concatenate([x, target], -1), self.shift)
+      x, target = both[..., : x.shape[-1]], both[..., x.shape[-1] :]
     out, updates = self.apply(
       self.module,
       {"params": params, "batch_stats": batch_stats},

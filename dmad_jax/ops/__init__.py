@@ -5,7 +5,7 @@ Every function is jit-, vmap- and grad-safe and matches the PyTorch semantics of
 DMAD code where one exists (see the tests for the parity checks).
 """
 
-from dmad_jax.ops.augment import random_flips
+from dmad_jax.ops.augment import random_flips, random_shifts
 from dmad_jax.ops.conv import conv_general_dilated, conv_transpose, lhs_dilated_conv
 from dmad_jax.ops.filters import (
   add_coords,
@@ -55,6 +55,7 @@ __all__ = [
   "ms_ssim_maps",
   "offsets_to_grid",
   "random_flips",
+  "random_shifts",
   "reseed_dead_codes",
   "resize_bilinear",
   "smoothness_1d",

@@ -291,3 +291,41 @@ def test_prototypes_score_each_image_against_its_best_fitting_prototype():
     get_detector(config)
   with pytest.raises(ValueError, match="code_rank 1 needs global_code"):
     _small().init(jax.random.key(0), x, train=False, code_rank=1)
+
+
+def test_augment_shift_moves_the_training_images_and_only_those():
+  """augment.shift translates the training batch (drawn from the step's rng); without it the
+  loss does not depend on the rng; prediction never shifts."""
+  from dmad_jax.configs import load
+
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  config = load(os.path.join(root, "configs", "digits_pdm.py"), "runlocal")
+  assert config.augment.shift == 0
+  x = jax.random.uniform(jax.random.key(0), (4, 32, 32, 1), minval=-1, maxval=1)
+  batch = {"image": x, "label": jnp.zeros((4,), jnp.int32)}
+  plain = get_detector(config)
+  variables = plain.init(jax.random.key(1), batch)
+  params, stats = variables["params"], variables["batch_stats"]
+
+  def loss(detector, key):
+    return float(detector.loss(params, stats, batch, jax.random.key(key))[0])
+
+  assert loss(plain, 0) == loss(plain, 1)
+  config.augment.shift = 3
+  shifted = get_detector(config)
+  assert loss(shifted, 0) != loss(shifted, 1) and loss(shifted, 0) != loss(plain, 0)
+  # The loss sees exactly the images random_shifts draws from that rng.
+  from dmad_jax.ops import augment
+
+  moved = {"image": augment.random_shifts(jax.random.key(0), x, 3), "label": batch["label"]}
+  np.testing.assert_allclose(
+    loss(shifted, 0), float(plain.loss(params, stats, moved, jax.random.key(7))[0]), rtol=1e-6
+  )
+  np.testing.assert_array_equal(
+    shifted.predict(variables, batch).scores["score"],
+    plain.predict(variables, batch).scores["score"],
+  )
+  for bad in (-1, 16):
+    config.augment.shift = bad
+    with pytest.raises(ValueError, match=f"augment.shift must be in \\[0, .*got {bad}"):
+      get_detector(config)
