@@ -20,7 +20,7 @@ def test_random_shifts_translate_each_image_within_the_range_with_edges_repeated
   x = np.asarray(jax.random.uniform(jax.random.key(0), (16, 9, 7, 2)))
   out = np.asarray(augment.random_shifts(jax.random.key(1), jnp.asarray(x), 2))
   shifts = []
-  for image, moved in zip(x, out):
+  for image, moved in zip(x, out, strict=True):
     found = [
       (dy, dx)
       for dy in range(-2, 3)
