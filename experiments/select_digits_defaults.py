@@ -122,6 +122,10 @@ CANDIDATES = {
   # (half or one pixel of the 8x8 scans), which the deformation fields should absorb.
   "ema64_ref_shift2": {**_EMA, "augment.shift": 2},
   "ema64_ref_shift4": {**_EMA, "augment.shift": 4},
+  # Sharper prototypes: four times the codes (fewer images averaged into each), or the
+  # reference loss three times as strong.
+  "ema256_ref": {**_EMA, "model.num_codes": 256},
+  "ema64_ref_weight3": {**_EMA, "loss.reference": 3.0},
 }
 ALPHAS = (0.0, 0.03, 0.1, 0.3, 1.0)
 # The validation AUROC of the deformation alone a candidate needs to be chosen (chance is 0.5).
