@@ -304,7 +304,15 @@ class _NaNSometimes(models_base.Detector):
 
   score_names = ("score",)
   # It stands in for PDM under the digits PDM config, whose sections it leaves unread.
-  config_keys = ("model", "loss", "score", "t_length", "template_init", "template_median_items")
+  config_keys = (
+    "model",
+    "loss",
+    "score",
+    "augment",
+    "t_length",
+    "template_init",
+    "template_median_items",
+  )
 
   def __init__(self, config=None):
     super().__init__(config)
