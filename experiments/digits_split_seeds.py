@@ -1,6 +1,6 @@
 """The demo protocol (odd digits normal) on other random splits of the same 1797 scans.
 
-  python experiments/digits_split_seeds.py [--seeds 0,1,2,3,4] [--json]
+  python experiments/digits_split_seeds.py [--seeds 0,1,2,3,4] [--reuse] [--json]
 
 ``make demo`` evaluates one stratified split (``config.data.seed = 0``), the one whose validation
 part chose the image-mode recipe (experiments/select_digits_defaults.py). This script trains the
@@ -10,9 +10,13 @@ the classical detectors fitted on the same training images, so that a difference
 model and k-NN on one split can be read against how much it moves from split to split. Splits
 other than 0 were never seen by the selection.
 
+Each run also records, for every anomalous digit, the AUROC of it against the test normals by
+the model's score (the eval job's stored per-image scores) and by k-NN, which shows where the
+model loses. ``--reuse`` reads the runs already trained in ``--workroot`` instead of training.
+
 Writes ``experiments/results/digits_split_seeds.json`` with ``--json`` (every run's metrics,
-the per-split difference to each baseline, their means and the machine) and prints a Markdown
-table.
+the per-digit AUROCs, the per-split difference to each baseline, their means and the machine)
+and prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ import time
 
 import jax
 import numpy as np
+from sklearn.metrics import roc_auc_score
 
+from dmad_jax import data as data_lib
 from dmad_jax.configs import load
-from dmad_jax.evaluation import job
+from dmad_jax.evaluation import baselines, job
 from dmad_jax.train import train_and_evaluate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -39,14 +45,36 @@ OUT = os.path.join(HERE, "results", "digits_split_seeds.json")
 BASELINES = ("knn", "kde", "pca", "ocsvm", "iforest")
 
 
-def run(seed: int, workroot: str) -> dict:
-  """Trains and evaluates configs/digits_pdm.py on the split drawn with ``seed``."""
+def per_digit(config, workdir: str, step: int) -> dict:
+  """AUROC of each anomalous digit against the test normals: the model's stored per-image
+  scores (``eval/scores_<step>.npz``) and k-NN refitted on the same training images."""
+  test = data_lib.get_source(config.data, "test")
+  train = data_lib.get_source(config.data, "train")
+  stored = np.load(os.path.join(job.output_dir(workdir), f"scores_{step}.npz"))
+  model = np.empty(len(test))
+  model[stored["index"]] = stored["score"]
+  knn = baselines.scores(baselines.split_images(train), baselines.split_images(test), ("knn",))
+  digits, labels = test.digits, np.asarray([test[i]["label"] for i in range(len(test))])
+  out = {}
+  for digit in sorted(set(digits[labels == 1].tolist())):
+    keep = (labels == 0) | (digits == digit)
+    out[str(digit)] = {
+      name: float(roc_auc_score(labels[keep], s[keep]))
+      for name, s in (("model", model), ("knn", knn["knn"]))
+    }
+  return out
+
+
+def run(seed: int, workroot: str, reuse: bool = False) -> dict:
+  """Trains (unless ``reuse``) and evaluates configs/digits_pdm.py on the split drawn with
+  ``seed``."""
   config = load(os.path.join(ROOT, "configs", "digits_pdm.py"))
   config.data.seed = seed
   workdir = os.path.join(workroot, f"split_{seed}")
-  shutil.rmtree(workdir, ignore_errors=True)
   t0 = time.time()
-  train_and_evaluate(config, workdir)
+  if not reuse:
+    shutil.rmtree(workdir, ignore_errors=True)
+    train_and_evaluate(config, workdir)
   result = job.evaluate(config, workdir)
   keep = {k: v for k, v in result.items() if "AUROC" in k or k.startswith("threshold_FPR")}
   return {
@@ -54,7 +82,8 @@ def run(seed: int, workroot: str) -> dict:
     **keep,
     "num_normal": result["num_normal"],
     "num_anomalous": result["num_anomalous"],
-    "wall_seconds": round(time.time() - t0, 1),
+    "per_digit_AUROC": per_digit(config, workdir, result["step"]),
+    **({} if reuse else {"wall_seconds": round(time.time() - t0, 1)}),
   }
 
 
@@ -77,6 +106,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--seeds", default="0,1,2,3,4", help="config.data.seed values")
   parser.add_argument("--workroot", default=os.path.join(ROOT, "runs", "digits_split_seeds"))
+  parser.add_argument("--reuse", action="store_true", help="evaluate the runs already trained")
   parser.add_argument("--json", action="store_true", help=f"write {os.path.relpath(OUT, ROOT)}")
   a = parser.parse_args()
   jax.config.update("jax_compilation_cache_dir", os.path.join(a.workroot, "jax_cache"))
@@ -86,7 +116,16 @@ def main() -> None:
   )
   logging.getLogger("absl").setLevel(logging.WARNING)
 
-  runs = [run(int(s), a.workroot) for s in a.seeds.split(",")]
+  runs = [run(int(s), a.workroot, a.reuse) for s in a.seeds.split(",")]
+  if a.reuse and os.path.exists(OUT):
+    # The training times of the stored record stay with the runs they timed.
+    with open(OUT) as f:
+      timed = {
+        r["data_seed"]: r["wall_seconds"] for r in json.load(f)["runs"] if "wall_seconds" in r
+      }
+    for r in runs:
+      if r["data_seed"] in timed:
+        r["wall_seconds"] = timed[r["data_seed"]]
   summary = summarise(runs)
   print("| split seed | model | deformation alone | k-NN | KDE | PCA | model - k-NN |")
   print("|---|---|---|---|---|---|---|")
@@ -102,6 +141,14 @@ def main() -> None:
     f"| {summary['mean_baseline_image_AUROC_kde']:.4f} "
     f"| {summary['mean_baseline_image_AUROC_pca']:.4f} | {summary['mean_model_minus_knn']:+.4f} |"
   )
+  print("\nper anomalous digit, AUROC against the test normals (model / k-NN):")
+  digits = sorted(runs[0]["per_digit_AUROC"])
+  print("| split seed | " + " | ".join(digits) + " |")
+  print("|---|" + "---|" * len(digits))
+  for r in runs:
+    cells = (r["per_digit_AUROC"][d] for d in digits)
+    row = " | ".join(f"{c['model']:.4f} / {c['knn']:.4f}" for c in cells)
+    print(f"| {r['data_seed']} | {row} |")
   if a.json:
     out = {
       "command": " ".join(["python", os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)])

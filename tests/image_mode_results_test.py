@@ -57,6 +57,27 @@ def test_one_class_digits_store_every_digit_with_its_baselines():
   assert result["settings"]["model"]["global_code"] is True
 
 
+def test_split_seeds_record_is_consistent_with_its_runs_and_the_demo():
+  result = _load("digits_split_seeds.json")
+  runs = result["runs"]
+  assert [r["data_seed"] for r in runs] == [0, 1, 2, 3, 4]
+  assert all(len(_baselines(r)) == 5 for r in runs)
+  summary = result["summary"]
+  model = np.array([r["image_AUROC"] for r in runs])
+  knn = np.array([r["baseline_image_AUROC_knn"] for r in runs])
+  assert summary["mean_image_AUROC"] == pytest.approx(model.mean())
+  assert summary["model_minus_knn"] == pytest.approx((model - knn).tolist())
+  assert summary["splits_model_at_least_knn"] == int((model >= knn).sum())
+  # Split 0 is the demo's split with the demo's config: the same numbers.
+  demo = _load("demo_metrics.json")
+  for key in ("image_AUROC", "image_AUROC_df", "baseline_image_AUROC_knn"):
+    assert runs[0][key] == pytest.approx(demo[key], abs=1e-9)
+  # Every anomalous (even) digit is scored against the normals by the model and by k-NN.
+  for r in runs:
+    assert sorted(r["per_digit_AUROC"]) == ["0", "2", "4", "6", "8"]
+    assert all(0.5 < v[name] <= 1.0 for v in r["per_digit_AUROC"].values() for name in v)
+
+
 def test_digits_defaults_are_the_candidate_chosen_on_validation():
   sys.path.insert(0, os.path.join(ROOT, "experiments"))
   try:
