@@ -1,6 +1,7 @@
 """The demo protocol (odd digits normal) on other random splits of the same 1797 scans.
 
-  python experiments/digits_split_seeds.py [--seeds 0,1,2,3,4] [--reuse] [--json]
+  python experiments/digits_split_seeds.py [--seeds 0,1,2,3,4] [--candidate NAME] [--reuse] \
+      [--json]
 
 ``make demo`` evaluates one stratified split (``config.data.seed = 0``), the one whose validation
 part chose the image-mode recipe (experiments/select_digits_defaults.py). This script trains the
@@ -12,9 +13,14 @@ other than 0 were never seen by the selection.
 
 Each run also records, for every anomalous digit, the AUROC of it against the test normals by
 the model's score (the eval job's stored per-image scores) and by k-NN, which shows where the
-model loses. ``--reuse`` reads the runs already trained in ``--workroot`` instead of training.
+model loses, and the validation AUROCs of the same run (model and baselines), on which
+settings may be compared over five splits instead of one. ``--candidate NAME`` trains a
+candidate of experiments/select_digits_defaults.py instead (its overrides, scored with the demo
+config's score) into ``--workroot``/NAME. ``--reuse`` reads the runs already trained instead of
+training.
 
-Writes ``experiments/results/digits_split_seeds.json`` with ``--json`` (every run's metrics,
+Writes ``experiments/results/digits_split_seeds.json`` (``digits_split_seeds_NAME.json`` for a
+candidate) with ``--json`` (every run's metrics,
 the per-digit AUROCs, the per-split difference to each baseline, their means and the machine)
 and prints Markdown tables.
 """
@@ -22,6 +28,7 @@ and prints Markdown tables.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -65,10 +72,28 @@ def per_digit(config, workdir: str, step: int) -> dict:
   return out
 
 
-def run(seed: int, workroot: str, reuse: bool = False) -> dict:
-  """Trains (unless ``reuse``) and evaluates configs/digits_pdm.py on the split drawn with
-  ``seed``."""
+def candidate_config(name: str | None):
+  """configs/digits_pdm.py, or the named candidate of experiments/select_digits_defaults.py
+  with the demo config's score."""
   config = load(os.path.join(ROOT, "configs", "digits_pdm.py"))
+  if name is None:
+    return config
+  spec = importlib.util.spec_from_file_location(
+    "select_digits_defaults", os.path.join(HERE, "select_digits_defaults.py")
+  )
+  selection = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(selection)
+  if name not in selection.CANDIDATES:
+    raise SystemExit(f"unknown candidate {name!r}; known: {', '.join(selection.CANDIDATES)}")
+  candidate = selection._config(selection.CANDIDATES[name])
+  candidate.score = config.score
+  return candidate
+
+
+def run(seed: int, workroot: str, reuse: bool = False, candidate: str | None = None) -> dict:
+  """Trains (unless ``reuse``) and evaluates configs/digits_pdm.py (or ``candidate``) on the
+  split drawn with ``seed``; the test split, then the validation split."""
+  config = candidate_config(candidate)
   config.data.seed = seed
   workdir = os.path.join(workroot, f"split_{seed}")
   t0 = time.time()
@@ -77,9 +102,14 @@ def run(seed: int, workroot: str, reuse: bool = False) -> dict:
     train_and_evaluate(config, workdir)
   result = job.evaluate(config, workdir)
   keep = {k: v for k, v in result.items() if "AUROC" in k or k.startswith("threshold_FPR")}
+  on_validation = config.copy_and_resolve_references()
+  on_validation.eval.split = "validation"
+  on_validation.eval.figure_samples = 0
+  validation = job.evaluate(on_validation, workdir)
   return {
     "data_seed": seed,
     **keep,
+    **{f"validation_{k}": v for k, v in validation.items() if "AUROC" in k},
     "num_normal": result["num_normal"],
     "num_anomalous": result["num_anomalous"],
     "per_digit_AUROC": per_digit(config, workdir, result["step"]),
@@ -98,7 +128,8 @@ def summarise(runs: list[dict]) -> dict:
     out[f"model_minus_{name}"] = [float(d) for d in diff]
     out[f"mean_model_minus_{name}"] = float(diff.mean())
     out[f"splits_model_at_least_{name}"] = int((diff >= 0).sum())
-  out["mean_image_AUROC_df"] = float(np.mean([r["image_AUROC_df"] for r in runs]))
+  for key in ("image_AUROC_df", "validation_image_AUROC", "validation_baseline_image_AUROC_knn"):
+    out[f"mean_{key}"] = float(np.mean([r[key] for r in runs]))
   return out
 
 
@@ -106,9 +137,14 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--seeds", default="0,1,2,3,4", help="config.data.seed values")
   parser.add_argument("--workroot", default=os.path.join(ROOT, "runs", "digits_split_seeds"))
+  parser.add_argument("--candidate", default=None, help="a select_digits_defaults candidate")
   parser.add_argument("--reuse", action="store_true", help="evaluate the runs already trained")
   parser.add_argument("--json", action="store_true", help=f"write {os.path.relpath(OUT, ROOT)}")
   a = parser.parse_args()
+  out_path = OUT
+  if a.candidate is not None:
+    a.workroot = os.path.join(a.workroot, a.candidate)
+    out_path = OUT.replace(".json", f"_{a.candidate}.json")
   jax.config.update("jax_compilation_cache_dir", os.path.join(a.workroot, "jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   logging.basicConfig(
@@ -116,10 +152,10 @@ def main() -> None:
   )
   logging.getLogger("absl").setLevel(logging.WARNING)
 
-  runs = [run(int(s), a.workroot, a.reuse) for s in a.seeds.split(",")]
-  if a.reuse and os.path.exists(OUT):
+  runs = [run(int(s), a.workroot, a.reuse, a.candidate) for s in a.seeds.split(",")]
+  if a.reuse and os.path.exists(out_path):
     # The training times of the stored record stay with the runs they timed.
-    with open(OUT) as f:
+    with open(out_path) as f:
       timed = {
         r["data_seed"]: r["wall_seconds"] for r in json.load(f)["runs"] if "wall_seconds" in r
       }
@@ -141,6 +177,10 @@ def main() -> None:
     f"| {summary['mean_baseline_image_AUROC_kde']:.4f} "
     f"| {summary['mean_baseline_image_AUROC_pca']:.4f} | {summary['mean_model_minus_knn']:+.4f} |"
   )
+  print(
+    f"validation means: model {summary['mean_validation_image_AUROC']:.4f}, "
+    f"k-NN {summary['mean_validation_baseline_image_AUROC_knn']:.4f}"
+  )
   print("\nper anomalous digit, AUROC against the test normals (model / k-NN):")
   digits = sorted(runs[0]["per_digit_AUROC"])
   print("| split seed | " + " | ".join(digits) + " |")
@@ -154,13 +194,15 @@ def main() -> None:
       "command": " ".join(["python", os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)])
       + "".join(f" {x}" for x in sys.argv[1:]),
       "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
-      "config": "configs/digits_pdm.py (unchanged but config.data.seed)",
+      "config": "configs/digits_pdm.py (unchanged but config.data.seed)"
+      if a.candidate is None
+      else f"candidate {a.candidate} of experiments/select_digits_defaults.py, the demo's score",
       "runs": runs,
       "summary": summary,
     }
-    with open(OUT, "w") as f:
+    with open(out_path, "w") as f:
       json.dump(out, f, indent=2)
-    print(f"written: {os.path.relpath(OUT, ROOT)}")
+    print(f"written: {os.path.relpath(out_path, ROOT)}")
 
 
 if __name__ == "__main__":
