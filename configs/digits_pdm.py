@@ -37,14 +37,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # a bank of 64 kept in use by an EMA codebook with restarts, no skips and no encoder mask, the
   # unwarped reference trained to match, fields that see the reference, and the squared error
   # left after the coarse deformation against the best fitting of the image's 32 nearest
-  # prototypes as the score. Chosen on the validation split by
-  # experiments/select_digits_defaults.py (experiments/results/digits_selection.json) among
-  # fourteen candidates x five scores x five weights of the deformation term; see README.
+  # prototypes as the score. Chosen on validation splits by
+  # experiments/select_digits_defaults.py (experiments/results/digits_selection.json): candidates
+  # x five scores x five weights of the deformation term on one validation split, then the
+  # finalists by their mean validation AUROC over five split seeds; see README.
   pdm.prototype_bank(c, a["runlocal"])
   if not a["runlocal"]:
     # Five levels: the code is the average of a 2x2 map, CoordConv blocks of 2 divide them all.
     c.model.channels = (16, 32, 64, 64, 32)
     c.model.coord_blocks = 2
+    # A stiff coarse field: predicted on a 4x4 grid (strides 2, 2, 2), half the resolution of
+    # the 8x8 scans, so that it absorbs slant and thickness but bends a prototype less onto
+    # another digit's shape (chosen over the 8x8 grid on five validation splits).
+    c.model.head_strides = ((2, 2, 2), (1, 1))
     c.total_steps = 1200
     c.checkpoint_every_steps = 600
   # The eval job also reports classical detectors (KDE, k-NN, PCA, one-class SVM, isolation

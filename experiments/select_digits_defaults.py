@@ -14,11 +14,16 @@ one code per image, how many of the image's nearest prototypes it is scored agai
 weight ``score.alpha`` of :data:`ALPHAS` (the fused score is that error plus alpha times the
 deformation error; alpha = 0 is the reconstruction alone). The classical baselines are scored on
 the same validation images. The candidate, score and alpha with the highest validation image
-AUROC are chosen, and only that one is evaluated on the test split.
+AUROC are the one-split choice. Since one validation split of 252 images is a noisy judge, the
+final choice is made among the candidates also trained on five split seeds by
+``experiments/digits_split_seeds.py --candidate NAME --json`` (train, validation and test parts
+redrawn), by their mean validation AUROC there; only the chosen one is evaluated on the test
+split here.
 
 Writes ``experiments/results/digits_selection.json`` with ``--json``: every candidate's
 overrides, wall time, validation AUROCs (fused for each score and alpha, reconstruction only,
-deformation only) and baselines, the choice, and the chosen run's test metrics.
+deformation only) and baselines, the five-split means, both choices, and the chosen run's test
+metrics.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ PREVIOUS = {
   "model.vq_update": "loss",
   "model.vq_dead_threshold": 0.01,
   "model.max_offsets": (2.0, 3.0),
+  "model.head_strides": ((1, 2, 2), (1, 1)),
   "loss.reference": 0.0,
   "score.distance": "l1",
   "score.stage": -1,
@@ -126,6 +132,19 @@ CANDIDATES = {
   # reference loss three times as strong.
   "ema256_ref": {**_EMA, "model.num_codes": 256},
   "ema64_ref_weight3": {**_EMA, "loss.reference": 3.0},
+  # A stiffer coarse field, so that it absorbs slant and thickness but not another digit's
+  # shape: predicted on a 4x4 or a 2x2 grid instead of 8x8 (the resolution of the scans), or
+  # the deformation regulariser four times as strong.
+  "ema64_ref_coarse_grid4": {**_EMA, "model.head_strides": ((2, 2, 2), (1, 1))},
+  "ema64_ref_coarse_grid2": {**_EMA, "model.head_strides": ((2, 2, 2, 2), (1, 1))},
+  # The 4x4 field with twice the prototypes: a stiffer field leaves more of the normal
+  # variation to the bank.
+  "ema128_ref_coarse_grid4": {
+    **_EMA,
+    "model.num_codes": 128,
+    "model.head_strides": ((2, 2, 2), (1, 1)),
+  },
+  "ema64_ref_offset1": {**_EMA, "loss.offset": 1.0},
 }
 ALPHAS = (0.0, 0.03, 0.1, 0.3, 1.0)
 # The validation AUROC of the deformation alone a candidate needs to be chosen (chance is 0.5).
@@ -159,7 +178,8 @@ def _auroc_keys(result: dict) -> dict:
 
 def run_candidate(name: str, overrides: dict, workroot: str, reuse: bool = False) -> dict:
   workdir = os.path.join(workroot, name)
-  out = {"overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}}
+  # As JSON has them (nested tuples as nested lists), so that a stored record compares equal.
+  out = {"overrides": json.loads(json.dumps(overrides))}
   record = os.path.join(workdir, "candidate.json")
   done = None
   if reuse and os.path.exists(record):
@@ -237,6 +257,61 @@ def best_choice(runs: dict, *, min_deformation: float = 0.0) -> dict:
           "validation_image_AUROC": best}  # fmt: skip
 
 
+# One validation split is a noisy judge: the recipe chosen on it (proto_ema64_ref, 0.9914 there)
+# scored 0.973-0.991 on the validation splits of four other split seeds. The final choice is
+# therefore made among the candidates that ``experiments/digits_split_seeds.py --candidate NAME
+# --json`` trained on five split seeds (their records, FIVE_SPLITS), by their mean validation
+# image AUROC there, scored with the demo's score (FIVE_SPLIT_SCORE, alpha 0); the test parts of
+# those runs are only reported. Without any such record the one-split choice stands.
+FIVE_SPLITS = os.path.join(HERE, "results", "digits_split_seeds_{}.json")
+FIVE_SPLIT_SCORE = "l2_coarse_p32"
+
+
+def five_split_records(names) -> dict:
+  """Per candidate with a five-split record: its validation AUROCs and test means."""
+  out = {}
+  for name in names:
+    path = FIVE_SPLITS.format(name)
+    if not os.path.exists(path):
+      continue
+    with open(path) as f:
+      record = json.load(f)
+    runs, summary = record["runs"], record["summary"]
+    out[name] = {
+      "record": os.path.relpath(path, ROOT),
+      "data_seeds": [r["data_seed"] for r in runs],
+      "validation_image_AUROC": [r["validation_image_AUROC"] for r in runs],
+      "mean_validation_image_AUROC": summary["mean_validation_image_AUROC"],
+      "mean_validation_image_AUROC_df": sum(r["validation_image_AUROC_df"] for r in runs)
+      / len(runs),
+      "mean_validation_baseline_image_AUROC_knn": summary[
+        "mean_validation_baseline_image_AUROC_knn"
+      ],
+      "mean_test_image_AUROC": summary["mean_image_AUROC"],
+      "mean_test_image_AUROC_df": summary["mean_image_AUROC_df"],
+      "mean_test_baseline_image_AUROC_knn": summary["mean_baseline_image_AUROC_knn"],
+    }
+  return out
+
+
+def five_split_choice(records: dict, runs: dict, *, min_deformation: float) -> dict | None:
+  """The candidate with the highest mean validation AUROC over the five splits among those whose
+  deformation alone reaches ``min_deformation`` there (None without records)."""
+  eligible = {
+    n: r for n, r in records.items() if r["mean_validation_image_AUROC_df"] >= min_deformation
+  }
+  if not eligible:
+    return None
+  name = max(eligible, key=lambda n: eligible[n]["mean_validation_image_AUROC"])
+  return {
+    "candidate": name,
+    "score": SCORES[FIVE_SPLIT_SCORE],
+    "score.alpha": 0.0,
+    "validation_image_AUROC": runs[name]["validation"][f"image_AUROC_{FIVE_SPLIT_SCORE}_alpha_0.0"],
+    "mean_validation_image_AUROC_five_splits": eligible[name]["mean_validation_image_AUROC"],
+  }
+
+
 def metrics_on_test(choice: dict, workroot: str) -> dict:
   config = _config(
     CANDIDATES[choice["candidate"]], **{"score.alpha": choice["score.alpha"], **choice["score"]}
@@ -272,7 +347,9 @@ def main() -> None:
   # The acceptance lines ask for DMAD's mechanism as well as the score: the deformation alone
   # must tell anomalies apart (MIN_DEFORMATION on validation), so only such candidates are
   # chosen from; the unconstrained best is recorded next to it.
-  chosen = best_choice(runs, min_deformation=MIN_DEFORMATION)
+  one_split = best_choice(runs, min_deformation=MIN_DEFORMATION)
+  five_splits = five_split_records(names)
+  chosen = five_split_choice(five_splits, runs, min_deformation=MIN_DEFORMATION) or one_split
   unconstrained = best_choice(runs)
   result = {
     "command": " ".join(["python", "experiments/select_digits_defaults.py", *sys.argv[1:]]),
@@ -280,12 +357,16 @@ def main() -> None:
     "protocol": str(load(os.path.join(ROOT, "configs", "digits_pdm.py")).data.protocol),
     "selection": (
       "highest validation image AUROC over candidates x score variants x score.alpha, among "
-      f"the candidates whose deformation alone reaches {MIN_DEFORMATION} on validation"
+      f"the candidates whose deformation alone reaches {MIN_DEFORMATION} on validation; then, "
+      "among the candidates trained on five split seeds, the highest mean validation image "
+      "AUROC there (the same bound on the deformation alone)"
     ),
     "alphas": list(ALPHAS),
     "scores": SCORES,
     "min_deformation_AUROC": MIN_DEFORMATION,
     "candidates": runs,
+    "chosen_on_one_split": one_split,
+    "five_splits": five_splits,
     "chosen": chosen,
     "test": metrics_on_test(chosen, a.workroot),
     "unconstrained_best": {**unconstrained, "test": metrics_on_test(unconstrained, a.workroot)},

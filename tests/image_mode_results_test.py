@@ -85,16 +85,32 @@ def test_digits_defaults_are_the_candidate_chosen_on_validation():
   finally:
     sys.path.pop(0)
   stored = _load("digits_selection.json")
-  chosen = stored["chosen"]
-  # The best validation AUROC among the candidates whose deformation alone reaches the bound.
+  chosen, one_split = stored["chosen"], stored["chosen_on_one_split"]
+  bound = stored["min_deformation_AUROC"]
+  # One split: the best validation AUROC among the candidates whose deformation alone reaches
+  # the bound.
   eligible = {
     name: run
     for name, run in stored["candidates"].items()
-    if run["validation"]["image_AUROC_df"] >= stored["min_deformation_AUROC"]
+    if run["validation"]["image_AUROC_df"] >= bound
   }
   scored = [v for run in eligible.values() for k, v in run["validation"].items() if "_alpha_" in k]
   assert stored["min_deformation_AUROC"] == select.MIN_DEFORMATION >= DEFORMATION_ONLY_MIN
-  assert chosen["candidate"] in eligible and chosen["validation_image_AUROC"] == max(scored)
+  assert one_split["candidate"] in eligible and one_split["validation_image_AUROC"] == max(scored)
+  # Then the best mean validation AUROC over five split seeds, recomputed from their records.
+  five = stored["five_splits"]
+  assert len(five) >= 2
+  means = {}
+  for name, entry in five.items():
+    record = _load(os.path.basename(entry["record"]))
+    runs = record["runs"]
+    assert [r["data_seed"] for r in runs] == [0, 1, 2, 3, 4]
+    mean = np.mean([r["validation_image_AUROC"] for r in runs])
+    assert entry["mean_validation_image_AUROC"] == pytest.approx(mean)
+    if np.mean([r["validation_image_AUROC_df"] for r in runs]) >= bound:
+      means[name] = mean
+  assert chosen["candidate"] == max(means, key=means.get)
+  assert chosen["score"] == select.SCORES[select.FIVE_SPLIT_SCORE] and chosen["score.alpha"] == 0
   assert len(stored["candidates"]) >= 10 and stored["test"]["step"] == 1200
   want = select._config(
     select.CANDIDATES[chosen["candidate"]],
