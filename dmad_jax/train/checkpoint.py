@@ -285,6 +285,19 @@ def restore(mngr, step: int, abstract_state, data_iter=None, *, config=None):
     if lines:
       config_lines = [] if config is None else config_differences(config_path, config)
       raise CheckpointMismatchError(_mismatch_message(step_dir, lines, config_lines))
+  if config is not None:
+    # Arrays of the same shapes can belong to another model (other strides, offset ranges,
+    # codebook kind): restoring them is allowed, but not silently.
+    config_lines = config_differences(config_path, config)
+    if config_lines:
+      logging.getLogger(__name__).warning(
+        "checkpoint %s fits this config's shapes, but the workdir's config (%s) differs in "
+        "model-defining entries: %s. The restored model is the checkpoint's; use a new "
+        "--workdir to train this config from scratch.",
+        step_dir,
+        config_path,
+        "; ".join(config_lines[:_MAX_LISTED]),
+      )
   abstract_state = _placed(abstract_state)
   items = {STATE: ocp.args.StandardRestore(abstract_state)}
   if data_iter is not None:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import os
 import shutil
 import types
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -230,6 +232,28 @@ def test_checkpoint_of_another_model_names_the_differences(tmp_path):
   assert "batch_stats/vq/embed_sum: checkpoint (4, 16), this config (64, 16)" in msg
   assert "model.num_codes: 4 in the workdir's config, 64 now" in msg
   other.assert_intact()  # config.json included: it still describes the checkpoint's model
+
+
+def test_checkpoint_of_a_same_shaped_other_model_is_restored_with_a_warning(tmp_path, caplog):
+  # Other offset ranges and head strides: the same arrays, another model.
+  other = SavedRun(
+    tmp_path / "run",
+    _digits(**{"model.max_offsets": (1.0, 1.0), "model.head_strides": ((2, 2, 2), (1, 1))}),
+  )
+  mngr = checkpoint.manager(other.workdir, read_only=True)
+  with caplog.at_level(logging.WARNING, logger=checkpoint.__name__):
+    state = checkpoint.restore(mngr, 2, other.abstract, config=_digits())
+  chex.assert_trees_all_equal(state, other.state)
+  (record,) = [r for r in caplog.records if "model-defining entries" in r.getMessage()]
+  msg = record.getMessage()
+  assert "model.max_offsets" in msg and "model.head_strides" in msg
+  assert os.path.join(other.workdir, "config.json") in msg
+  # The same config restores silently.
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger=checkpoint.__name__):
+    checkpoint.restore(mngr, 2, other.abstract, config=other.config)
+  assert not [r for r in caplog.records if "model-defining entries" in r.getMessage()]
+  other.assert_intact()
 
 
 # ---------------------------------------------------------------------------------------------
