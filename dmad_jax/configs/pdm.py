@@ -81,7 +81,15 @@ def base(runlocal: bool = False) -> ml_collections.ConfigDict:
   c.score = ml_collections.ConfigDict(
     # Whole-digit anomalies: the mean of the L1 map (the official reconstruction error) plus a
     # small deformation term (the official Ped2 recipe also weights deformation least).
-    dict(distance="l1", kernel_size=(3, 3), alpha=0.1, reduce="mean", stage=-1, prototypes=1)
+    dict(
+      distance="l1",
+      kernel_size=(3, 3),
+      alpha=0.1,
+      reduce="mean",
+      stage=-1,
+      sum_stages=False,
+      prototypes=1,
+    )
   )
   # Training-time augmentation (PDMDetector's augment section): none in the released code.
   c.augment = ml_collections.ConfigDict(dict(shift=0))
@@ -201,7 +209,15 @@ def video_base(
   # the released code uses instead): alpha = 0.2, the paper's Sec. 4.1 value for video (the
   # released scripts have no Eq. 14 to follow). Before this was settled it was 1.0.
   c.score = ml_collections.ConfigDict(
-    dict(distance="dis", kernel_size=(3, 3), alpha=0.2, reduce="max", stage=-1, prototypes=1)
+    dict(
+      distance="dis",
+      kernel_size=(3, 3),
+      alpha=0.2,
+      reduce="max",
+      stage=-1,
+      sum_stages=False,
+      prototypes=1,
+    )
   )
   c.eval.batch_size = 8
   return c

@@ -538,8 +538,21 @@ def pdm_loss(
 # ---------------------------------------------------------------------------------------------
 # Test-time maps and scores.
 # ---------------------------------------------------------------------------------------------
+def _error_map(pred: jax.Array, target: jax.Array, distance: str) -> jax.Array:
+  """(B, H, W) per-pixel error of one reconstruction (see ``anomaly_maps``)."""
+  if distance == "dis":
+    return jnp.mean((pred - target) ** 2, -1) + filters.gradient_difference(target, pred)[..., 0]
+  if distance == "l1":
+    return jnp.mean(jnp.abs(pred - target), -1)
+  return jnp.mean((pred - target) ** 2, -1)
+
+
 def anomaly_maps(
-  outputs: dict[str, Any], target: jax.Array, distance: str = "dis", stage: int = -1
+  outputs: dict[str, Any],
+  target: jax.Array,
+  distance: str = "dis",
+  stage: int = -1,
+  sum_stages: bool = False,
 ) -> dict[str, jax.Array]:
   """Per-pixel maps of the paper: Eq. 12 A_rec = Dis(x, x_K) and Eq. 13 A_df = sum_k ||O_k||.
 
@@ -551,19 +564,18 @@ def anomaly_maps(
       reconstruction error) or "l2" (channel-mean squared error, the training loss's pixel term).
     stage: which reconstruction x_k ``rec`` compares with the target: -1 is x_K (the paper);
       0 is the coarse stage, before the finer fields could fit what the prototype lacks.
+    sum_stages: ``rec`` is the sum of the maps of ``stage`` and of every later stage (with
+      ``stage = 0``: of every stage, as the training loss sums the stages' errors).
 
   Returns:
     dict with ``rec`` and ``df``, each (B, H, W).
   """
-  pred = outputs["stages"][stage]
-  if distance == "dis":
-    rec = jnp.mean((pred - target) ** 2, -1) + filters.gradient_difference(target, pred)[..., 0]
-  elif distance == "l1":
-    rec = jnp.mean(jnp.abs(pred - target), -1)
-  elif distance == "l2":
-    rec = jnp.mean((pred - target) ** 2, -1)
-  else:
+  if distance not in ("dis", "l1", "l2"):
     raise ValueError(f"anomaly_maps: distance must be 'dis', 'l1' or 'l2', got {distance!r}")
+  stages = outputs["stages"]
+  first = stage % len(stages)
+  last = len(stages) if sum_stages else first + 1
+  rec = sum(_error_map(pred, target, distance) for pred in stages[first:last])
   df = sum(_safe_norm(o) for o in outputs["offsets"])
   return {"rec": rec, "df": df}
 
@@ -730,6 +742,7 @@ SCORE_DEFAULTS = {
   "alpha": 1.0,
   "reduce": "max",
   "stage": -1,
+  "sum_stages": False,
   "prototypes": 1,
 }
 # Training-time augmentation (none in the released code): ``shift`` translates every training
@@ -749,7 +762,7 @@ class PDMDetector(base.Detector):
   the first t_length - 1 and predicts the last.
 
   Config: ``model`` (PDM attributes), ``loss`` (LossWeights fields), ``score`` (``distance``,
-  ``stage``: see ``anomaly_maps``; ``kernel_size``, ``alpha``, ``reduce``: see
+  ``stage``, ``sum_stages``: see ``anomaly_maps``; ``kernel_size``, ``alpha``, ``reduce``: see
   ``image_scores``; ``prototypes``: with ``global_code``, how many of an image's nearest codes
   are decoded and warped, the image being scored against the one that fits it best),
   ``augment`` (``shift``: random translations of the training images, ``AUGMENT_DEFAULTS``),
@@ -787,6 +800,7 @@ class PDMDetector(base.Detector):
     self.reduce = score["reduce"]
     self.distance = score["distance"]
     self.stage = int(score["stage"])
+    self.sum_stages = bool(score["sum_stages"])
     self.prototypes = int(score["prototypes"])
     if self.prototypes > 1 and not self.module.global_code:
       raise ValueError(
@@ -865,7 +879,7 @@ class PDMDetector(base.Detector):
         template_index=batch.get("template_index"),
         code_rank=rank,
       )
-      maps = anomaly_maps(out, target, self.distance, self.stage)
+      maps = anomaly_maps(out, target, self.distance, self.stage, self.sum_stages)
       scores = image_scores(
         maps, kernel_size=self.kernel_size, alpha=self.alpha, reduce=self.reduce
       )

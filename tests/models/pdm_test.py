@@ -234,6 +234,32 @@ def test_score_stage_reads_the_coarse_reconstruction():
   assert not np.allclose(coarse, pdm.anomaly_maps(out, x, "l1")["rec"])
 
 
+def test_sum_stages_adds_the_errors_of_every_stage_from_the_named_one():
+  model = _small()
+  x = jax.random.uniform(jax.random.key(0), (3, 32, 32, 1), minval=-1, maxval=1)
+  out = model.apply(model.init(jax.random.key(1), x, train=False), x, train=False)
+  assert len(out["stages"]) == 2
+  each = [jnp.mean((s - x) ** 2, -1) for s in out["stages"]]
+  summed = pdm.anomaly_maps(out, x, "l2", stage=0, sum_stages=True)["rec"]
+  np.testing.assert_allclose(summed, each[0] + each[1], rtol=1e-6)
+  # From the last stage there is nothing to add; stage=-1 and stage=1 name the same one.
+  for stage in (-1, 1):
+    last = pdm.anomaly_maps(out, x, "l2", stage=stage, sum_stages=True)["rec"]
+    np.testing.assert_allclose(last, each[1], rtol=1e-6)
+  # The detector reads it from config.score.
+  from dmad_jax.configs import load
+
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  config = load(os.path.join(root, "configs", "digits_pdm.py"), "runlocal")
+  config.score.update(distance="l2", stage=0, sum_stages=True, prototypes=1, reduce="mean")
+  detector = get_detector(config)
+  batch = {"image": x, "label": jnp.zeros((3,), jnp.int32)}
+  variables = detector.init(jax.random.key(1), batch)
+  out = detector.module.apply(variables, x, train=False)
+  expected = sum(jnp.mean((s - x) ** 2, (1, 2, 3)) for s in out["stages"])
+  np.testing.assert_allclose(detector.predict(variables, batch).scores["rec"], expected, rtol=1e-5)
+
+
 def test_reference_loss_asks_the_unwarped_reference_to_match():
   model = _small()
   x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 1), minval=-1, maxval=1)
