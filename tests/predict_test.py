@@ -162,6 +162,12 @@ def test_threshold_is_the_lognormal_bound_of_the_validation_normal_scores(run, p
   with other.unlocked():
     other.calibration.quantile = 0.5
   assert not calibration.is_current(stored, other)
+  # So does one fitted on another score (here: another deformation weight).
+  assert stored["score_settings"] == json.loads(run["config"].score.to_json())
+  other = load_config(run["workdir"])
+  with other.unlocked():
+    other.score.alpha = other.score.alpha + 1.0
+  assert not calibration.is_current(stored, other)
 
 
 def test_calibrate_f1_on_the_test_split_is_stored_as_optimistic(run, caplog):

@@ -364,6 +364,7 @@ def fit_split(config, step: int, collected: Mapping, *, pixel_key: str) -> dict:
     "step": int(step),
     "model_name": str(config.model_name),
     "score": "score",
+    "score_settings": score_settings(config),
     "pixel_map": pixel_key,
     "num_images": int(labels.size),
     "num_normal": int(np.sum(labels == 0)),
@@ -386,14 +387,22 @@ def _warn_if_test(split: str) -> None:
     )
 
 
+def score_settings(config) -> dict | None:
+  """The config's ``score`` section as JSON has it (None without one): a threshold fitted on one
+  score does not hold for another (another stage, distance or number of prototypes)."""
+  section = config.get("score", None)
+  return None if section is None else json.loads(section.to_json())
+
+
 def is_current(stored: Mapping | None, config) -> bool:
-  """Whether ``stored`` was made with the config's calibration settings."""
+  """Whether ``stored`` was made with the config's calibration and score settings."""
   if not stored:
     return False
   want = settings(config)
   if want["method"] not in QUANTILE_METHODS:
     want = {**want, "quantile": None}
-  return all(stored.get(k) == want[k] for k in _SETTING_KEYS)
+  same_score = stored.get("score_settings") == score_settings(config)
+  return same_score and all(stored.get(k) == want[k] for k in _SETTING_KEYS)
 
 
 def calibrate_step(config, workdir: str, step: int, *, runner, variables, pixel_key) -> dict:
