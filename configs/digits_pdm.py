@@ -35,12 +35,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   common.set_held_out_threshold(c)
   # Image mode as DMAD means it (dmad_jax.configs.pdm.prototype_bank): one code per image from
   # a bank of 64 kept in use by an EMA codebook with restarts, no skips and no encoder mask, the
-  # unwarped reference trained to match, fields that see the reference, and the squared error
-  # left after the coarse deformation against the best fitting of the image's 32 nearest
-  # prototypes as the score. Chosen on validation splits by
-  # experiments/select_digits_defaults.py (experiments/results/digits_selection.json): candidates
-  # x five scores x five weights of the deformation term on one validation split, then the
-  # finalists by their mean validation AUROC over five split seeds; see README.
+  # unwarped reference trained to match, fields that see the reference, and a squared error
+  # against the best fitting of an image's nearest prototypes as the score. Chosen on validation
+  # splits by experiments/select_digits_defaults.py (experiments/results/digits_selection.json):
+  # candidates x five scores x five weights of the deformation term on one validation split,
+  # then the finalists x four scores by their mean validation AUROC over five split seeds; see
+  # README.
   pdm.prototype_bank(c, a["runlocal"])
   if not a["runlocal"]:
     # Five levels: the code is the average of a 2x2 map, CoordConv blocks of 2 divide them all.
@@ -50,6 +50,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # the 8x8 scans, so that it absorbs slant and thickness but bends a prototype less onto
     # another digit's shape (chosen over the 8x8 grid on five validation splits).
     c.model.head_strides = ((2, 2, 2), (1, 1))
+    # The score: the squared errors of both stages summed (what the fine field could not fit
+    # either counts, as the training loss sums them), against the best fitting of all 64
+    # prototypes; chosen among four score variants on the same five validation splits.
+    c.score.sum_stages = True
+    c.score.prototypes = 64
     c.total_steps = 1200
     c.checkpoint_every_steps = 600
   # The eval job also reports classical detectors (KDE, k-NN, PCA, one-class SVM, isolation

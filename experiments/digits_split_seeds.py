@@ -11,7 +11,9 @@ the classical detectors fitted on the same training images, so that a difference
 model and k-NN on one split can be read against how much it moves from split to split. Splits
 other than 0 were never seen by the selection.
 
-Each run also records, for every anomalous digit, the AUROC of it against the test normals by
+Each run also records the validation AUROC of every score variant the selection compares over
+the five splits (``FIVE_SPLIT_SCORES`` of experiments/select_digits_defaults.py) and, for every
+anomalous digit, the AUROC of it against the test normals by
 the model's score (the eval job's stored per-image scores) and by k-NN, which shows where the
 model loses, and the validation AUROCs of the same run (model and baselines), on which
 settings may be compared over five splits instead of one. ``--candidate NAME`` trains a
@@ -72,17 +74,23 @@ def per_digit(config, workdir: str, step: int) -> dict:
   return out
 
 
+def _selection():
+  """experiments/select_digits_defaults.py as a module (its candidates and score variants)."""
+  spec = importlib.util.spec_from_file_location(
+    "select_digits_defaults", os.path.join(HERE, "select_digits_defaults.py")
+  )
+  selection = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(selection)
+  return selection
+
+
 def candidate_config(name: str | None):
   """configs/digits_pdm.py, or the named candidate of experiments/select_digits_defaults.py
   with the demo config's score."""
   config = load(os.path.join(ROOT, "configs", "digits_pdm.py"))
   if name is None:
     return config
-  spec = importlib.util.spec_from_file_location(
-    "select_digits_defaults", os.path.join(HERE, "select_digits_defaults.py")
-  )
-  selection = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(selection)
+  selection = _selection()
   if name not in selection.CANDIDATES:
     raise SystemExit(f"unknown candidate {name!r}; known: {', '.join(selection.CANDIDATES)}")
   candidate = selection._config(selection.CANDIDATES[name])
@@ -106,10 +114,21 @@ def run(seed: int, workroot: str, reuse: bool = False, candidate: str | None = N
   on_validation.eval.split = "validation"
   on_validation.eval.figure_samples = 0
   validation = job.evaluate(on_validation, workdir)
+  # Every score variant the selection compares over the five splits, on validation only.
+  variants = {}
+  for name, overrides in _selection().FIVE_SPLIT_SCORES.items():
+    variant = on_validation.copy_and_resolve_references()
+    variant.score.alpha = 0.0
+    for key, value in overrides.items():
+      variant.score[key.split(".")[1]] = value
+    same = variant.score.to_dict() == on_validation.score.to_dict()
+    scored = validation if same else job.evaluate(variant, workdir)
+    variants[name] = {k: scored[k] for k in ("image_AUROC", "image_AUROC_df")}
   return {
     "data_seed": seed,
     **keep,
     **{f"validation_{k}": v for k, v in validation.items() if "AUROC" in k},
+    "validation_scores": variants,
     "num_normal": result["num_normal"],
     "num_anomalous": result["num_anomalous"],
     "per_digit_AUROC": per_digit(config, workdir, result["step"]),

@@ -39,6 +39,8 @@ def test_demo_reports_the_classical_detectors_and_a_deformation_well_above_chanc
   demo = _load("demo_metrics.json")
   assert demo["split"] == "test" and demo["num_test"] == 540 and demo["step"] == 1200
   assert len(_baselines(demo)) == 5  # kde, knn, pca, ocsvm, iforest, fitted in the same job
+  # The acceptance line: at least the best classical detector of the same run.
+  assert demo["image_AUROC"] >= max(_baselines(demo).values())
   assert demo["image_AUROC_df"] >= DEFORMATION_ONLY_MIN
   # The default threshold (held-out normals) on the test normals.
   assert demo["threshold_split"] == "validation" and demo["threshold_method"] == "lognormal"
@@ -55,6 +57,9 @@ def test_one_class_digits_store_every_digit_with_its_baselines():
   assert np.mean([r["image_AUROC_df"] for r in runs]) >= DEFORMATION_ONLY_MIN
   # The runs used the digits config as it is now (its recipe, at the stated length).
   assert result["settings"]["model"]["global_code"] is True
+  config = load(os.path.join(ROOT, "configs", "digits_pdm.py"))
+  assert result["settings"]["score"] == json.loads(config.score.to_json())
+  assert result["settings"]["model"] == json.loads(config.model.to_json())
 
 
 def test_split_seeds_record_is_consistent_with_its_runs_and_the_demo():
@@ -72,6 +77,23 @@ def test_split_seeds_record_is_consistent_with_its_runs_and_the_demo():
   demo = _load("demo_metrics.json")
   for key in ("image_AUROC", "image_AUROC_df", "baseline_image_AUROC_knn"):
     assert runs[0][key] == pytest.approx(demo[key], abs=1e-9)
+  # The demo's score is one of the variants scored on every validation split: the same numbers.
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  try:
+    import select_digits_defaults as select
+  finally:
+    sys.path.pop(0)
+  config = load(os.path.join(ROOT, "configs", "digits_pdm.py"))
+  demo_score = [
+    n
+    for n, v in select.FIVE_SPLIT_SCORES.items()
+    if all(config.score[k.split(".")[1]] == val for k, val in v.items())
+  ]
+  assert len(demo_score) == 1 and config.score.alpha == 0
+  for r in runs:
+    assert set(r["validation_scores"]) == set(select.FIVE_SPLIT_SCORES)
+    on_demo_score = r["validation_scores"][demo_score[0]]["image_AUROC"]
+    assert r["validation_image_AUROC"] == pytest.approx(on_demo_score, abs=1e-12)
   # Every anomalous (even) digit is scored against the normals by the model and by k-NN.
   for r in runs:
     assert sorted(r["per_digit_AUROC"]) == ["0", "2", "4", "6", "8"]
@@ -97,7 +119,8 @@ def test_digits_defaults_are_the_candidate_chosen_on_validation():
   scored = [v for run in eligible.values() for k, v in run["validation"].items() if "_alpha_" in k]
   assert stored["min_deformation_AUROC"] == select.MIN_DEFORMATION >= DEFORMATION_ONLY_MIN
   assert one_split["candidate"] in eligible and one_split["validation_image_AUROC"] == max(scored)
-  # Then the best mean validation AUROC over five split seeds, recomputed from their records.
+  # Then the best mean validation AUROC over five split seeds among candidates x score variants,
+  # recomputed from their records.
   five = stored["five_splits"]
   assert len(five) >= 2
   means = {}
@@ -105,12 +128,17 @@ def test_digits_defaults_are_the_candidate_chosen_on_validation():
     record = _load(os.path.basename(entry["record"]))
     runs = record["runs"]
     assert [r["data_seed"] for r in runs] == [0, 1, 2, 3, 4]
-    mean = np.mean([r["validation_image_AUROC"] for r in runs])
-    assert entry["mean_validation_image_AUROC"] == pytest.approx(mean)
-    if np.mean([r["validation_image_AUROC_df"] for r in runs]) >= bound:
-      means[name] = mean
-  assert chosen["candidate"] == max(means, key=means.get)
-  assert chosen["score"] == select.SCORES[select.FIVE_SPLIT_SCORE] and chosen["score.alpha"] == 0
+    for score in select.FIVE_SPLIT_SCORES:
+      if not all(score in r["validation_scores"] for r in runs):
+        continue
+      mean = np.mean([r["validation_scores"][score]["image_AUROC"] for r in runs])
+      assert entry["mean_validation_image_AUROC"][score] == pytest.approx(mean)
+      if np.mean([r["validation_scores"][score]["image_AUROC_df"] for r in runs]) >= bound:
+        means[name, score] = mean
+  assert len(means) >= 2 * len(select.FIVE_SPLIT_SCORES)
+  name, score = max(means, key=means.get)
+  assert chosen["candidate"] == name and chosen["score_name"] == score
+  assert chosen["score"] == select.FIVE_SPLIT_SCORES[score] and chosen["score.alpha"] == 0
   assert len(stored["candidates"]) >= 10 and stored["test"]["step"] == 1200
   want = select._config(
     select.CANDIDATES[chosen["candidate"]],
