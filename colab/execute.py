@@ -14,6 +14,7 @@ user opens it from a checkout.
 import argparse
 import glob
 import os
+import re
 import sys
 import time
 
@@ -21,6 +22,37 @@ import nbformat
 from nbclient import NotebookClient
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+# Output formats that hold text (pictures are left alone).
+TEXT_OUTPUTS = ("text/plain", "text/html", "text/markdown", "application/json")
+
+
+def repo_relative(nb: nbformat.NotebookNode, root: str = ROOT) -> int:
+  """Rewrites, in place, the checkout's absolute paths in ``nb``'s outputs (the log lines and
+  metrics name ``<root>/runs/...``) as paths relative to the repository, so that a committed
+  notebook does not carry the machine it ran on. Returns how many were rewritten."""
+  root = os.path.abspath(root)
+  # ``<root>/x`` becomes ``x``; ``<root>`` alone (not followed by more of a name) becomes ``.``.
+  pattern = re.compile(re.escape(root) + r"(/|(?![\w.-]))")
+  count = 0
+
+  def fix(value):
+    nonlocal count
+    if isinstance(value, list):
+      return [fix(v) for v in value]
+    if isinstance(value, str):
+      value, n = pattern.subn(lambda m: "" if m.group(1) else ".", value)
+      count += n
+    return value
+
+  for cell in nb.cells:
+    for out in cell.get("outputs", []):
+      if "text" in out:
+        out["text"] = fix(out["text"])
+      for key in TEXT_OUTPUTS:
+        if isinstance(out.get("data", {}).get(key), str | list):
+          out["data"][key] = fix(out["data"][key])
+  return count
 
 
 def execute(path: str, *, timeout: int = 1800) -> nbformat.NotebookNode:
@@ -43,6 +75,7 @@ def main(argv=None):
     start = time.time()
     print(f"{name}: running ...", flush=True)
     nb = execute(path)
+    repo_relative(nb)
     out = path
     if args.out:  # a copy elsewhere; the committed notebook is left as it is
       os.makedirs(args.out, exist_ok=True)

@@ -2,6 +2,8 @@
 
 import glob
 import os
+import re
+import sys
 
 import nbformat
 import pytest
@@ -67,3 +69,40 @@ def test_every_committed_notebook_holds_a_complete_run():
     assert not [o for c in code for o in c.outputs if o.output_type == "error"], path
     pictures = sum("image/png" in o.get("data", {}) for c in code for o in c.outputs)
     assert pictures >= 2, path
+    # Paths in the outputs are relative to the repository, not the machine the run was made on.
+    texts = [
+      str(o.get("text", "")) + str({k: v for k, v in o.get("data", {}).items() if "image" not in k})
+      for c in code
+      for o in c.outputs
+    ]
+    absolute = [m for t in texts for m in re.findall(r"/[\w.-]+(?:/[\w.-]+)*/runs/[\w./-]+", t)]
+    assert not absolute, (path, absolute[:3])
+
+
+def test_execute_rewrites_the_checkout_paths_as_repository_relative(tmp_path):
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "colab"))
+  try:
+    import execute
+  finally:
+    sys.path.pop(0)
+  root = str(tmp_path / "checkout")
+  nb = nbformat.v4.new_notebook()
+  cell = nbformat.v4.new_code_cell("print(1)")
+  cell.outputs = [
+    nbformat.v4.new_output(
+      "stream", name="stderr", text=f"eval: {root}/runs/demo/eval/x.png\nrepo: {root}\n"
+    ),
+    nbformat.v4.new_output(
+      "execute_result",
+      data={"text/plain": f"'{root}/runs/demo'", "image/png": f"{root}/not-text"},
+      execution_count=1,
+    ),
+  ]
+  nb.cells.append(cell)
+  nb.cells.append(nbformat.v4.new_code_cell("print(2)"))
+  nb.cells[-1].outputs = [nbformat.v4.new_output("stream", name="stdout", text=f"{root}-other\n")]
+  assert execute.repo_relative(nb, root) == 3
+  assert cell.outputs[0]["text"] == "eval: runs/demo/eval/x.png\nrepo: .\n"
+  assert nb.cells[-1].outputs[0]["text"] == f"{root}-other\n"  # another folder: left alone
+  assert cell.outputs[1]["data"]["text/plain"] == "'runs/demo'"
+  assert cell.outputs[1]["data"]["image/png"] == f"{root}/not-text"  # pictures are left alone
