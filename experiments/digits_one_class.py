@@ -1,6 +1,7 @@
 """One-class AUROC on scikit-learn's handwritten digits, every digit as the normal class.
 
-  python experiments/digits_one_class.py [--steps 300] [--digits 0,1,...] [--odd_even]
+  python experiments/digits_one_class.py [--steps 300] [--digits 0,1,...] [--odd_even] \
+      [--validation] [--reuse]
   python experiments/digits_one_class.py --model daad --steps 150
   python experiments/digits_one_class.py --model daad_plus --steps 150
   python experiments/digits_one_class.py --model igd
@@ -11,7 +12,10 @@ DAAD row of configs/digits_daad.py: ``ae``, ``memae``, ``ae_skip``, ``daad``, ``
 protocol one_class=k on the normal training images of the seeded stratified split, evaluate on
 the whole test part (all ten digits, label 1 unless the digit is k) with the separate eval job,
 and record the image AUROCs. With ``--odd_even`` the paper's toy protocol (normal = 1,3,5,7,9)
-is run too.
+is run too. ``--validation`` also records every AUROC on the run's validation split (20% of the
+train part, labelled, never trained on: where this protocol's settings may be compared), and
+the means over the digits; ``--reuse`` evaluates a run already trained with the same config
+instead of training it again (its ``wall_seconds`` are then not recorded).
 
 Writes ``experiments/results/digits_one_class.json`` for pdm and
 ``experiments/results/digits_one_class_<model>.json`` otherwise (every metric of every run, the
@@ -60,24 +64,53 @@ def get_config(model: str, protocol: str):
   )
 
 
-def run(protocol: str, steps: int | None, workroot: str, model: str = "pdm") -> dict:
+def run(
+  protocol: str,
+  steps: int | None,
+  workroot: str,
+  model: str = "pdm",
+  *,
+  validation: bool = False,
+  reuse: bool = False,
+) -> dict:
   config = get_config(model, protocol)
   if steps:
     config.total_steps = steps
     config.checkpoint_every_steps = steps
   name = protocol.replace("=", "_").replace(",", "")
   workdir = os.path.join(workroot, name if model == "pdm" else f"{model}_{name}")
-  shutil.rmtree(workdir, ignore_errors=True)  # every run of this script trains from scratch
   t0 = time.time()
-  train_and_evaluate(config, workdir)
+  if not (reuse and _trained_as(workdir, config)):
+    shutil.rmtree(workdir, ignore_errors=True)  # a run of this script trains from scratch
+    train_and_evaluate(config, workdir)
+    reuse = False
   result = job.evaluate(config, workdir)
+  if validation:
+    # The same AUROCs on the validation split (held out of training, labelled): where settings
+    # of this protocol may be compared without looking at the test split.
+    on_validation = config.copy_and_resolve_references()
+    on_validation.eval.split = "validation"
+    on_validation.eval.figure_samples = 0
+    scored = job.evaluate(on_validation, workdir)
+    result.update({f"validation_{k}": v for k, v in scored.items() if "AUROC" in k})
   result["protocol"] = protocol
   if model != "pdm":
     result["model"] = model
   result["total_steps"] = int(config.total_steps)
-  result["wall_seconds"] = time.time() - t0
+  if not reuse:
+    result["wall_seconds"] = time.time() - t0
   # Stored results name files relative to the repository.
   return {k: _relative(v) for k, v in result.items()}
+
+
+def _trained_as(workdir: str, config) -> bool:
+  """Whether ``workdir`` holds a finished run of ``config`` (its stored config.json equal)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(os.path.join(workdir, "checkpoints", str(config.total_steps))):
+    return False
+  with open(path) as f:
+    stored = json.load(f)
+  return stored == json.loads(config.to_json_best_effort())
 
 
 def _relative(value):
@@ -103,6 +136,12 @@ def main():
   parser.add_argument("--odd_even", action="store_true", help="also run normal=1,3,5,7,9")
   parser.add_argument("--workroot", default=os.path.join(ROOT, "runs", "digits_one_class"))
   parser.add_argument("--out", default=None, help="results JSON (default: see above)")
+  parser.add_argument(
+    "--validation", action="store_true", help="also report AUROCs on the validation split"
+  )
+  parser.add_argument(
+    "--reuse", action="store_true", help="evaluate runs already trained with the same config"
+  )
   args = parser.parse_args()
   if args.out is None:
     suffix = "" if args.model == "pdm" else f"_{args.model}"
@@ -119,7 +158,10 @@ def main():
   protocols = [f"one_class={d}" for d in args.digits.split(",")]
   if args.odd_even:
     protocols.append("normal=1,3,5,7,9")
-  results = [run(p, args.steps, args.workroot, args.model) for p in protocols]
+  results = [
+    run(p, args.steps, args.workroot, args.model, validation=args.validation, reuse=args.reuse)
+    for p in protocols
+  ]
   one_class = [r for r in results if r["protocol"].startswith("one_class=")]
   summary = {
     "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
@@ -136,6 +178,10 @@ def main():
     summary["mean_image_AUROC_one_class"] = sum(r["image_AUROC"] for r in one_class) / len(
       one_class
     )
+    # Means of every AUROC over the one-class runs (model, its parts, the baselines; test and,
+    # with --validation, validation).
+    keys = [k for k in one_class[0] if "AUROC" in k and isinstance(one_class[0][k], float)]
+    summary["mean_one_class"] = {k: sum(r[k] for r in one_class) / len(one_class) for k in keys}
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(summary, f, indent=2)

@@ -204,3 +204,24 @@ def test_folder_selection_validation_images_are_neither_trained_nor_tested(tmp_p
   others = {p: set(os.listdir(tmp_path / p / "other_digit")) for p in ("test", "validation")}
   assert not files["validation"] & (files["train"] | files["test"])
   assert not others["validation"] & others["test"]
+
+
+def test_one_class_reuse_only_takes_a_finished_run_of_the_same_config(tmp_path):
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  try:
+    import digits_one_class as one_class
+  finally:
+    sys.path.pop(0)
+  config = one_class.get_config("pdm", "one_class=3")
+  config.total_steps = 300
+  workdir = tmp_path / "one_class_3"
+  assert not one_class._trained_as(str(workdir), config)  # nothing there
+  (workdir / "checkpoints" / "300").mkdir(parents=True)
+  (workdir / "config.json").write_text(config.to_json_best_effort())
+  assert one_class._trained_as(str(workdir), config)
+  other = config.copy_and_resolve_references()
+  other.model.num_codes = 32
+  assert not one_class._trained_as(str(workdir), other)  # another model: trained again
+  longer = config.copy_and_resolve_references()
+  longer.total_steps = 600
+  assert not one_class._trained_as(str(workdir), longer)  # its last checkpoint is not there
