@@ -15,6 +15,22 @@ from dmad_jax.configs import common
 HEAD_STRIDES = {"code": ((2, 2, 1), (1, 1)), "spec": ((1, 2, 1), (2, 1))}
 
 
+def score_section(*, distance: str, alpha: float, reduce: str) -> ml_collections.ConfigDict:
+  """A PDM ``score`` section (see ``PDMDetector``): the final stage's error map alone, against
+  one prototype, box kernel 3x3."""
+  return ml_collections.ConfigDict(
+    dict(
+      distance=distance,
+      kernel_size=(3, 3),
+      alpha=alpha,
+      reduce=reduce,
+      stage=-1,
+      sum_stages=False,
+      prototypes=1,
+    )
+  )
+
+
 def base(runlocal: bool = False) -> ml_collections.ConfigDict:
   """DMAD-PDM in image mode at 32x32 (the digits recipe), without a ``data`` section.
 
@@ -78,19 +94,9 @@ def base(runlocal: bool = False) -> ml_collections.ConfigDict:
       reference=0.0,  # no such term in the released code (prototype_bank: 1)
     )
   )
-  c.score = ml_collections.ConfigDict(
-    # Whole-digit anomalies: the mean of the L1 map (the official reconstruction error) plus a
-    # small deformation term (the official Ped2 recipe also weights deformation least).
-    dict(
-      distance="l1",
-      kernel_size=(3, 3),
-      alpha=0.1,
-      reduce="mean",
-      stage=-1,
-      sum_stages=False,
-      prototypes=1,
-    )
-  )
+  # Whole-digit anomalies: the mean of the L1 map (the official reconstruction error) plus a
+  # small deformation term (the official Ped2 recipe also weights deformation least).
+  c.score = score_section(distance="l1", alpha=0.1, reduce="mean")
   # Training-time augmentation (PDMDetector's augment section): none in the released code.
   c.augment = ml_collections.ConfigDict(dict(shift=0))
   c.template_init = "median"
@@ -208,17 +214,7 @@ def video_base(
   # The image-level score of Eq. 14 (``score``; the frame AUROC comes from eval.recipe, which
   # the released code uses instead): alpha = 0.2, the paper's Sec. 4.1 value for video (the
   # released scripts have no Eq. 14 to follow). Before this was settled it was 1.0.
-  c.score = ml_collections.ConfigDict(
-    dict(
-      distance="dis",
-      kernel_size=(3, 3),
-      alpha=0.2,
-      reduce="max",
-      stage=-1,
-      sum_stages=False,
-      prototypes=1,
-    )
-  )
+  c.score = score_section(distance="dis", alpha=0.2, reduce="max")
   c.eval.batch_size = 8
   return c
 
