@@ -55,6 +55,21 @@ def test_one_class_digits_store_every_digit_with_its_baselines():
   mean = np.mean([r["image_AUROC"] for r in runs])
   assert result["mean_image_AUROC_one_class"] == pytest.approx(mean)
   assert np.mean([r["image_AUROC_df"] for r in runs]) >= DEFORMATION_ONLY_MIN
+  # The acceptance line: the mean over the ten digits at least every baseline's mean.
+  baselines = {k: np.mean([r[k] for r in runs]) for k in _baselines(runs[0])}
+  assert len(baselines) == 5 and mean >= max(baselines.values())
+  assert result["mean_one_class"]["image_AUROC"] == pytest.approx(mean)
+  # Its run length was chosen on the validation splits over the other one tried (300 steps).
+  other = _load("digits_one_class_steps300.json")
+  assert (result["settings"]["total_steps"], other["settings"]["total_steps"]) == (600, 300)
+  for record in (result, other):
+    assert all("validation_image_AUROC" in r for r in record["runs"])
+  validation = [record["mean_one_class"]["validation_image_AUROC"] for record in (result, other)]
+  assert validation[0] > validation[1]
+  assert validation[0] == pytest.approx(np.mean([r["validation_image_AUROC"] for r in runs]))
+  assert {k: v for k, v in other["settings"].items() if k != "total_steps"} == {
+    k: v for k, v in result["settings"].items() if k != "total_steps"
+  }
   # The runs used the digits config as it is now (its recipe, at the stated length).
   assert result["settings"]["model"]["global_code"] is True
   config = load(os.path.join(ROOT, "configs", "digits_pdm.py"))
