@@ -113,17 +113,23 @@ def run(seed: int, workroot: str, reuse: bool = False, candidate: str | None = N
   on_validation = config.copy_and_resolve_references()
   on_validation.eval.split = "validation"
   on_validation.eval.figure_samples = 0
-  validation = job.evaluate(on_validation, workdir)
-  # Every score variant the selection compares over the five splits, on validation only.
-  variants = {}
-  for name, overrides in _selection().FIVE_SPLIT_SCORES.items():
+  # Every score variant the selection compares over the five splits, on validation only; the
+  # config's own score last, so that the run's eval_validation/ holds its outputs.
+  scores, variants, same = _selection().FIVE_SPLIT_SCORES, {}, []
+  for name, overrides in scores.items():
     variant = on_validation.copy_and_resolve_references()
     variant.score.alpha = 0.0
     for key, value in overrides.items():
       variant.score[key.split(".")[1]] = value
-    same = variant.score.to_dict() == on_validation.score.to_dict()
-    scored = validation if same else job.evaluate(variant, workdir)
+    if variant.score.to_dict() == on_validation.score.to_dict():
+      same.append(name)
+      continue
+    scored = job.evaluate(variant, workdir)
     variants[name] = {k: scored[k] for k in ("image_AUROC", "image_AUROC_df")}
+  validation = job.evaluate(on_validation, workdir)
+  for name in same:
+    variants[name] = {k: validation[k] for k in ("image_AUROC", "image_AUROC_df")}
+  variants = {name: variants[name] for name in scores}
   return {
     "data_seed": seed,
     **keep,
