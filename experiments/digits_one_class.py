@@ -88,10 +88,7 @@ def run(
   if validation:
     # The same AUROCs on the validation split (held out of training, labelled): where settings
     # of this protocol may be compared without looking at the test split.
-    on_validation = config.copy_and_resolve_references()
-    on_validation.eval.split = "validation"
-    on_validation.eval.figure_samples = 0
-    scored = job.evaluate(on_validation, workdir)
+    scored = job.evaluate(job.on_split(config, "validation"), workdir)
     result.update({f"validation_{k}": v for k, v in scored.items() if "AUROC" in k})
   result["protocol"] = protocol
   if model != "pdm":

@@ -110,9 +110,7 @@ def run(seed: int, workroot: str, reuse: bool = False, candidate: str | None = N
     train_and_evaluate(config, workdir)
   result = job.evaluate(config, workdir)
   keep = {k: v for k, v in result.items() if "AUROC" in k or k.startswith("threshold_FPR")}
-  on_validation = config.copy_and_resolve_references()
-  on_validation.eval.split = "validation"
-  on_validation.eval.figure_samples = 0
+  on_validation = job.on_split(config, "validation")
   # Every score variant the selection compares over the five splits, on validation only; the
   # config's own score last, so that the run's eval_validation/ holds its outputs.
   scores, variants, same = _selection().FIVE_SPLIT_SCORES, {}, []

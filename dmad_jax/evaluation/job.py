@@ -441,6 +441,15 @@ class Evaluator:
     )
 
 
+def on_split(config, split: str):
+  """A copy of ``config`` whose eval job scores ``split`` instead (``"validation"``: where
+  settings are compared), without the per-record pictures; ``config`` is left as it is."""
+  out = config.copy_and_resolve_references()
+  out.eval.split = split
+  out.eval.figure_samples = 0
+  return out
+
+
 def evaluate(config, workdir: str, step: int | None = None) -> dict:
   """Evaluates one checkpoint of ``workdir`` on the test split of ``config.data``.
 

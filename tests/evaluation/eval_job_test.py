@@ -114,3 +114,14 @@ def test_eval_job_opens_no_file_of_the_training_split(tmp_path, monkeypatch):
   result = job.evaluate(config, workdir)
   assert result["num_test"] == 6 and 0.0 <= result["image_AUROC"] <= 1.0
   assert opened == []
+
+
+def test_on_split_is_a_copy_that_scores_another_split_without_pictures():
+  config = digits_pdm.get_config("runlocal")
+  assert config.eval.split == "test" and config.eval.figure_samples > 0
+  before = config.to_dict()
+  other = job.on_split(config, "validation")
+  assert (other.eval.split, other.eval.figure_samples) == ("validation", 0)
+  assert config.to_dict() == before  # the given config is left as it is
+  other.eval.split, other.eval.figure_samples = "test", config.eval.figure_samples
+  assert other.to_dict() == before  # and nothing else differs
